@@ -1,0 +1,1 @@
+"""LiDu: List Distribution uncertainty for recommender systems, in JAX."""

@@ -1,0 +1,50 @@
+"""Plain data containers shared by every `lidu_jax` module (data -> model -> scores -> estimator)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class InteractionSplit:
+    """Implicit-feedback interactions split into train and test, with dense integer ids.
+
+    Attributes:
+      n_users, n_items: catalogue sizes; user ids are ``0..n_users-1``, item ids ``0..n_items-1``.
+      train_users, train_items: ``(n_train,)`` int32, one row per training interaction.
+      test_users, test_items: ``(n_test,)`` int32, one row per held-out interaction.
+      train_sequences: optional per-user training item sequences in time order (for sequential
+        models); ``None`` when the data has no order.
+      name: a short label for tables and plots.
+    """
+
+    n_users: int
+    n_items: int
+    train_users: np.ndarray
+    train_items: np.ndarray
+    test_users: np.ndarray
+    test_items: np.ndarray
+    train_sequences: tuple[np.ndarray, ...] | None = None
+    name: str = "data"
+
+    def train_matrix(self) -> np.ndarray:
+        """Bool ``(n_users, n_items)``: True where (u, i) is a training interaction."""
+        m = np.zeros((self.n_users, self.n_items), dtype=bool)
+        m[self.train_users, self.train_items] = True
+        return m
+
+    def test_matrix(self) -> np.ndarray:
+        """Bool ``(n_users, n_items)``: True where (u, i) is a held-out interaction."""
+        m = np.zeros((self.n_users, self.n_items), dtype=bool)
+        m[self.test_users, self.test_items] = True
+        return m
+
+    def user_activity(self) -> np.ndarray:
+        """``(n_users,)`` int: number of training interactions per user."""
+        return np.bincount(self.train_users, minlength=self.n_users)
+
+    def item_popularity(self) -> np.ndarray:
+        """``(n_items,)`` int: number of training interactions per item."""
+        return np.bincount(self.train_items, minlength=self.n_items)
