@@ -1,0 +1,285 @@
+"""A LLaMA-style decoder in Flax Linen: RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU.
+
+The module follows the ``ast_jax`` model contract, so masking, the sparse optimizer, SLoRB, sharding and
+checkpointing apply to it unchanged:
+
+* ``Llama(config).apply({"params": p}, tokens)`` with ``tokens`` of shape ``(B, T)`` int32 returns logits
+  ``(B, T, V)`` (float32); with ``return_hidden=True`` it returns ``(logits, hidden)`` where ``hidden`` is a
+  tuple of ``n_layers`` arrays ``(B, T, D)``, the residual stream after each block.
+* Every linear layer inside a block is a plain ``nn.Dense`` (no bias) with kernel ``(in, out)`` under a path
+  ``layers_<i>/...``: ``attn/{q_proj,k_proj,v_proj,o_proj}`` and ``mlp/{gate_proj,up_proj,down_proj}``.
+  Embedding, final norm and (untied) LM head live outside the blocks and are therefore dense by default.
+
+Rotary embeddings use the "rotate half" convention (the first and second halves of each head dimension form
+the rotated pairs), which is the layout of Hugging Face LLaMA checkpoints. GGUF files store Q/K rows permuted
+for llama.cpp's adjacent-pair convention; :mod:`ast_jax.models.loading` undoes that permutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Llama", "LlamaBlock", "LlamaConfig", "apply_rope", "rope_tables"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of a LLaMA-style decoder.
+
+    Attributes:
+      vocab_size: V, number of token ids.
+      d_model: D, width of the residual stream.
+      n_layers: number of transformer blocks.
+      n_heads: H, query heads; ``head_dim = d_model // n_heads``.
+      n_kv_heads: key/value heads (grouped-query attention); must divide ``n_heads``.
+      d_ff: hidden width of the SwiGLU MLP.
+      max_len: longest sequence the model accepts (rotary tables are computed on the fly, this is a guard).
+      rope_base: base θ of the rotary frequencies ``θ^(-2i/head_dim)``.
+      norm_eps: ε of RMSNorm.
+      tie_embeddings: LM head is the transposed token embedding.
+      dtype: computation dtype (``jnp.bfloat16`` for fast GPU runs); norms, softmax and logits stay float32.
+      param_dtype: dtype of freshly initialised parameters.
+      remat: gradient checkpointing of every block (recompute activations in the backward pass).
+      init_std: standard deviation of the normal initialiser of every weight matrix.
+    """
+
+    vocab_size: int = 49152
+    d_model: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    d_ff: int = 1536
+    max_len: int = 8192
+    rope_base: float = 100000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"LlamaConfig.d_model={self.d_model} is not a multiple of n_heads={self.n_heads}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"LlamaConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
+                "(grouped-query attention shares each key/value head among n_heads // n_kv_heads queries)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig head_dim={self.head_dim} must be even for rotary embeddings")
+        if not self.rope_base > 1.0:
+            raise ValueError(f"LlamaConfig.rope_base must be > 1, got {self.rope_base}")
+        if not self.norm_eps > 0.0:
+            raise ValueError(f"LlamaConfig.norm_eps must be > 0, got {self.norm_eps}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def smollm2_135m(cls, **overrides: Any) -> LlamaConfig:
+        """SmolLM2-135M: 30 layers, D=576, 9 heads, 3 KV heads, MLP 1536, RoPE base 1e5, tied embeddings."""
+        base = dict(
+            vocab_size=49152,
+            d_model=576,
+            n_layers=30,
+            n_heads=9,
+            n_kv_heads=3,
+            d_ff=1536,
+            max_len=8192,
+            rope_base=100000.0,
+            norm_eps=1e-5,
+            tie_embeddings=True,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> LlamaConfig:
+        """A few-thousand-parameter model for tests and CPU smoke runs."""
+        base = dict(
+            vocab_size=64,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            d_ff=64,
+            max_len=128,
+            rope_base=1e4,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """Rotary tables for integer ``positions`` (T,): ``cos, sin`` of shape ``(T, head_dim // 2)``.
+
+    Angle of position ``p`` and frequency ``i``: ``p · base^(-2i / head_dim)``, ``i = 0 .. head_dim/2 - 1``.
+    """
+    inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x`` of shape ``(B, T, heads, head_dim)`` by the rotary tables ``(T, head_dim // 2)``.
+
+    With ``x = [x1, x2]`` split into halves: ``out = [x1·cos − x2·sin, x2·cos + x1·sin]`` (rotate-half
+    convention), computed in float32 and cast back to ``x.dtype``.
+    """
+    half = x.shape[-1] // 2
+    x1 = x[..., :half].astype(jnp.float32)
+    x2 = x[..., half:].astype(jnp.float32)
+    c = cos[None, :, None, :]
+    s = sin[None, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """``y = x / sqrt(mean(x², -1) + ε) · scale``, computed in float32; parameter ``scale`` (D,)."""
+
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def _dense(cfg: LlamaConfig, features: int, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.initializers.normal(cfg.init_std),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with rotary embeddings.
+
+    ``q = x Wq`` (B, T, H, hd), ``k = x Wk``, ``v = x Wv`` (B, T, Hkv, hd); query head ``h`` attends with
+    key/value head ``h // (H / Hkv)``; ``softmax(q kᵀ / sqrt(hd) + causal) v`` is projected
+    back by ``Wo`` (H·hd, D).
+    """
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        hd = cfg.head_dim
+        q = _dense(cfg, cfg.n_heads * hd, "q_proj")(x).reshape(b, t, cfg.n_heads, hd)
+        k = _dense(cfg, cfg.n_kv_heads * hd, "k_proj")(x).reshape(b, t, cfg.n_kv_heads, hd)
+        v = _dense(cfg, cfg.n_kv_heads * hd, "v_proj")(x).reshape(b, t, cfg.n_kv_heads, hd)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        # jax.nn.dot_product_attention handles GQA (Hkv | H) and the causal mask, and can dispatch to a fused
+        # kernel on GPU; softmax is computed in float32 internally for low-precision inputs.
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return _dense(cfg, cfg.d_model, "o_proj")(out.reshape(b, t, cfg.n_heads * hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(x W_gate) ⊙ (x W_up))`` with ``W_gate, W_up`` (D, F) and ``W_down`` (F, D)."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        gate = _dense(cfg, cfg.d_ff, "gate_proj")(x)
+        up = _dense(cfg, cfg.d_ff, "up_proj")(x)
+        return _dense(cfg, cfg.d_model, "down_proj")(nn.silu(gate) * up)
+
+
+class LlamaBlock(nn.Module):
+    """Pre-norm block: ``h = x + Attn(RMSNorm(x))``; ``out = h + MLP(RMSNorm(h))``. Shapes ``(B, T, D)``."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        cos, sin = rope_tables(jnp.arange(x.shape[1]), cfg.head_dim, cfg.rope_base)
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        h = x + Attention(cfg, name="attn")(norm("attn_norm")(x), cos, sin)
+        return h + MLP(cfg, name="mlp")(norm("mlp_norm")(h))
+
+
+class Llama(nn.Module):
+    """LLaMA-style decoder-only language model (see the module docstring for the contract).
+
+    ``tokens`` (B, T) int32 -> logits (B, T, V) float32; ``return_hidden=True`` also returns the tuple of the
+    ``n_layers`` block outputs (B, T, D). ``logits = RMSNorm(h_L) Eᵀ`` when embeddings are tied.
+    """
+
+    cfg: LlamaConfig
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=nn.initializers.normal(cfg.init_std),
+        )
+        block_cls = nn.remat(LlamaBlock) if cfg.remat else LlamaBlock
+        # A list attribute in setup names the children layers_0 ... layers_{L-1}: the contract's path prefix.
+        self.layers = [block_cls(cfg) for _ in range(cfg.n_layers)]
+        self.final_norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                kernel_init=nn.initializers.normal(cfg.init_std),
+            )
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Token embeddings ``(B, T, D)`` in the computation dtype."""
+        return self.embed(tokens)
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """Final norm and LM head: ``(B, T, D)`` -> float32 logits ``(B, T, V)``."""
+        h = self.final_norm(h)
+        logits = self.embed.attend(h) if self.cfg.tie_embeddings else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(
+        self, tokens: jax.Array, return_hidden: bool = False
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (B, T), got {tokens.shape}")
+        if tokens.shape[1] > self.cfg.max_len:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds LlamaConfig.max_len={self.cfg.max_len}"
+            )
+        h = self.embed_tokens(tokens)
+        hidden = []
+        for layer in self.layers:
+            h = layer(h)
+            hidden.append(h)
+        logits = self.head(h)
+        return (logits, tuple(hidden)) if return_hidden else logits
