@@ -43,13 +43,16 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
+
+from ast_jax.sparsify import SparseFilter, default_sparse_filter, key_path, path_str, sparse_paths
 
 __all__ = [
     "CompressedNM",
@@ -60,7 +63,6 @@ __all__ = [
     "compress_params",
     "decompress_nm",
     "decompress_params",
-    "default_is_sparse",
     "format_size_table",
     "load_compressed",
     "pack_bits",
@@ -412,53 +414,28 @@ def _np_dtype(name: str) -> np.dtype:
 # Whole param trees
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
-    parts = []
-    for p in path:
-        if isinstance(p, jax.tree_util.DictKey):
-            parts.append(str(p.key))
-        elif isinstance(p, jax.tree_util.GetAttrKey):
-            parts.append(p.name)
-        elif isinstance(p, jax.tree_util.SequenceKey):
-            parts.append(str(p.idx))
-        else:
-            parts.append(str(p))
-    return "/".join(parts)
-
-
-def default_is_sparse(path: str, leaf: Any) -> bool:
-    """Default filter: 2-D ``kernel`` leaves inside transformer blocks (not embeddings, head, norms, biases).
-
-    A block is recognised by a path component ``h_<i>``, ``block...``, ``layer...`` or ``layers_<i>``. Pass
-    your own ``is_sparse(path, leaf)`` (e.g. built on ``ast_jax.sparsify``) to :func:`compress_params`.
-    """
-    parts = path.split("/")
-    if parts[-1] != "kernel" or np.ndim(leaf) != 2:
-        return False
-    names = [p.lower() for p in parts[:-1]]
-    in_block = any(p.startswith(("h_", "block", "layer")) for p in names)
-    not_head = not any(p in ("lm_head", "wte", "wpe", "embed", "embedding", "head") for p in names)
-    return in_block and not_head
-
-
 def compress_params(
     params: Any,
     config: ExportConfig = ExportConfig(),
     *,
-    is_sparse: Callable[[str, Any], bool] = default_is_sparse,
+    sparse_filter: SparseFilter | None = None,
     masks: Mapping[str, Any] | None = None,
     calib_inputs: Mapping[str, Any] | None = None,
 ) -> dict[str, CompressedNM | np.ndarray]:
     """Compress every sparse kernel of a params pytree; other leaves are kept dense on the host.
 
-    Returns a flat ``{path: CompressedNM | np.ndarray}`` dict in pytree order (``path`` is ``/``-joined keys,
-    e.g. ``"params/h_0/attn/q/kernel"``). ``masks`` and ``calib_inputs`` are optional ``{path: array}`` maps
-    (the mask of a kernel; its calibration inputs ``(tokens, in)`` for AWQ).
+    Which kernels are sparse is decided by ``sparse_filter(path_tuple, leaf)`` (default:
+    :func:`ast_jax.sparsify.default_sparse_filter`, the same rule training uses). Returns a flat
+    ``{path: CompressedNM | np.ndarray}`` dict in pytree order, ``path`` being ``/``-joined keys such as
+    ``"block_0/attn/q/kernel"``. ``masks`` and ``calib_inputs`` are optional ``{path: array}`` maps (the mask
+    of a kernel; its calibration inputs ``(tokens, in)`` for AWQ, see :func:`collect_dense_inputs`).
     """
+    f = default_sparse_filter if sparse_filter is None else sparse_filter
     out: dict[str, CompressedNM | np.ndarray] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        p = _path_str(path)
-        if is_sparse(p, leaf):
+        kp = key_path(path)
+        p = path_str(kp)
+        if f(kp, leaf):
             out[p] = compress_nm(
                 leaf,
                 config,
@@ -640,28 +617,33 @@ def format_size_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def collect_dense_inputs(
-    apply_fn: Callable[..., Any], params: Any, *args: Any, max_tokens: int = 512, **kwargs: Any
+    model: nn.Module,
+    params: Any,
+    batch: Any,
+    *,
+    sparse_filter: SparseFilter | None = None,
+    max_tokens: int = 512,
+    apply_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Inputs of every ``flax.linen.Dense`` layer during ``apply_fn(params, *args, **kwargs)``, for AWQ.
+    """Inputs of every sparse ``flax.linen.Dense`` layer during ``model.apply({"params": params}, batch)``.
 
-    Returns ``{"params/<module path>/kernel": (tokens, in) float32}`` keyed like :func:`compress_params`
-    paths, keeping at most ``max_tokens`` rows (the first ones) per layer. Runs eagerly (not under ``jit``).
+    Returns ``{path: (tokens, in) float32}`` keyed like :func:`compress_params` (``"block_0/attn/q/kernel"``),
+    keeping the first ``max_tokens`` rows per layer: the calibration inputs of the AWQ search. Runs eagerly.
     """
-    import flax.linen as nn
-
+    wanted = {path_str(p) for p in sparse_paths(params, sparse_filter)}
     captured: dict[str, np.ndarray] = {}
 
-    def interceptor(next_fun, call_args, call_kwargs, context):
+    def hook(next_fun, args, kwargs, context):
         mod = context.module
-        if isinstance(mod, nn.Dense) and context.method_name == "__call__" and call_args:
-            x = np.asarray(jax.device_get(call_args[0]), np.float32)
-            key = "/".join(("params", *mod.path, "kernel"))
-            x = x.reshape(-1, x.shape[-1])
-            prev = captured.get(key)
-            x = x if prev is None else np.concatenate([prev, x])
-            captured[key] = x[:max_tokens]
-        return next_fun(*call_args, **call_kwargs)
+        if isinstance(mod, nn.Dense) and context.method_name == "__call__" and args:
+            key = path_str((*tuple(mod.path), "kernel"))
+            if key in wanted:
+                x = np.asarray(jax.device_get(args[0]), np.float32)
+                x = x.reshape(-1, x.shape[-1])
+                prev = captured.get(key)
+                captured[key] = (x if prev is None else np.concatenate([prev, x]))[:max_tokens]
+        return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(interceptor):
-        apply_fn(params, *args, **kwargs)
+    with nn.intercept_methods(hook):
+        model.apply({"params": params}, batch, **dict(apply_kwargs or {}))
     return captured
