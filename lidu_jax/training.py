@@ -1,0 +1,148 @@
+"""Generic training driver: M copies of any `RecModel` trained at once with `jax.vmap`, and chunked scoring.
+
+An ensemble over seeds is ``fit(model, keys, ones)``; a bootstrap is ``fit(model, keys, multinomial_counts)``;
+a snapshot ensemble is ``fit(model, keys[:1], ones[:1], epochs, snapshot_epochs=(...))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from lidu_jax.models.base import RecModel
+
+PyTree = Any
+
+
+def fit(
+    model: RecModel,
+    keys: jax.Array,
+    weights: jax.Array,
+    epochs: int,
+    *,
+    snapshot_epochs: Sequence[int] = (),
+    progress: bool = True,
+    callback: Callable[[int, PyTree, jax.Array], None] | None = None,
+) -> tuple[PyTree, PyTree | None]:
+    """Train M independent copies of ``model`` with one jitted ``vmap(model.train_epoch)`` per epoch.
+
+    Copy m is initialised with ``model.init(split(keys[m])[0])`` and epoch e (1-based) uses the key
+    ``fold_in(split(keys[m])[1], e)``, so the same keys give the same parameters.
+
+    Args:
+      model: a `RecModel`.
+      keys: ``(M, 2)`` uint32 PRNG keys (or ``(M,)`` typed keys), one per copy.
+      weights: ``(M, n_train)`` float per-interaction weights (ones, or bootstrap multinomial counts).
+      epochs: number of epochs (>= 1).
+      snapshot_epochs: 1-based epochs after which the parameters are stored (snapshot ensemble).
+      progress: show a tqdm bar over epochs with the mean loss.
+      callback: ``callback(epoch, params, losses)`` after each epoch with stacked params and ``(M,)`` losses
+        (e.g. to track LiDu over training).
+
+    Returns:
+      ``(params, snapshots)``: the final parameters stacked with a leading ``M`` axis, and the snapshots
+      stacked as ``(len(snapshot_epochs), M, ...)`` in the order given (``None`` when no snapshot epochs).
+    """
+    keys = jnp.asarray(keys)
+    weights = jnp.asarray(weights, jnp.float32)
+    m = keys.shape[0]
+    if weights.ndim != 2 or weights.shape[0] != m:
+        raise ValueError(f"weights must have shape (M={m}, n_train), got {weights.shape}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    snaps_wanted = [int(e) for e in snapshot_epochs]
+    if any(e < 1 or e > epochs for e in snaps_wanted):
+        raise ValueError(f"snapshot_epochs must lie in [1, {epochs}], got {snaps_wanted}")
+    if not bool(jnp.all(jnp.isfinite(weights))) or bool(jnp.any(weights < 0)):
+        raise ValueError("weights must be finite and non-negative")
+
+    init_keys, run_keys = jax.vmap(lambda k: jax.random.split(k))(keys).swapaxes(0, 1)
+    state = jax.jit(jax.vmap(model.init))(init_keys)
+    step = jax.jit(jax.vmap(model.train_epoch))
+    get_params = jax.jit(jax.vmap(model.params))
+    fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+
+    snapshots: dict[int, PyTree] = {}
+    bar = tqdm(range(1, epochs + 1), desc=f"train {model.name} x{m}", disable=not progress, leave=False)
+    for epoch in bar:
+        state, losses = step(state, fold(run_keys, epoch), weights)
+        if progress:
+            bar.set_postfix(loss=f"{float(jnp.mean(losses)):.4f}")
+        if epoch in snaps_wanted or callback is not None:
+            params = get_params(state)
+            if epoch in snaps_wanted:
+                snapshots[epoch] = params
+            if callback is not None:
+                callback(epoch, params, losses)
+    bar.close()
+    final = get_params(state)
+    stacked = None
+    if snaps_wanted:
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[snapshots[e] for e in snaps_wanted])
+    return final, stacked
+
+
+def bootstrap_weights(key: jax.Array, m: int, n_train: int) -> jax.Array:
+    """``(m, n_train)`` float32 multinomial counts: each row resamples the n_train interactions with
+    replacement (``Multinomial(n_train, 1/n_train)``), so row sums are ``n_train``."""
+    if m < 1 or n_train < 1:
+        raise ValueError(f"m and n_train must be >= 1, got {m}, {n_train}")
+    draws = jax.random.randint(key, (m, n_train), 0, n_train)
+    return jax.vmap(lambda d: jnp.bincount(d, length=n_train))(draws).astype(jnp.float32)
+
+
+def flatten_snapshots(snapshots: PyTree) -> PyTree:
+    """Merge the ``(S, M, ...)`` snapshot axes of `fit` into one ``(S * M, ...)`` model axis."""
+    return jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:])), snapshots)
+
+
+def score_users(
+    model: RecModel,
+    stacked_params: PyTree,
+    users: jax.Array | np.ndarray,
+    *,
+    chunk: int = 1024,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Full-catalogue scores of every copy for ``users``, computed ``chunk`` users at a time.
+
+    Args:
+      model: the `RecModel` the parameters belong to.
+      stacked_params: parameters with a leading ``M`` axis (from `fit`).
+      users: ``(U,)`` int user ids.
+      chunk: users per jitted call (bounds peak memory at ``M * chunk * n_items`` scores per call).
+      key: ``None`` for the deterministic forward pass, or a PRNG key for stochastic scoring (MC dropout);
+        copy m on chunk c uses ``fold_in(fold_in(key, c), m)``.
+
+    Returns:
+      ``(M, U, n_items)`` float32 scores (training items NOT masked).
+    """
+    users = np.asarray(users)
+    if users.ndim != 1:
+        raise ValueError(f"users must be 1-D, got shape {users.shape}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    m = jax.tree.leaves(stacked_params)[0].shape[0]
+    if key is None:
+        fn = jax.jit(jax.vmap(lambda p, u: model.score(p, u, None), in_axes=(0, None)))
+    else:
+        fn = jax.jit(jax.vmap(model.score, in_axes=(0, None, 0)))
+    out = []
+    for c, start in enumerate(range(0, users.shape[0], chunk)):
+        u = users[start : start + chunk]
+        n_real = u.shape[0]
+        if n_real < chunk and users.shape[0] > chunk:  # pad the last chunk so one compilation serves all
+            u = np.concatenate([u, np.full(chunk - n_real, u[-1], u.dtype)])
+        u = jnp.asarray(u, jnp.int32)
+        if key is None:
+            s = fn(stacked_params, u)
+        else:
+            ck = jax.random.fold_in(key, c)
+            s = fn(stacked_params, u, jax.vmap(lambda i, ck=ck: jax.random.fold_in(ck, i))(jnp.arange(m)))
+        out.append(s[:, :n_real])
+    return jnp.concatenate(out, axis=1)
