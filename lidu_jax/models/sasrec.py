@@ -1,0 +1,209 @@
+"""SASRec-style causal transformer (Kang & McAuley, 2018) as a `RecModel`, for time-ordered data.
+
+A user's training history ``(i_1, ..., i_n)`` (last ``max_len`` items, left-padded with 0) is embedded as
+``x_t = sqrt(d) E[i_t] + P[t]`` and passed through pre-LayerNorm blocks of causal self-attention and a
+position-wise ReLU MLP (dropout after each). The output ``h_t`` predicts the next item with
+``s_t(j) = <h_t, E[j]>`` (shared item embeddings). Training: at every position t, binary cross-entropy on
+the true next item ``i_{t+1}`` against one uniformly sampled negative ``j``,
+
+    L = -sum_t w_t [log sigma(s_t(i_{t+1})) + log(1 - sigma(s_t(j)))] / #positions,
+
+where ``w_t`` is the weight of the training interaction ``(u, i_{t+1})`` (bootstrap multiplicity). Scoring:
+``score(u, j) = <h_n, E[j]>`` from the user's full training history; with a key, dropout stays on
+(MC dropout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lidu_jax.models._bpr import TrainState, make_negative_sampler
+from lidu_jax.models.base import RecModel
+from lidu_jax.types import InteractionSplit
+
+__all__ = ["SASRec", "SASRecConfig", "make_sasrec"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SASRecConfig:
+    """Hyperparameters of `make_sasrec`.
+
+    Attributes:
+      max_len: history length seen by the model (longer histories keep their last ``max_len`` items).
+      dim: model width. n_blocks: transformer blocks. n_heads: attention heads (must divide ``dim``).
+      dropout: rate on embeddings, attention weights, residual branches (training and MC dropout).
+      lr: Adam learning rate. l2: weight decay (AdamW-style, decoupled). batch_size: users per step.
+    """
+
+    max_len: int = 50
+    dim: int = 64
+    n_blocks: int = 2
+    n_heads: int = 1
+    dropout: float = 0.2
+    lr: float = 1e-3
+    l2: float = 0.0
+    batch_size: int = 128
+
+
+class SASRec(nn.Module):
+    """``__call__(seq (B, L) int, deterministic) -> (B, L, dim)`` hidden states (item ids shifted by +1,
+    0 = padding); ``item_table()`` -> ``(n_items, dim)`` output embeddings (padding row dropped)."""
+
+    n_items: int
+    max_len: int
+    dim: int
+    n_blocks: int
+    n_heads: int
+    dropout: float
+
+    def setup(self):
+        self.item_emb = nn.Embed(self.n_items + 1, self.dim, embedding_init=nn.initializers.normal(0.02))
+        self.pos_emb = nn.Embed(self.max_len, self.dim, embedding_init=nn.initializers.normal(0.02))
+        self.attn = [
+            nn.MultiHeadDotProductAttention(
+                num_heads=self.n_heads, qkv_features=self.dim, dropout_rate=self.dropout, name=f"attn_{b}"
+            )
+            for b in range(self.n_blocks)
+        ]
+        self.ln_attn = [nn.LayerNorm(name=f"ln_attn_{b}") for b in range(self.n_blocks)]
+        self.ln_ffn = [nn.LayerNorm(name=f"ln_ffn_{b}") for b in range(self.n_blocks)]
+        self.ffn_in = [nn.Dense(self.dim, name=f"ffn_in_{b}") for b in range(self.n_blocks)]
+        self.ffn_out = [nn.Dense(self.dim, name=f"ffn_out_{b}") for b in range(self.n_blocks)]
+        self.ln_final = nn.LayerNorm()
+        self.drop = nn.Dropout(self.dropout)
+
+    def __call__(self, seq: jax.Array, deterministic: bool = True) -> jax.Array:
+        real = (seq > 0)[..., None].astype(jnp.float32)
+        x = self.item_emb(seq) * math.sqrt(self.dim) + self.pos_emb(jnp.arange(seq.shape[-1]))
+        x = self.drop(x, deterministic=deterministic) * real
+        # Query t may attend to key s <= t that is not padding.
+        mask = nn.make_causal_mask(seq) * nn.make_attention_mask(jnp.ones_like(seq), seq > 0)
+        for b in range(self.n_blocks):
+            h = self.ln_attn[b](x)
+            x = x + self.drop(
+                self.attn[b](h, h, mask=mask, deterministic=deterministic), deterministic=deterministic
+            )
+            h = self.ln_ffn[b](x)
+            h = self.ffn_out[b](self.drop(nn.relu(self.ffn_in[b](h)), deterministic=deterministic))
+            x = (x + self.drop(h, deterministic=deterministic)) * real
+        return self.ln_final(x)
+
+    def item_table(self) -> jax.Array:
+        return self.item_emb.embedding[1:]
+
+
+def _sequence_arrays(split: InteractionSplit, max_len: int) -> tuple[np.ndarray, ...]:
+    """Left-padded ``(U, L)`` training inputs, targets, target rows (index into the train arrays, -1 = none)
+    and scoring inputs, with item ids shifted by +1."""
+    if split.train_sequences is None:
+        raise ValueError(f"split {split.name!r} has no train_sequences: SASRec needs time-ordered data")
+    n_users, n_items = split.n_users, split.n_items
+    if len(split.train_sequences) != n_users:
+        raise ValueError(f"split.train_sequences has {len(split.train_sequences)} users, expected {n_users}")
+    codes = split.train_users.astype(np.int64) * n_items + split.train_items
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    inputs = np.zeros((n_users, max_len), np.int32)
+    targets = np.zeros((n_users, max_len), np.int32)
+    rows = np.full((n_users, max_len), -1, np.int64)
+    score_in = np.zeros((n_users, max_len), np.int32)
+    for u, s in enumerate(split.train_sequences):
+        s = np.asarray(s, np.int64)
+        if s.size:
+            tail = s[-max_len:]
+            score_in[u, max_len - tail.size :] = tail + 1
+        if s.size < 2:
+            continue
+        src, tgt = s[:-1][-max_len:], s[1:][-max_len:]
+        n = tgt.size
+        inputs[u, max_len - n :] = src + 1
+        targets[u, max_len - n :] = tgt + 1
+        pos = np.searchsorted(sorted_codes, u * n_items + tgt)
+        found = (pos < sorted_codes.size) & (
+            sorted_codes[np.minimum(pos, sorted_codes.size - 1)] == u * n_items + tgt
+        )
+        if not found.all():
+            raise ValueError(
+                f"split.train_sequences[{u}] has items that are not training interactions of user {u}"
+            )
+        rows[u, max_len - n :] = order[pos]
+    return inputs, targets, rows, score_in
+
+
+def make_sasrec(split: InteractionSplit, config: SASRecConfig = SASRecConfig()) -> RecModel:
+    """SASRec on ``split`` (needs ``split.train_sequences``); see the module docstring for the equations."""
+    if config.dim % config.n_heads:
+        raise ValueError(f"config.n_heads={config.n_heads} must divide config.dim={config.dim}")
+    if config.max_len < 2 or config.batch_size < 1:
+        raise ValueError(
+            f"config: need max_len >= 2 and batch_size >= 1, got {config.max_len}, {config.batch_size}"
+        )
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"config.dropout must be in [0, 1), got {config.dropout}")
+    inputs, targets, rows, score_in = _sequence_arrays(split, config.max_len)
+    module = SASRec(
+        split.n_items, config.max_len, config.dim, config.n_blocks, config.n_heads, config.dropout
+    )
+    optimizer = optax.adamw(config.lr, weight_decay=config.l2) if config.l2 > 0 else optax.adam(config.lr)
+    n_users = split.n_users
+    n_batches = -(-n_users // config.batch_size)
+    total = n_batches * config.batch_size
+    inputs_j, targets_j, score_in_j = jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(score_in)
+    rows_j = jnp.asarray(np.maximum(rows, 0), jnp.int32)
+    has_row = jnp.asarray(rows >= 0, jnp.float32)
+    sample_neg = make_negative_sampler(split.train_users, split.train_items, split.n_users, split.n_items)
+
+    def init(key: jax.Array) -> TrainState:
+        params = module.init(key, jnp.zeros((1, config.max_len), jnp.int32))
+        return TrainState(params, optimizer.init(params))
+
+    def batch_loss(params, seq, tgt, neg, w, key):
+        h = module.apply(params, seq, deterministic=False, rngs={"dropout": key})
+        table = module.apply(params, method=SASRec.item_table)
+        s_pos = jnp.sum(h * table[tgt - 1], -1)
+        s_neg = jnp.sum(h * table[neg], -1)
+        nll = -(jax.nn.log_sigmoid(s_pos) + jax.nn.log_sigmoid(-s_neg))
+        return jnp.sum(w * nll) / jnp.maximum(jnp.sum(tgt > 0), 1)
+
+    def train_epoch(state: TrainState, key: jax.Array, weights: jax.Array) -> tuple[TrainState, jax.Array]:
+        k_perm, k_neg, k_step = jax.random.split(key, 3)
+        users = jnp.take(jax.random.permutation(k_perm, n_users), jnp.arange(total) % n_users)
+        valid = (jnp.arange(total) < n_users).astype(jnp.float32)[:, None]
+        w = jnp.asarray(weights, jnp.float32)[rows_j[users]] * has_row[users] * valid
+        neg = sample_neg(k_neg, jnp.broadcast_to(users[:, None], (total, config.max_len)))
+        shape = (n_batches, config.batch_size, config.max_len)
+        batches = (
+            inputs_j[users].reshape(shape),
+            targets_j[users].reshape(shape),
+            neg.reshape(shape),
+            w.reshape(shape),
+        )
+
+        def step(st: TrainState, batch):
+            (seq, tgt, ng, wb), k = batch
+            loss, grads = jax.value_and_grad(batch_loss)(st.params, seq, tgt, ng, wb, k)
+            updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
+            return TrainState(optax.apply_updates(st.params, updates), opt_state), loss
+
+        state, losses = jax.lax.scan(step, state, (batches, jax.random.split(k_step, n_batches)))
+        return state, jnp.mean(losses)
+
+    def params(state: TrainState):
+        return state.params
+
+    def score(params, users: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        seq = score_in_j[jnp.asarray(users, jnp.int32)]
+        if key is None:
+            h = module.apply(params, seq)
+        else:
+            h = module.apply(params, seq, deterministic=False, rngs={"dropout": key})
+        return h[:, -1] @ module.apply(params, method=SASRec.item_table).T
+
+    return RecModel(init=init, train_epoch=train_epoch, params=params, score=score, name="sasrec")
