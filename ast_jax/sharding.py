@@ -46,7 +46,8 @@ _log = logging.getLogger(__name__)
 def parse_mesh(spec: str | Mapping[str, int], n_devices: int | None = None) -> dict[str, int]:
     """Parse ``"data=4,fsdp=2"`` into ``{"data": 4, "fsdp": 2}`` (both axes always present).
 
-    One axis may be ``-1``: it takes whatever ``n_devices`` leaves. A missing axis has size 1. Raises
+    One axis may be ``-1``: it takes whatever ``n_devices`` leaves (with ``n_devices=None`` it stays ``-1``:
+    a syntax check only). A missing axis has size 1. Raises
     ``ValueError`` naming the problem for unknown axis names, non-positive sizes or a product that does not
     equal ``n_devices`` (when given).
     """
@@ -75,13 +76,13 @@ def parse_mesh(spec: str | Mapping[str, int], n_devices: int | None = None) -> d
     if bad:
         raise ValueError(f"mesh: axis sizes must be positive (or one -1), got {full}")
     known = math.prod(s for s in full.values() if s != -1)
+    if n_devices is None:
+        return full  # syntax check only; a -1 axis is resolved once the device count is known
     if free:
-        if n_devices is None:
-            raise ValueError("mesh: an axis of size -1 needs the device count")
         if n_devices % known:
             raise ValueError(f"mesh: {n_devices} devices cannot be split with fixed axes {full}")
         full[free[0]] = n_devices // known
-    if n_devices is not None and math.prod(full.values()) != n_devices:
+    if math.prod(full.values()) != n_devices:
         raise ValueError(
             f"mesh: {spec!r} needs {math.prod(full.values())} devices but {n_devices} are available "
             f"({jax.process_count()} process(es)); make data*fsdp equal the device count"
