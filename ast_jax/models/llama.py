@@ -5,7 +5,8 @@ checkpointing apply to it unchanged:
 
 * ``Llama(config).apply({"params": p}, tokens)`` with ``tokens`` of shape ``(B, T)`` int32 returns logits
   ``(B, T, V)`` (float32); with ``return_hidden=True`` it returns ``(logits, hidden)`` where ``hidden`` is a
-  tuple of ``n_layers`` arrays ``(B, T, D)``, the residual stream after each block.
+  tuple of ``n_layers + 1`` arrays ``(B, T, D)``: the embedding output and the residual stream after each
+  block (before the final norm), as in :mod:`ast_jax.models.gpt2`.
 * Every linear layer inside a block is a plain ``nn.Dense`` (no bias) with kernel ``(in, out)`` under a path
   ``layers_<i>/...``: ``attn/{q_proj,k_proj,v_proj,o_proj}`` and ``mlp/{gate_proj,up_proj,down_proj}``.
   Embedding, final norm and (untied) LM head live outside the blocks and are therefore dense by default.
@@ -230,7 +231,7 @@ class Llama(nn.Module):
     """LLaMA-style decoder-only language model (see the module docstring for the contract).
 
     ``tokens`` (B, T) int32 -> logits (B, T, V) float32; ``return_hidden=True`` also returns the tuple of the
-    ``n_layers`` block outputs (B, T, D). ``logits = RMSNorm(h_L) Eᵀ`` when embeddings are tied.
+    embedding output and the ``n_layers`` block outputs, ``n_layers + 1`` arrays (B, T, D). ``logits = RMSNorm(h_L) Eᵀ`` when embeddings are tied.
     """
 
     cfg: LlamaConfig
@@ -277,7 +278,7 @@ class Llama(nn.Module):
                 f"sequence length {tokens.shape[1]} exceeds LlamaConfig.max_len={self.cfg.max_len}"
             )
         h = self.embed_tokens(tokens)
-        hidden = []
+        hidden = [h]
         for layer in self.layers:
             h = layer(h)
             hidden.append(h)

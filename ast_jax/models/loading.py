@@ -21,6 +21,7 @@ Layout notes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -34,7 +35,9 @@ from ast_jax.models.llama import Llama, LlamaConfig
 __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
+    "gpt2_config_from_hf",
     "llama_config_from_gguf",
+    "load_gpt2_safetensors",
     "load_llama_gguf",
     "permute_qk_for_gguf",
     "unpermute_qk",
@@ -86,6 +89,7 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
+    source: str  # tensor name in the checkpoint (one tensor may feed several params, e.g. GPT-2's c_attn)
     path: tuple[str, ...]  # path in the Flax params pytree
     stored_shape: tuple[int, ...]  # shape the checkpoint must store (before the transform)
     transform: Transform
@@ -98,23 +102,24 @@ def _flat_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 def _check(
     source: str,
-    entries: Mapping[str, _Entry],
+    entries: list[_Entry],
     found_shapes: Mapping[str, tuple[int, ...]],
     target_shapes: Mapping[tuple[str, ...], tuple[int, ...]],
     *,
     strict: bool,
     ignore: Callable[[str], bool] = lambda name: False,
 ) -> LoadReport:
-    mapped_paths = {e.path for e in entries.values()}
+    mapped_paths = {e.path for e in entries}
     unmapped = sorted("/".join(p) for p in target_shapes if p not in mapped_paths)
     if unmapped:  # a bug in this module, not in the checkpoint
         raise AssertionError(f"loader has no source for model params: {unmapped}")
-    missing = tuple(name for name in entries if name not in found_shapes)
-    unexpected = tuple(name for name in found_shapes if name not in entries and not ignore(name))
+    expected = {e.source: e.stored_shape for e in entries}
+    missing = tuple(name for name in expected if name not in found_shapes)
+    unexpected = tuple(name for name in found_shapes if name not in expected and not ignore(name))
     mismatched = tuple(
-        (name, e.stored_shape, tuple(found_shapes[name]))
-        for name, e in entries.items()
-        if name in found_shapes and tuple(found_shapes[name]) != e.stored_shape
+        (name, shape, tuple(found_shapes[name]))
+        for name, shape in expected.items()
+        if name in found_shapes and tuple(found_shapes[name]) != shape
     )
     report = LoadReport(missing, unexpected, mismatched)
     if report.missing or report.mismatched or (strict and report.unexpected):
@@ -122,10 +127,13 @@ def _check(
     return report
 
 
-def _assemble(entries: Mapping[str, _Entry], read: Callable[[str], np.ndarray], dtype: Any) -> dict[str, Any]:
+def _assemble(entries: list[_Entry], read: Callable[[str], np.ndarray], dtype: Any) -> dict[str, Any]:
     params: dict[str, Any] = {}
-    for name, e in entries.items():
-        value = np.asarray(e.transform(read(name)), dtype=np.float32)
+    cache: dict[str, np.ndarray] = {}
+    for e in entries:
+        if e.source not in cache:
+            cache = {e.source: read(e.source)}  # consecutive entries share a tensor; keep only the last one
+        value = np.asarray(e.transform(cache[e.source]), dtype=np.float32)
         node = params
         for key in e.path[:-1]:
             node = node.setdefault(key, {})
@@ -228,30 +236,32 @@ def llama_config_from_gguf(source: Any, **overrides: Any) -> LlamaConfig:
     return LlamaConfig(**kwargs)
 
 
-def _gguf_entries(cfg: LlamaConfig) -> dict[str, _Entry]:
+def _gguf_entries(cfg: LlamaConfig) -> list[_Entry]:
     d, f, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
     q_out, kv_out = cfg.n_heads * hd, cfg.n_kv_heads * hd
 
     def qk(n_heads: int) -> Transform:
         return lambda w: _transpose(unpermute_qk(w, n_heads))
 
-    e = {
-        "token_embd.weight": _Entry(("embed", "embedding"), (cfg.vocab_size, d), _identity),
-        "output_norm.weight": _Entry(("final_norm", "scale"), (d,), _identity),
-    }
+    e = [
+        _Entry("token_embd.weight", ("embed", "embedding"), (cfg.vocab_size, d), _identity),
+        _Entry("output_norm.weight", ("final_norm", "scale"), (d,), _identity),
+    ]
     if not cfg.tie_embeddings:
-        e["output.weight"] = _Entry(("lm_head", "kernel"), (cfg.vocab_size, d), _transpose)
+        e.append(_Entry("output.weight", ("lm_head", "kernel"), (cfg.vocab_size, d), _transpose))
     for i in range(cfg.n_layers):
-        blk, lay = f"blk.{i}.", f"layers_{i}"
-        e[blk + "attn_norm.weight"] = _Entry((lay, "attn_norm", "scale"), (d,), _identity)
-        e[blk + "ffn_norm.weight"] = _Entry((lay, "mlp_norm", "scale"), (d,), _identity)
-        e[blk + "attn_q.weight"] = _Entry((lay, "attn", "q_proj", "kernel"), (q_out, d), qk(cfg.n_heads))
-        e[blk + "attn_k.weight"] = _Entry((lay, "attn", "k_proj", "kernel"), (kv_out, d), qk(cfg.n_kv_heads))
-        e[blk + "attn_v.weight"] = _Entry((lay, "attn", "v_proj", "kernel"), (kv_out, d), _transpose)
-        e[blk + "attn_output.weight"] = _Entry((lay, "attn", "o_proj", "kernel"), (d, q_out), _transpose)
-        e[blk + "ffn_gate.weight"] = _Entry((lay, "mlp", "gate_proj", "kernel"), (f, d), _transpose)
-        e[blk + "ffn_up.weight"] = _Entry((lay, "mlp", "up_proj", "kernel"), (f, d), _transpose)
-        e[blk + "ffn_down.weight"] = _Entry((lay, "mlp", "down_proj", "kernel"), (d, f), _transpose)
+        b, lay = f"blk.{i}.", f"layers_{i}"
+        e += [
+            _Entry(b + "attn_norm.weight", (lay, "attn_norm", "scale"), (d,), _identity),
+            _Entry(b + "ffn_norm.weight", (lay, "mlp_norm", "scale"), (d,), _identity),
+            _Entry(b + "attn_q.weight", (lay, "attn", "q_proj", "kernel"), (q_out, d), qk(cfg.n_heads)),
+            _Entry(b + "attn_k.weight", (lay, "attn", "k_proj", "kernel"), (kv_out, d), qk(cfg.n_kv_heads)),
+            _Entry(b + "attn_v.weight", (lay, "attn", "v_proj", "kernel"), (kv_out, d), _transpose),
+            _Entry(b + "attn_output.weight", (lay, "attn", "o_proj", "kernel"), (d, q_out), _transpose),
+            _Entry(b + "ffn_gate.weight", (lay, "mlp", "gate_proj", "kernel"), (f, d), _transpose),
+            _Entry(b + "ffn_up.weight", (lay, "mlp", "up_proj", "kernel"), (f, d), _transpose),
+            _Entry(b + "ffn_down.weight", (lay, "mlp", "down_proj", "kernel"), (d, f), _transpose),
+        ]
     return e
 
 
@@ -290,3 +300,127 @@ def load_llama_gguf(
         return gguf.quants.dequantize(t.data, t.tensor_type).reshape(found[name])
 
     return cfg, _assemble(entries, read, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face GPT-2 safetensors -> GPT2
+# ---------------------------------------------------------------------------------------------------------
+
+# Non-parameter buffers older GPT-2 checkpoints carry (the causal mask); they are expected and skipped.
+_GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+def gpt2_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Any:
+    """A :class:`~ast_jax.models.gpt2.GPT2Config` from a Hugging Face GPT-2 ``config.json`` dictionary.
+
+    Maps ``vocab_size``, ``n_positions`` -> ``max_len``, ``n_layer``, ``n_head``, ``n_embd`` -> ``d_model``,
+    ``n_inner`` -> ``d_mlp``, ``layer_norm_epsilon``, ``tie_word_embeddings``. Only the tanh-approximate GELU
+    (``gelu_new``, GPT-2's own) matches our MLP; other activations are rejected.
+    """
+    from ast_jax.models.gpt2 import GPT2Config
+
+    act = hf_config.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(
+            f"config.json activation_function={act!r}; the GPT2 model uses tanh-GELU ('gelu_new')"
+        )
+    for key in ("vocab_size", "n_embd", "n_layer", "n_head"):
+        if key not in hf_config:
+            raise ValueError(f"config.json lacks {key!r}")
+    kwargs = dict(
+        vocab_size=int(hf_config["vocab_size"]),
+        max_len=int(hf_config.get("n_positions", hf_config.get("n_ctx", 1024))),
+        n_layer=int(hf_config["n_layer"]),
+        n_head=int(hf_config["n_head"]),
+        d_model=int(hf_config["n_embd"]),
+        d_mlp=None if hf_config.get("n_inner") is None else int(hf_config["n_inner"]),
+        tie_embeddings=bool(hf_config.get("tie_word_embeddings", True)),
+        layer_norm_eps=float(hf_config.get("layer_norm_epsilon", 1e-5)),
+    )
+    kwargs.update(overrides)
+    return GPT2Config(**kwargs)
+
+
+def _gpt2_entries(cfg: Any, prefix: str) -> list[_Entry]:
+    d, f = cfg.d_model, cfg.mlp_dim
+
+    def split(part: int) -> Transform:
+        # c_attn packs [q | k | v] along its output (last) axis: weight (D, 3D), bias (3D,).
+        return lambda x: x[..., part * d : (part + 1) * d]
+
+    e = [
+        _Entry(prefix + "wte.weight", ("wte", "embedding"), (cfg.vocab_size, d), _identity),
+        _Entry(prefix + "wpe.weight", ("wpe", "embedding"), (cfg.max_len, d), _identity),
+        _Entry(prefix + "ln_f.weight", ("ln_f", "scale"), (d,), _identity),
+        _Entry(prefix + "ln_f.bias", ("ln_f", "bias"), (d,), _identity),
+    ]
+    if not cfg.tie_embeddings:
+        e.append(_Entry("lm_head.weight", ("lm_head", "kernel"), (cfg.vocab_size, d), _transpose))
+    for i in range(cfg.n_layer):
+        h, blk = f"{prefix}h.{i}.", f"block_{i}"
+        for ln in ("ln_1", "ln_2"):
+            e.append(_Entry(h + ln + ".weight", (blk, ln, "scale"), (d,), _identity))
+            e.append(_Entry(h + ln + ".bias", (blk, ln, "bias"), (d,), _identity))
+        for part, name in enumerate(("q", "k", "v")):
+            e.append(_Entry(h + "attn.c_attn.weight", (blk, "attn", name, "kernel"), (d, 3 * d), split(part)))
+        for part, name in enumerate(("q", "k", "v")):
+            e.append(_Entry(h + "attn.c_attn.bias", (blk, "attn", name, "bias"), (3 * d,), split(part)))
+        for src, dst, shape in (
+            ("attn.c_proj.weight", ("attn", "proj", "kernel"), (d, d)),
+            ("attn.c_proj.bias", ("attn", "proj", "bias"), (d,)),
+            ("mlp.c_fc.weight", ("mlp", "fc", "kernel"), (d, f)),
+            ("mlp.c_fc.bias", ("mlp", "fc", "bias"), (f,)),
+            ("mlp.c_proj.weight", ("mlp", "proj", "kernel"), (f, d)),
+            ("mlp.c_proj.bias", ("mlp", "proj", "bias"), (d,)),
+        ):
+            e.append(_Entry(h + src, (blk, *dst), shape, _identity))
+    return e
+
+
+def load_gpt2_safetensors(
+    directory: Any, *, dtype: Any = jnp.float32, strict: bool = True, **config_overrides: Any
+) -> tuple[Any, dict[str, Any]]:
+    """Read a Hugging Face GPT-2 checkpoint directory (``config.json`` + ``model.safetensors``) into
+    ``(GPT2Config, params)`` for :class:`ast_jax.models.gpt2.GPT2`.
+
+    Accepts the key names of both ``GPT2LMHeadModel`` (``transformer.h.0.attn.c_attn.weight``, ...) and the
+    bare ``GPT2Model`` (``h.0.attn.c_attn.weight``, ...). Conv1D weights are already ``(in, out)`` and are
+    used as they are; ``c_attn`` is split into our ``q``, ``k``, ``v`` kernels and biases. A tied
+    ``lm_head.weight`` (equal to ``wte``) and the causal-mask buffers ``attn.bias``/``attn.masked_bias`` are
+    accepted and skipped. Raises :class:`CheckpointMismatchError` naming missing, unexpected (when
+    ``strict``) and mis-shaped tensors before converting anything.
+    """
+    from safetensors import safe_open
+
+    from ast_jax.models.gpt2 import GPT2
+
+    directory = os.fspath(directory)
+    cfg_path = os.path.join(directory, "config.json")
+    st_path = os.path.join(directory, "model.safetensors")
+    for p in (cfg_path, st_path):
+        if not os.path.isfile(p):
+            raise ValueError(f"GPT-2 checkpoint directory {directory} lacks {os.path.basename(p)}")
+    with open(cfg_path) as fh:
+        cfg = gpt2_config_from_hf(json.load(fh), **config_overrides)
+
+    with safe_open(st_path, framework="numpy") as f:
+        found = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+        prefix = "transformer." if any(n.startswith("transformer.") for n in found) else ""
+        entries = _gpt2_entries(cfg, prefix)
+
+        def ignore(name: str) -> bool:
+            return name.endswith(_GPT2_BUFFERS) or (name == "lm_head.weight" and cfg.tie_embeddings)
+
+        target = _flat_shapes(
+            jax.eval_shape(lambda: GPT2(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+        )
+        _check(st_path, entries, found, target, strict=strict, ignore=ignore)
+        if cfg.tie_embeddings and "lm_head.weight" in found:
+            head, wte = f.get_tensor("lm_head.weight"), f.get_tensor(prefix + "wte.weight")
+            if head.shape != wte.shape or not np.array_equal(head, wte):
+                raise CheckpointMismatchError(
+                    st_path,
+                    LoadReport(unexpected=("lm_head.weight (differs from wte.weight, config ties them)",)),
+                )
+        params = _assemble(entries, f.get_tensor, dtype)
+    return cfg, params
