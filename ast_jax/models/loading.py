@@ -228,12 +228,17 @@ def llama_config_from_gguf(source: Any, **overrides: Any) -> LlamaConfig:
         n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
         d_ff=int(req("feed_forward_length")),
         max_len=int(_field(reader, "llama.context_length", 2048)),
-        rope_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_base=_f32(_field(reader, "llama.rope.freq_base", 10000.0)),
+        norm_eps=_f32(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in names,
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
+
+
+def _f32(x: float) -> float:
+    """A float32 metadata value as the decimal it was written from (9.99999975e-06 -> 1e-05)."""
+    return float(f"{float(x):.7g}")
 
 
 def _gguf_entries(cfg: LlamaConfig) -> list[_Entry]:
