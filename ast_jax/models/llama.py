@@ -231,7 +231,9 @@ class Llama(nn.Module):
     """LLaMA-style decoder-only language model (see the module docstring for the contract).
 
     ``tokens`` (B, T) int32 -> logits (B, T, V) float32; ``return_hidden=True`` also returns the tuple of the
-    embedding output and the ``n_layers`` block outputs, ``n_layers + 1`` arrays (B, T, D). ``logits = RMSNorm(h_L) Eᵀ`` when embeddings are tied.
+    embedding output and the ``n_layers`` block outputs, ``n_layers + 1`` arrays (B, T, D).
+    ``logits = RMSNorm(h_L) Eᵀ`` when embeddings are tied.
+
     """
 
     cfg: LlamaConfig
