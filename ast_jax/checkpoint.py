@@ -145,8 +145,12 @@ class CheckpointStore:
                 return f"step {step}: file {rel} fails its SHA-256 check (corrupted)"
         return None
 
-    def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict[str, Any]]:
-        """Restore checkpoint ``step`` into ``abstract_state``'s shapes, dtypes and shardings (no checks)."""
+    def restore(self, step: int, abstract_state: PyTree | None = None) -> tuple[PyTree, dict[str, Any]]:
+        """Restore checkpoint ``step`` (no integrity check) as ``(state, meta)``.
+
+        With ``abstract_state`` the arrays get its shapes, dtypes and shardings; without it the saved tree is
+        returned as orbax reads it (plain nested containers, arrays on the default device).
+        """
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         out = self._manager.restore(step, args=args)
         return out["state"], dict(out["meta"])

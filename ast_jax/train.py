@@ -71,6 +71,7 @@ class TrainConfig:
     coordinator_address: str | None = _f(None, "jax.distributed coordinator host:port (multi-host)")
     num_processes: int | None = _f(None, "number of processes (multi-host)")
     process_id: int | None = _f(None, "this process's index (multi-host)")
+    min_shard_size: int = _f(2**14, "leaves with fewer elements are replicated instead of FSDP-sharded")
     # run length and data
     steps: int = _f(200, "sparse retraining steps")
     batch_size: int = _f(32, "global batch size in sequences (split over data*fsdp devices)")
@@ -119,7 +120,14 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ValueError(f"TrainConfig.seq_len must be >= 2, got {self.seq_len}")
-        for name in ("teacher_steps", "warmup_steps", "ramp_steps", "slorb_k", "eval_windows"):
+        for name in (
+            "teacher_steps",
+            "warmup_steps",
+            "ramp_steps",
+            "slorb_k",
+            "eval_windows",
+            "min_shard_size",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.d_model % self.n_head:
@@ -138,7 +146,8 @@ class TrainConfig:
 
 # Fields that do not change the numbers of a run: they may differ between a run and its resumption.
 _RUN_CONTROL = {
-    "mesh", "coordinator_address", "num_processes", "process_id", "steps", "checkpoint_dir", "save_every",
+    "mesh", "coordinator_address", "num_processes", "process_id", "min_shard_size", "steps",
+    "checkpoint_dir", "save_every",
     "keep", "log_every", "eval_windows", "export_dir", "export_bits", "json",
 }  # fmt: skip
 
@@ -295,8 +304,11 @@ def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
         )
 
 
-def _train_teacher(cfg, model, mesh, tokens, params, psh, bsh, teacher_store) -> tuple[Any, float | None]:
-    """Dense CE pretraining of the teacher (or restore it from ``teacher_store``)."""
+def _train_teacher(cfg, model, mesh, tokens, params, psh, bsh, teacher_store, signals) -> tuple[Any, Any]:
+    """Dense CE pretraining of the teacher (or restore it from ``teacher_store``) -> ``(params, loss)``.
+
+    ``params`` is ``None`` when a signal stopped the teacher phase (it is not checkpointed part-way).
+    """
     if teacher_store is not None:
         found = teacher_store.restore_latest(abstract_like(params))
         if found is not None and found.step == cfg.teacher_steps:
@@ -310,7 +322,7 @@ def _train_teacher(cfg, model, mesh, tokens, params, psh, bsh, teacher_store) ->
     )
     tx = optax.adamw(schedule, weight_decay=0.0)
     make_state = lambda p: init_train_state(p, tx, seed=cfg.seed)
-    ssh = shd.param_shardings(jax.eval_shape(make_state, params), mesh)
+    ssh = shd.param_shardings(jax.eval_shape(make_state, params), mesh, min_shard_size=cfg.min_shard_size)
     state = jax.jit(make_state, out_shardings=ssh)(params)
     step = jax.jit(
         make_train_step(model, None, tx, LossConfig(w_kl=0.0, w_ce=1.0)),
@@ -320,6 +332,8 @@ def _train_teacher(cfg, model, mesh, tokens, params, psh, bsh, teacher_store) ->
     )
     loss = float("nan")
     for i in range(cfg.teacher_steps):
+        if _any_process(signals.received is not None):
+            return None, None
         state, metrics = step(state, _global_batch(tokens, i, cfg, 7919, bsh))
         if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.teacher_steps:
             loss = float(metrics["loss"])
@@ -337,9 +351,14 @@ def run(config: TrainConfig, *, devices: Sequence[Any] | None = None) -> RunResu
 
     ``devices`` restricts the mesh to these devices (default: all devices of all processes). Raises
     ``ValueError`` for settings that cannot work (before any compilation) and :class:`TrainingDivergedError`
-    on a non-finite loss.
+    on a non-finite loss. SIGTERM/SIGINT are caught for the whole call (in the main thread): the retraining
+    loop then saves and returns with ``stopped_by`` set; during teacher training it returns at once.
     """
-    cfg = config
+    with _SignalCatcher() as signals:
+        return _run(config, devices, signals)
+
+
+def _run(cfg: TrainConfig, devices: Sequence[Any] | None, signals: _SignalCatcher) -> RunResult:
     _init_distributed(cfg)
     mesh = shd.make_mesh(cfg.mesh, devices)
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -365,13 +384,20 @@ def run(config: TrainConfig, *, devices: Sequence[Any] | None = None) -> RunResu
     dummy = jnp.zeros((1, cfg.seq_len), jnp.int32)
     init_fn = lambda key: model.init(key, dummy)["params"]
     abstract_params = jax.eval_shape(init_fn, jax.random.key(cfg.seed))
-    psh = shd.param_shardings(abstract_params, mesh)
+    psh = shd.param_shardings(abstract_params, mesh, min_shard_size=cfg.min_shard_size)
     params0 = jax.jit(init_fn, out_shardings=psh)(jax.random.key(cfg.seed))
     ckdir = None if cfg.checkpoint_dir is None else Path(cfg.checkpoint_dir)
     teacher_store = None if ckdir is None else CheckpointStore(ckdir / "teacher", keep=1)
     t0 = time.perf_counter()
-    teacher, teacher_loss = _train_teacher(cfg, model, mesh, data.train, params0, psh, bsh, teacher_store)
+    teacher, teacher_loss = _train_teacher(
+        cfg, model, mesh, data.train, params0, psh, bsh, teacher_store, signals
+    )
     teacher_seconds = time.perf_counter() - t0
+    if teacher is None:
+        _say(f"received {signals.received} during teacher training: stopping (the teacher is not saved)")
+        if teacher_store is not None:
+            teacher_store.close()
+        return RunResult(None, 0, [], None, signals.received, {"stopped_by": signals.received})
 
     # -- student state: starts from the teacher's weights ---------------------------------------------------
     tx = _student_tx(cfg)
@@ -384,7 +410,7 @@ def run(config: TrainConfig, *, devices: Sequence[Any] | None = None) -> RunResu
         return init_train_state(teacher_params, tx, slorb_params=slorb, seed=cfg.seed)
 
     abstract_state = jax.eval_shape(make_state, teacher)
-    ssh = shd.param_shardings(abstract_state, mesh, min_shard_size=2**14)
+    ssh = shd.param_shardings(abstract_state, mesh, min_shard_size=cfg.min_shard_size)
     state = jax.jit(make_state, out_shardings=ssh)(teacher)
 
     store = None if ckdir is None else CheckpointStore(ckdir, keep=cfg.keep)
@@ -395,7 +421,7 @@ def run(config: TrainConfig, *, devices: Sequence[Any] | None = None) -> RunResu
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             shapes,
-            shd.param_shardings(shapes, mesh),
+            shd.param_shardings(shapes, mesh, min_shard_size=cfg.min_shard_size),
         )
         found = store.restore_latest(target)
         if found is not None:
@@ -441,35 +467,35 @@ def run(config: TrainConfig, *, devices: Sequence[Any] | None = None) -> RunResu
     t_first = None
     timed_steps = 0
     pending: tuple[int, Any] | None = None
-    with _SignalCatcher() as signals:
-        for i in range(start, cfg.steps):
-            batch = _global_batch(data.train, position, cfg, 0, bsh)
-            state, metrics = step_fn(state, batch, teacher)
-            position += 1
-            # Check the previous step while this one runs: the host never stalls the device queue.
-            if pending is not None:
-                losses.append((pending[0], check(*pending)))
-            pending = (i + 1, metrics)
-            done = i + 1
-            if t_first is None:
-                jax.block_until_ready(state.step)
-                t_first = time.perf_counter()  # compile + first step excluded from throughput
-            else:
-                timed_steps += 1
-            stop = _any_process(signals.received is not None)
-            if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.save_every == 0 or stop:
-                losses.append((done, check(*pending)))
-                pending = None
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    _say(f"step {done}/{cfg.steps} loss {losses[-1][1]:.4f}")
-                if done % cfg.save_every == 0 or done == cfg.steps or stop:
-                    save(done, state)
-            if stop:
-                stopped_by = signals.received or "signal on another process"
-                _say(f"received {stopped_by}: saved checkpoint at step {done}, stopping")
-                break
+    for i in range(start, cfg.steps):
+        batch = _global_batch(data.train, position, cfg, 0, bsh)
+        state, metrics = step_fn(state, batch, teacher)
+        position += 1
+        # Check the previous step while this one runs: the host never stalls the device queue.
         if pending is not None:
             losses.append((pending[0], check(*pending)))
+        pending = (i + 1, metrics)
+        done = i + 1
+        if t_first is None:
+            jax.block_until_ready(state.step)
+            t_first = time.perf_counter()  # compile + first step excluded from throughput
+        else:
+            timed_steps += 1
+        stop = _any_process(signals.received is not None)
+        if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.save_every == 0 or stop:
+            losses.append((done, check(*pending)))
+            pending = None
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                _say(f"step {done}/{cfg.steps} loss {losses[-1][1]:.4f}")
+            if done % cfg.save_every == 0 or done == cfg.steps or stop:
+                save(done, state)
+        if stop:
+            stopped_by = signals.received or "signal on another process"
+            saved = f"saved checkpoint at step {done}, " if store is not None else ""
+            _say(f"received {stopped_by}: {saved}stopping")
+            break
+    if pending is not None:
+        losses.append((pending[0], check(*pending)))
     jax.block_until_ready(state.step)
     elapsed = time.perf_counter() - t_first if t_first is not None else float("nan")
     tokens_per_s = timed_steps * cfg.batch_size * cfg.seq_len / elapsed if timed_steps else float("nan")
@@ -485,6 +511,7 @@ def run(config: TrainConfig, *, devices: Sequence[Any] | None = None) -> RunResu
         "skipped_checkpoints": skipped,
         "stopped_by": stopped_by,
         "final_loss": losses[-1][1] if losses else None,
+        "losses": losses,
         "teacher_final_loss": teacher_loss,
         "teacher_seconds": teacher_seconds,
         "tokens_per_second": tokens_per_s,

@@ -1,0 +1,234 @@
+"""Fault tolerance: integrity-checked orbax checkpoints, SIGKILL/resume bitwise, SIGTERM save, NaN stop.
+
+Training runs happen in child processes with one virtual CPU device (``mesh data=1``) and a shared
+persistent compilation cache, so every run compiles the same program and results can be compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _subproc import TINY_ARGS, jax_env, run_to_end, start, wait_for_line
+
+from ast_jax.checkpoint import INTEGRITY_FILE, CheckpointStore, abstract_like
+from ast_jax.optim import sparse_adamw
+
+STEPS, SAVE_EVERY = 12, 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CheckpointStore on its own
+
+
+def _state(seed: int):
+    return _state_jit(seed)
+
+
+@jax.jit
+def _state_jit(seed):
+    k = jax.random.key(seed)
+    params = {
+        "block_0": {"fc": {"kernel": jax.random.normal(k, (8, 4)), "bias": jnp.zeros(4)}},
+        "wte": {"embedding": jax.random.normal(jax.random.fold_in(k, 1), (5, 8))},
+    }
+    tx = sparse_adamw(1e-2, max_decay=1e-2, ramp_steps=4, mask_every=1)
+    opt_state = tx.init(params)
+    # one real update so the moments and masks are non-trivial
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, opt_state = tx.update(grads, opt_state, params)
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "rng": jax.random.key_data(k),
+        "pos": jnp.int32(seed) + 0,
+    }
+
+
+def _assert_bitwise(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))
+
+
+def test_save_restore_bitwise_and_keep_last_n(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    states = {s: _state(s) for s in (1, 2, 3)}
+    for s, st in states.items():
+        store.save(s, st, {"data_position": s * 10})
+    assert store.all_steps() == [2, 3]
+    assert (tmp_path / "3" / INTEGRITY_FILE).is_file()
+    found = store.restore_latest(abstract_like(states[3]))
+    assert found.step == 3 and found.meta["data_position"] == 30 and found.skipped == []
+    _assert_bitwise(found.state, states[3])
+    # masks (bool, inside the optimizer state) come back as masks
+    assert jax.tree.structure(found.state) == jax.tree.structure(states[3])
+
+
+def _data_file(step_dir):
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and "/d/" in p.as_posix())
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate", "no_manifest", "unreadable"])
+def test_damaged_latest_checkpoint_is_reported_and_skipped(tmp_path, damage, caplog):
+    store = CheckpointStore(tmp_path, keep=3)
+    states = {s: _state(s) for s in (1, 2)}
+    for s, st in states.items():
+        store.save(s, st)
+    if damage == "bitflip":
+        f = _data_file(tmp_path / "2")
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 2] ^= 0x10
+        f.write_bytes(bytes(raw))
+        expected = "SHA-256"
+    elif damage == "truncate":
+        f = _data_file(tmp_path / "2")
+        f.write_bytes(f.read_bytes()[:7])
+        expected = "truncated"
+    elif damage == "no_manifest":
+        (tmp_path / "2" / INTEGRITY_FILE).unlink()
+        expected = "did not complete"
+    else:
+        # consistent manifest but data orbax cannot parse: rewrite both so only the restore can catch it
+        for p in (tmp_path / "2").rglob("*"):
+            if p.is_file() and p.name == "_METADATA":
+                p.write_text("{not json")
+        from ast_jax.checkpoint import _tree_files
+
+        (tmp_path / "2" / INTEGRITY_FILE).write_text(json.dumps({"files": _tree_files(tmp_path / "2")}))
+        expected = "could not restore"
+    reopened = CheckpointStore(tmp_path, keep=3)
+    with caplog.at_level("WARNING", logger="ast_jax.checkpoint"):
+        found = reopened.restore_latest(abstract_like(states[1]))
+    assert found.step == 1
+    assert len(found.skipped) == 1 and expected in found.skipped[0]
+    assert expected in caplog.text
+    _assert_bitwise(found.state, states[1])
+    # the bad step is moved aside, so the run can write step 2 again
+    assert reopened.all_steps() == [1] and any((tmp_path / "_corrupted").iterdir())
+    reopened.save(2, states[2])
+    assert reopened.verify(2) is None
+
+
+def test_no_good_checkpoint_returns_none(tmp_path):
+    store = CheckpointStore(tmp_path)
+    assert store.restore_latest(abstract_like(_state(0))) is None
+    store.save(5, _state(0))
+    (tmp_path / "5" / INTEGRITY_FILE).unlink()
+    assert CheckpointStore(tmp_path).restore_latest(abstract_like(_state(0))) is None
+    with pytest.raises(ValueError, match="keep"):
+        CheckpointStore(tmp_path, keep=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole training runs in child processes
+
+
+def _final_state(ckdir):
+    store = CheckpointStore(ckdir)
+    step = store.latest_step()
+    assert store.verify(step) is None
+    state, meta = store.restore(step)
+    return step, jax.device_get(state), meta
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_text_file, jax_subprocess_cache):
+    """An uninterrupted run (also fills the compilation cache for the other runs)."""
+    env = jax_env(1, jax_subprocess_cache)
+    args = [*TINY_ARGS, "--mesh", "data=1", "--steps", str(STEPS), "--save-every", str(SAVE_EVERY),
+            "--keep", "2", "--text", str(tiny_text_file)]  # fmt: skip
+    ckdir = tmp_path_factory.mktemp("reference")
+    out = run_to_end([*args, "--checkpoint-dir", str(ckdir)], env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    step, state, meta = _final_state(ckdir)
+    assert step == STEPS and meta["data_position"] == STEPS
+    return {"args": args, "env": env, "dir": ckdir, "state": state}
+
+
+def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(reference, tmp_path):
+    rng = np.random.default_rng(20240607)
+    kill_steps = sorted(rng.choice(np.arange(2, STEPS), size=3, replace=False).tolist())
+    for trial, k in enumerate(kill_steps):
+        ckdir = tmp_path / f"trial{trial}"
+        proc = start([*reference["args"], "--checkpoint-dir", str(ckdir)], reference["env"], tmp_path / "err")
+        try:
+            wait_for_line(proc, f"step {k}/")
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        complete = [d.name for d in ckdir.iterdir() if (d / INTEGRITY_FILE).is_file()]
+        resumed = run_to_end([*reference["args"], "--checkpoint-dir", str(ckdir)], reference["env"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        if complete:
+            assert "resuming from checkpoint step" in resumed.stdout, (k, resumed.stdout)
+        step, state, _ = _final_state(ckdir)
+        assert step == STEPS
+        _assert_bitwise(
+            state, reference["state"]
+        )  # params, optimizer state + masks, step, RNG, data position
+
+
+def test_corrupted_latest_checkpoint_falls_back_and_recomputes(reference, tmp_path):
+    import shutil
+
+    ckdir = tmp_path / "run"
+    shutil.copytree(reference["dir"], ckdir)
+    f = _data_file(ckdir / str(STEPS))
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    out = run_to_end([*reference["args"], "--checkpoint-dir", str(ckdir)], reference["env"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"skipped bad checkpoint: step {STEPS}" in out.stdout
+    assert f"resuming from checkpoint step {STEPS - SAVE_EVERY}" in out.stdout
+    step, state, _ = _final_state(ckdir)
+    assert step == STEPS
+    _assert_bitwise(state, reference["state"])
+
+
+def test_sigterm_saves_then_stops_and_resumes_exactly(reference, tmp_path):
+    ckdir = tmp_path / "run"
+    args = [*reference["args"], "--checkpoint-dir", str(ckdir)]
+    proc = start(args, reference["env"], tmp_path / "err")
+    try:
+        wait_for_line(proc, "step 2/")
+        # Freeze the run, queue SIGTERM, let it go: the signal lands mid-run whatever the machine's speed.
+        proc.send_signal(signal.SIGSTOP)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+        rest = proc.stdout.read()
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, (tmp_path / "err").read_text()[-2000:]
+    line = next(x for x in rest.splitlines() if x.startswith("received SIGTERM"))
+    saved = int(line.split("step ")[1].split(",")[0])
+    assert 2 <= saved < STEPS
+    step, _, meta = _final_state(ckdir)
+    assert step == saved and meta["data_position"] == saved
+    resumed = run_to_end(args, reference["env"])
+    assert resumed.returncode == 0 and f"resuming from checkpoint step {saved}" in resumed.stdout
+    _assert_bitwise(_final_state(ckdir)[1], reference["state"])
+
+
+def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(reference, tmp_path):
+    ckdir = tmp_path / "run"
+    # lr 1e37: the first update blows the weights up to ~1e37, so the second forward pass overflows
+    args = [*reference["args"], "--checkpoint-dir", str(ckdir), "--save-every", "1", "--lr", "1e37",
+            "--warmup-steps", "0"]  # fmt: skip
+    out = run_to_end(args, reference["env"])
+    assert out.returncode == 3, (out.stdout, out.stderr[-2000:])
+    assert "non-finite loss" in out.stderr and "Last good checkpoint: step" in out.stderr
+    last_good = int(out.stderr.split("Last good checkpoint: step ")[1].split()[0])
+    step, state, _ = _final_state(ckdir)
+    assert step == last_good >= 1
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
