@@ -12,9 +12,9 @@ For a sparse kernel ``W`` with mask ``M`` (1 = kept), gradient ``g`` (straight-t
     v ← β2·v + (1 − β2)·u²                     (second moment tracks u, not g)
     W ← W − lr·[ (u / (1 − β1^t)) / (sqrt(v / (1 − β2^t)) + ε) + wd·W ]
 
-and every other parameter gets plain AdamW. After the update, if ``t`` is a multiple of ``mask_every``, the
-masks are recomputed from the updated dense weights (inside the jitted update via ``lax.cond``) and the flips
-against the previous and the initial masks are counted.
+and every other parameter gets plain AdamW (``m`` on ``g``, ``v`` on ``g²``). After the update, if ``t`` is a
+multiple of ``mask_every``, the masks are recomputed from the updated dense weights (inside the jitted update
+via ``lax.cond``) and the flips against the previous and the initial masks are counted.
 
 Variants (``variant=``):
 
@@ -22,7 +22,7 @@ Variants (``variant=``):
 - ``"static"`` — the above with a constant ``λ = λ_max`` (static SR-STE, decoupled).
 - ``"coupled"`` — classic SR-STE: ``g ← g + λ(t)·(1 − M)·W`` before a plain AdamW step (use ``ramp_steps=0``
   for the constant-λ original).
-- ``"ste"`` — adaptive masks, no decay (``λ = 0``): plain straight-through estimator.
+- ``"ste"`` — adaptive masks, no decay: plain AdamW on the straight-through gradient.
 - ``"fixed"`` — the initial mask is never refreshed and masked-out weights never move (gradient and update
   zeroed there): fixed-mask retraining.
 
@@ -219,11 +219,13 @@ def sparse_adamw(
                 elif variant == "fixed":
                     g = g * mk.astype(g.dtype)
             mu = b1 * mu + (1.0 - b1) * g
-            if mk is not None and variant in ("annealing", "static", "ste"):
-                u = mu + lam_w * (1.0 - mk.astype(w.dtype)) * w
+            if mk is not None and variant in ("annealing", "static"):
+                # AST.md: the decay joins the first moment after it is updated, and v tracks u² (not g²).
+                u = mu + lam_w * off * w
+                nu = b2 * nu + (1.0 - b2) * u * u
             else:
                 u = mu
-            nu = b2 * nu + (1.0 - b2) * u * u
+                nu = b2 * nu + (1.0 - b2) * g * g
             step = (u / bc1) / (jnp.sqrt(nu / bc2) + eps) + wd * w
             upd = -lr * step
             if mk is not None and variant == "fixed":
