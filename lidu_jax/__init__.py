@@ -1,1 +1,33 @@
-"""LiDu: List Distribution uncertainty for recommender systems, in JAX."""
+"""LiDu: List Distribution uncertainty for recommender systems, in JAX.
+
+``LiDu_u = -log Pr[S_{l1} > ... > S_{lK} > max_{j in C_u \\ L} S_j]`` for a user's top-K list under
+independent
+item score distributions (a reconstruction of arXiv 2507.23208 from its abstract; see ``docs/lidu.md``).
+
+Data flows one way: data (`lidu_jax.synthetic`, `lidu_jax.types`) -> models (`lidu_jax.models`, trained with
+`lidu_jax.training`) -> score distributions (`lidu_jax.distributions`) -> estimators (`lidu_jax.estimators`,
+`lidu_jax.baselines`) -> metrics and evaluation (`lidu_jax.metrics`, `lidu_jax.evaluation`).
+"""
+
+from lidu_jax import baselines, metrics
+from lidu_jax.estimators import (
+    lidu,
+    lidu_chunked,
+    lidu_from_samples,
+    list_log_prob,
+    list_log_prob_from_samples,
+    top_k_rankings,
+)
+from lidu_jax.types import InteractionSplit
+
+__all__ = [
+    "InteractionSplit",
+    "baselines",
+    "lidu",
+    "lidu_chunked",
+    "lidu_from_samples",
+    "list_log_prob",
+    "list_log_prob_from_samples",
+    "metrics",
+    "top_k_rankings",
+]

@@ -1,0 +1,304 @@
+"""Tests of `lidu_jax.estimators`: the exact list probability against brute-force Monte Carlo, probability
+laws,
+batching/jit invariances, pruning, the approximations' pinned errors, and input validation."""
+
+import itertools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import norm
+
+import lidu_jax
+from lidu_jax import estimators
+
+N_MC = 1_000_000
+B, N = 32, 12  # every grid call below uses (32 users, 12 items) so jit compilations are shared
+
+
+def logp(mu, sd, ranking, cand=None, **kw):
+    """list_log_prob on ``(b, N)`` inputs padded to ``B`` rows (one compilation per K and method)."""
+    mu, sd, ranking = np.atleast_2d(mu), np.atleast_2d(sd), np.atleast_2d(ranking)
+    cand = np.ones(mu.shape, bool) if cand is None else np.atleast_2d(cand)
+    b = mu.shape[0]
+    rows = np.r_[np.arange(b), np.zeros(B - b, int)]
+    out = lidu_jax.list_log_prob(mu[rows], sd[rows], ranking[rows], candidates=cand[rows], **kw)
+    return np.asarray(out)[:b]
+
+
+def mc_list_prob(mu, sd, ranking, cand=None, n=N_MC, seed=0):
+    """Brute-force Pr[S_l1 > ... > S_lK > max rest] with independent Gaussian scores, and its standard
+    error."""
+    rng = np.random.default_rng(seed)
+    idx = np.arange(mu.size) if cand is None else np.flatnonzero(cand)
+    s = rng.standard_normal((n, mu.size)) * sd + mu
+    lst = s[:, ranking]
+    rest = np.setdiff1d(idx, ranking)
+    ok = np.all(lst[:, :-1] > lst[:, 1:], axis=1)
+    if rest.size:
+        ok &= lst[:, -1] > s[:, rest].max(axis=1)
+    p = ok.mean()
+    return p, math.sqrt(p * (1 - p) / n)
+
+
+def case(seed, k, n=N):
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=n)
+    sd = rng.uniform(0.3, 1.0, size=n)
+    return mu, sd, np.argsort(-mu)[:k]
+
+
+@pytest.mark.parametrize(("seed", "k"), [(0, 1), (1, 3), (2, 5)])
+def test_exact_matches_monte_carlo(seed, k):
+    mu, sd, ranking = case(seed, k)
+    p_mc, se = mc_list_prob(mu, sd, ranking, seed=seed)
+    p = float(np.exp(logp(mu, sd, ranking)[0]))
+    assert abs(p - p_mc) < 3 * se, (p, p_mc, se)
+
+
+def test_exact_matches_monte_carlo_with_excluded_items():
+    mu, sd, _ = case(3, 3)
+    cand = np.ones(N, bool)
+    cand[np.argsort(-mu)[:2]] = False  # the two best items are "training items"
+    ranking = np.argsort(-np.where(cand, mu, -np.inf))[:3]
+    p_mc, se = mc_list_prob(mu, sd, ranking, cand, seed=3)
+    p = float(np.exp(logp(mu, sd, ranking, cand)[0]))
+    assert abs(p - p_mc) < 3 * se, (p, p_mc, se)
+
+
+def test_all_orderings_of_four_items_sum_to_one():
+    # Only items 0..3 are candidates; a full ordering of 4 items is fixed by its first 3 places (K = 3).
+    mu, sd, _ = case(4, 3)
+    cand = np.zeros(N, bool)
+    cand[:4] = True
+    perms = np.array(list(itertools.permutations(range(4))))[:, :3]
+    total = np.exp(logp(np.tile(mu, (24, 1)), np.tile(sd, (24, 1)), perms, np.tile(cand, (24, 1)))).sum()
+    assert abs(total - 1.0) < 1e-3
+
+
+def test_orderings_of_a_set_sum_to_the_unordered_probability():
+    mu, sd, top = case(5, 3)
+    perms = np.array([top[list(p)] for p in itertools.permutations(range(3))])
+    ordered = np.exp(logp(np.tile(mu, (6, 1)), np.tile(sd, (6, 1)), perms)).sum()
+    unordered = np.exp(logp(mu, sd, top, ordered=False)[0])
+    np.testing.assert_allclose(ordered, unordered, rtol=2e-3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m1=st.floats(-3, 3),
+    m2=st.floats(-3, 3),
+    s1=st.floats(0.1, 2.0),
+    s2=st.floats(0.1, 2.0),
+)
+def test_two_items_closed_form(m1, m2, s1, s2):
+    # Two candidates, K = 1: P = Pr[S1 > S2] = Phi((m1 - m2) / sqrt(s1^2 + s2^2)); "pairwise" is exact too.
+    mu, sd = np.zeros(N), np.ones(N)
+    mu[:2], sd[:2] = (m1, m2), (s1, s2)
+    cand = np.arange(N) < 2
+    want = norm.logcdf((m1 - m2) / math.hypot(s1, s2))
+    for method, tol in [("exact", 2e-3), ("pairwise", 1e-5)]:
+        got = float(logp(mu, sd, np.array([0]), cand, method=method)[0])
+        assert abs(got - want) < tol * max(1.0, abs(want)), (method, got, want)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(7)
+    mu = rng.normal(size=(B, N)).astype(np.float32)
+    sd = rng.uniform(0.2, 1.0, size=(B, N)).astype(np.float32)
+    cand = rng.random((B, N)) > 0.2
+    ranking = np.asarray(estimators.top_k_rankings(mu, 3, cand))
+    return mu, sd, ranking, cand
+
+
+def test_vmap_equals_loop_and_jit_equals_eager(batch):
+    mu, sd, ranking, cand = batch
+    f = lambda m, s, r, c: lidu_jax.list_log_prob(m, s, r, candidates=c)
+    eager = f(mu, sd, ranking, cand)
+    loop = np.concatenate([logp(mu[i], sd[i], ranking[i], cand[i]) for i in range(4)])  # one user per call
+    vmapped = jax.vmap(f)(mu, sd, ranking, cand)
+    jitted = jax.jit(f)(mu, sd, ranking, cand)
+    chex.assert_trees_all_close(vmapped, eager, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(loop, eager[:4], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_lidu_jit_matches_chunked(batch):
+    mu, sd, ranking, cand = batch
+    want, want_r = lidu_jax.lidu(mu, sd, 3, candidates=cand, chunk_size=B)
+    np.testing.assert_array_equal(want_r, ranking)
+    got, got_r = jax.jit(lambda m, s, c: lidu_jax.lidu(m, s, 3, candidates=c))(mu, sd, cand)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got_r, want_r)
+    half, _ = lidu_jax.lidu(mu[:20], sd[:20], 3, candidates=cand[:20], chunk_size=B)  # padded chunk
+    chex.assert_trees_all_close(half, want[:20], rtol=1e-5, atol=1e-5)
+
+
+def test_far_below_candidates_leave_lidu_unchanged_and_pruning_is_exact():
+    rng = np.random.default_rng(8)
+    mu = rng.normal(size=(B, N)).astype(np.float32)
+    sd = rng.uniform(0.2, 0.6, size=(B, N)).astype(np.float32)
+    low_mu = rng.normal(-40.0, 1.0, size=(B, 100)).astype(np.float32)
+    low_sd = rng.uniform(0.2, 0.6, size=(B, 100)).astype(np.float32)
+    base, r0 = lidu_jax.lidu(mu, sd, 3, chunk_size=B)
+    wide_mu, wide_sd = np.concatenate([mu, low_mu], 1), np.concatenate([sd, low_sd], 1)
+    wide, r1 = lidu_jax.lidu(wide_mu, wide_sd, 3, chunk_size=B)
+    np.testing.assert_array_equal(r0, r1)
+    np.testing.assert_allclose(wide, base, rtol=1e-5)
+    # `lidu` kept a budget of 16 of the 109 rest items; the unpruned estimator agrees.
+    assert estimators._item_budget(np.full(B, 9), 112) == 16
+    full = -lidu_jax.list_log_prob(wide_mu, wide_sd, r1)
+    np.testing.assert_allclose(wide, full, rtol=1e-5)
+
+
+def test_grid_converges():
+    mu, sd, ranking = case(10, 5)
+    fine = float(logp(mu, sd, ranking, grid_size=2048)[0])
+    default = float(logp(mu, sd, ranking)[0])
+    assert abs(default - fine) < 2e-3
+
+
+def test_approximations_against_exact_pinned_bounds():
+    # Errors |log P_approx - log P_exact| on 32 fixed random users (12 items, K in {1, 5}). Sequential is
+    # exact for K = 1; for longer lists both approximations can be off by O(1) nats (pinned below).
+    rng = np.random.default_rng(5)
+    mus = rng.normal(size=(B, N)).astype(np.float32)
+    sds = rng.uniform(0.2, 1.0, size=(B, N)).astype(np.float32)
+    errs = {}
+    for k in (1, 5):
+        rk = np.argsort(-mus, axis=1)[:, :k]
+        exact = logp(mus, sds, rk)
+        seq = logp(mus, sds, rk, method="sequential")
+        pw = logp(mus, sds, rk, method="pairwise")
+        errs[k] = (np.abs(seq - exact).max(), np.abs(pw - exact).max())
+        if k == 5:  # as uncertainty scores they still order users like the exact one
+            assert stats_corr(exact, seq) > 0.9
+    assert errs[1][0] < 2e-3
+    assert errs[1][1] < 2.0, errs
+    assert errs[5][0] < 1.5, errs
+    assert errs[5][1] < 3.5, errs
+
+
+def stats_corr(a, b):
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def test_kde_matches_monte_carlo_from_the_kde():
+    rng = np.random.default_rng(11)
+    n, s, k = N, 6, 3
+    samples = (rng.normal(size=n) + 0.5 * rng.standard_normal((s, n))).astype(np.float32)
+    h = float(estimators.silverman_bandwidth(samples).mean())
+    mean = samples.mean(0)
+    ranking = np.argsort(-mean)[:k]
+    logp = float(lidu_jax.list_log_prob_from_samples(samples, ranking, method="kde", bandwidth=h))
+    # Draw from each item's KDE independently: pick one of its samples, add h * N(0, 1).
+    draws = samples[rng.integers(0, s, size=(N_MC, n)), np.arange(n)] + h * rng.standard_normal((N_MC, n))
+    lst = draws[:, ranking]
+    rest = np.setdiff1d(np.arange(n), ranking)
+    ok = np.all(lst[:, :-1] > lst[:, 1:], axis=1) & (lst[:, -1] > draws[:, rest].max(1))
+    p_mc = ok.mean()
+    se = math.sqrt(p_mc * (1 - p_mc) / N_MC)
+    assert abs(math.exp(logp) - p_mc) < 3 * se + 1e-4, (math.exp(logp), p_mc, se)
+
+
+def test_sample_methods_agree_with_gaussian_exact_for_many_gaussian_samples():
+    rng = np.random.default_rng(12)
+    n, k, s = N, 2, 40_000
+    mu, sd = rng.normal(size=n), rng.uniform(0.3, 0.8, size=n)
+    samples = (mu + sd * rng.standard_normal((s, n))).astype(np.float32)
+    ranking = np.argsort(-mu)[:k]
+    exact = float(jnp.exp(lidu_jax.list_log_prob(mu, sd, ranking)))
+    gauss = float(jnp.exp(lidu_jax.list_log_prob_from_samples(samples, ranking, method="gaussian")))
+    mc = float(jnp.exp(lidu_jax.list_log_prob_from_samples(samples, ranking, method="mc")))
+    se = math.sqrt(exact * (1 - exact) / s)
+    assert abs(gauss - exact) < 0.01
+    assert abs(mc - exact) < 3 * se + 1 / s
+    kde = float(jnp.exp(lidu_jax.list_log_prob_from_samples(samples[:2000], ranking, method="kde")))
+    assert abs(kde - exact) < 0.02  # KDE widens each density by a small bandwidth
+
+
+def test_lidu_from_samples_shapes_and_chunking():
+    rng = np.random.default_rng(13)
+    samples = rng.normal(size=(5, 7, 15)).astype(np.float32)
+    v, r = lidu_jax.lidu_from_samples(samples, 3, method="kde", grid_size=64)
+    v2, r2 = lidu_jax.lidu_from_samples(samples, 3, method="kde", grid_size=64, chunk_size=3)
+    chex.assert_shape(v, (7,))
+    chex.assert_shape(r, (7, 3))
+    np.testing.assert_allclose(v, v2, rtol=1e-5)
+    np.testing.assert_array_equal(r, r2)
+    assert np.all(np.asarray(v) > 0)
+    vp, _ = lidu_jax.lidu_from_samples(samples, 3, method="kde", grid_size=64, per_position=True)
+    np.testing.assert_allclose(vp, np.asarray(v) / 3, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def good():
+    mu = np.array([[0.5, 0.1, -0.3, 0.9]], np.float32)
+    sd = np.array([[0.3, 0.4, 0.5, 0.2]], np.float32)
+    return mu, sd, np.array([[3, 0]]), np.ones((1, 4), bool)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda m, s, r, c: (np.where(m > 0.8, np.nan, m), s, r, c), "mean"),
+        (lambda m, s, r, c: (np.where(m > 0.8, np.inf, m), s, r, c), "mean"),
+        (lambda m, s, r, c: (m, np.where(s < 0.25, 0.0, s), r, c), "std"),
+        (lambda m, s, r, c: (m, -s, r, c), "std"),
+        (lambda m, s, r, c: (m, s, np.array([[3, 3]]), c), "duplicate"),
+        (lambda m, s, r, c: (m, s, np.array([[3, 7]]), c), "ranking"),
+        (lambda m, s, r, c: (m, s, r, np.array([[False, True, True, True]])), "excluded"),
+        (lambda m, s, r, c: (m, s, np.array([[3, 0, 1]]), np.array([[True, True, False, False]])), "K=3"),
+        (lambda m, s, r, c: (m, s[:, :3], r, c), "std must have the shape"),
+        (lambda m, s, r, c: (m, s, r, c[:, :3]), "candidates must have the shape"),
+        (lambda m, s, r, c: (m, s, np.array([3, 0]), c), "ranking must have shape"),
+        (lambda m, s, r, c: (m, s, r.astype(np.float32), c), "integer"),
+    ],
+)
+def test_list_log_prob_bad_inputs(change, match):
+    m, s, r, c = change(*good())
+    with pytest.raises(ValueError, match=match):
+        lidu_jax.list_log_prob(m, s, r, candidates=c)
+
+
+def test_bad_method_grid_and_k():
+    m, s, r, _c = good()
+    with pytest.raises(ValueError, match="method"):
+        lidu_jax.list_log_prob(m, s, r, method="magic")
+    with pytest.raises(ValueError, match="grid_size"):
+        lidu_jax.list_log_prob(m, s, r, grid_size=2)
+    with pytest.raises(ValueError, match="k=5"):
+        lidu_jax.lidu(m, s, 5)
+    with pytest.raises(ValueError, match="K=3"):
+        lidu_jax.lidu(m, s, 3, candidates=np.array([[True, True, False, False]]))
+    with pytest.raises(ValueError, match="std"):
+        lidu_jax.lidu(m, np.zeros_like(s), 2)
+    with pytest.raises(ValueError, match="mean"):
+        lidu_jax.lidu(np.full_like(m, np.nan), s, 2)
+    with pytest.raises(ValueError, match="k must be"):
+        lidu_jax.lidu(m, s, 0)
+
+
+def test_sample_input_validation():
+    samples = np.random.default_rng(0).normal(size=(4, 2, 5)).astype(np.float32)
+    r = np.array([[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        lidu_jax.list_log_prob_from_samples(samples[:1], r)
+    with pytest.raises(ValueError, match="NaN"):
+        lidu_jax.list_log_prob_from_samples(np.where(samples > 1, np.nan, samples), r)
+    with pytest.raises(ValueError, match="duplicate"):
+        lidu_jax.list_log_prob_from_samples(samples, np.array([[0, 0], [2, 3]]))
+    with pytest.raises(ValueError, match="method"):
+        lidu_jax.list_log_prob_from_samples(samples, r, method="exact")
+    with pytest.raises(ValueError, match="bandwidth"):
+        lidu_jax.list_log_prob_from_samples(samples, r, bandwidth=0.0)
+    with pytest.raises(ValueError, match="k="):
+        lidu_jax.lidu_from_samples(samples, 6)

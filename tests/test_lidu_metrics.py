@@ -1,0 +1,107 @@
+"""Tests of `lidu_jax.metrics` and `lidu_jax.evaluation` against brute-force references."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from lidu_jax import evaluation, metrics
+
+
+def ref_ranking_metrics(scores, relevant, exclude, k):
+    nd, rc, ht = [], [], []
+    for s, r, e in zip(scores, relevant, exclude, strict=True):
+        order = [i for i in np.argsort(-s, kind="stable") if not e[i]][:k]
+        rel = r & ~e
+        gains = [1.0 / np.log2(p + 2) for p, i in enumerate(order) if rel[i]]
+        ideal = sum(1.0 / np.log2(p + 2) for p in range(min(k, rel.sum())))
+        nd.append(sum(gains) / ideal if ideal else 0.0)
+        rc.append(len(gains) / rel.sum() if rel.sum() else 0.0)
+        ht.append(float(len(gains) > 0))
+    return np.array(nd), np.array(rc), np.array(ht)
+
+
+def test_ranking_metrics_match_reference():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(20, 30)).astype(np.float32)
+    relevant = rng.random((20, 30)) < 0.15
+    exclude = rng.random((20, 30)) < 0.2
+    relevant[0] = False  # a user without relevant items gets 0
+    nd, rc, ht = ref_ranking_metrics(scores, relevant, exclude, 5)
+    np.testing.assert_allclose(
+        metrics.ndcg_at_k(scores, relevant, 5, exclude=exclude), nd, rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(metrics.recall_at_k(scores, relevant, 5, exclude=exclude), rc, rtol=1e-5)
+    np.testing.assert_allclose(metrics.hit_at_k(scores, relevant, 5, exclude=exclude), ht)
+    # A perfect ranking has NDCG 1.
+    perfect = metrics.ndcg_at_k(relevant.astype(np.float32), relevant, 5)
+    assert np.allclose(np.asarray(perfect)[relevant.any(1)], 1.0)
+
+
+def brute_c_index(pred, target):
+    num = den = 0.0
+    for i in range(pred.size):
+        for j in range(pred.size):
+            if target[i] > target[j]:
+                den += 1
+                num += 1.0 if pred[i] > pred[j] else 0.5 if pred[i] == pred[j] else 0.0
+    return num / den
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), min_size=3, max_size=25))
+def test_c_index_equals_brute_force_with_ties(pairs):
+    pred = np.array([p for p, _ in pairs], float)
+    target = np.array([t for _, t in pairs], float)
+    if np.unique(target).size < 2:
+        assert metrics.c_index(pred, target) == 0.5
+        return
+    assert abs(metrics.c_index(pred, target) - brute_c_index(pred, target)) < 1e-9
+
+
+def test_correlations_and_bootstrap():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=200)
+    y = x + rng.normal(size=200)
+    assert abs(metrics.kendall_tau(x, y) - stats.kendalltau(x, y).statistic) < 1e-12
+    assert abs(metrics.spearman(x, y) - stats.spearmanr(x, y).statistic) < 1e-12
+    v, lo, hi = metrics.bootstrap_ci(metrics.kendall_tau, x, y, n_boot=200)
+    assert lo < v < hi and lo > 0.2
+    with pytest.raises(ValueError, match="equal length"):
+        metrics.kendall_tau(x, y[:5])
+    with pytest.raises(ValueError, match="finite"):
+        metrics.spearman(np.r_[x[:-1], np.nan], y)
+    with pytest.raises(ValueError, match="k must"):
+        metrics.ndcg_at_k(np.zeros((2, 3)), np.zeros((2, 3), bool), 4)
+    with pytest.raises(ValueError, match="relevant"):
+        metrics.ndcg_at_k(np.zeros((2, 3)), np.zeros((2, 4), bool), 2)
+
+
+def test_evaluate_format_json_plot(tmp_path):
+    rng = np.random.default_rng(2)
+    perf = rng.random(150)
+    good = -perf + 0.3 * rng.normal(size=150)  # uncertainty anti-correlated with performance
+    res = evaluation.evaluate_estimators({"good": good, "noise": rng.normal(size=150)}, perf, n_boot=100)
+    g = res["estimators"]["good"]
+    assert g["kendall_tau"] > 0.3 and g["ci"][0] > 0 and g["ci"][0] <= g["kendall_tau"] <= g["ci"][1]
+    assert abs(g["kendall_tau"] - stats.kendalltau(-good, perf).statistic) < 1e-12
+    assert abs(g["c_index"] - brute_c_index(-good, perf)) < 1e-9
+    noise = res["estimators"]["noise"]
+    assert noise["ci"][0] < 0 < noise["ci"][1]
+    res2 = evaluation.evaluate_estimators({"good": good, "noise": -perf}, perf, n_boot=50, reference="good")
+    assert res2["estimators"]["noise"]["tau_diff"] > 0
+    text = evaluation.format_table(res2, title="t")
+    assert "good" in text and "Kendall" in text
+    path = evaluation.write_json(res, tmp_path / "r.json", config={"a": 1})
+    loaded = json.loads(path.read_text())
+    assert set(loaded["estimators"]["good"]) >= {"kendall_tau", "ci", "spearman", "c_index"}
+    assert loaded["config"] == {"a": 1}
+    png = evaluation.plot_binned({"good": good}, perf, tmp_path / "p.png", n_bins=5)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="NaN"):
+        evaluation.evaluate_estimators({"bad": np.r_[good[:-1], np.nan]}, perf)
+    with pytest.raises(ValueError, match="shape"):
+        evaluation.evaluate_estimators({"bad": good[:10]}, perf)
