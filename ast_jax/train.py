@@ -53,7 +53,16 @@ from ast_jax.slorb import slorb_init_tree
 from ast_jax.sparsify import apply_masks, compute_masks, is_strict_nm
 from ast_jax.step import TrainState, evaluate_perplexity, init_train_state, make_train_step
 
-__all__ = ["RunResult", "TrainConfig", "TrainingDivergedError", "main", "parse_args", "run"]
+__all__ = [
+    "RunResult",
+    "TrainConfig",
+    "TrainingDivergedError",
+    "checkpoint_tree",
+    "main",
+    "parse_args",
+    "run",
+    "state_from_checkpoint_tree",
+]
 
 _log = logging.getLogger("ast_jax.train")
 
@@ -211,8 +220,12 @@ def _student_tx(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def _to_saveable(state: TrainState) -> dict[str, Any]:
-    # Orbax stores plain arrays; a typed PRNG key is saved as its raw uint32 key data.
+def checkpoint_tree(state: TrainState) -> dict[str, Any]:
+    """The pytree a checkpoint stores: ``{"params", "opt_state", "step", "rng", "data_position"}``.
+
+    ``rng`` is the raw ``uint32`` key data of the typed PRNG key (orbax stores plain arrays). Use
+    ``jax.eval_shape(checkpoint_tree, state)`` to build a restore target.
+    """
     return {
         "params": state.params,
         "opt_state": state.opt_state,
@@ -222,7 +235,8 @@ def _to_saveable(state: TrainState) -> dict[str, Any]:
     }
 
 
-def _from_saveable(tree: dict[str, Any]) -> TrainState:
+def state_from_checkpoint_tree(tree: dict[str, Any]) -> TrainState:
+    """Inverse of :func:`checkpoint_tree`."""
     return TrainState(
         params=tree["params"],
         opt_state=tree["opt_state"],
@@ -417,7 +431,7 @@ def _run(cfg: TrainConfig, devices: Sequence[Any] | None, signals: _SignalCatche
     resumed_from = None
     skipped: list[str] = []
     if store is not None:
-        shapes = jax.eval_shape(_to_saveable, state)
+        shapes = jax.eval_shape(checkpoint_tree, state)
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             shapes,
@@ -426,7 +440,7 @@ def _run(cfg: TrainConfig, devices: Sequence[Any] | None, signals: _SignalCatche
         found = store.restore_latest(target)
         if found is not None:
             _check_resume_config(found.meta.get("config", {}), cfg)
-            state = _from_saveable(found.state)
+            state = state_from_checkpoint_tree(found.state)
             resumed_from = found.step
             skipped = found.skipped
             for msg in skipped:
@@ -448,7 +462,7 @@ def _run(cfg: TrainConfig, devices: Sequence[Any] | None, signals: _SignalCatche
     def save(done: int, st: TrainState) -> None:
         if store is not None:
             meta = {"step": done, "data_position": position, "config": config_meta}
-            store.save(done, _to_saveable(st), meta)
+            store.save(done, checkpoint_tree(st), meta)
 
     def check(done: int, metrics: dict[str, Any]) -> float:
         loss = float(metrics["loss"])
