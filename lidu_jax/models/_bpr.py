@@ -34,7 +34,7 @@ def bpr_pair_loss(pos: jax.Array, neg: jax.Array, weights: jax.Array) -> jax.Arr
 
 
 def make_negative_sampler(
-    train_users: np.ndarray, train_items: np.ndarray, n_users: int, n_items: int, resample_rounds: int = 2
+    train_users: np.ndarray, train_items: np.ndarray, n_users: int, n_items: int, resample_rounds: int = 1
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """Uniform negatives ``j ~ U{0..n_items-1}``, redrawn up to ``resample_rounds`` times where (u, j) is a
     training pair (checked by binary search in the sorted pair codes ``u * n_items + j``).
@@ -51,13 +51,13 @@ def make_negative_sampler(
         return codes[idx] == q
 
     def sample(key: jax.Array, users: jax.Array) -> jax.Array:
-        keys = jax.random.split(key, resample_rounds + 1)
-        neg = jax.random.randint(keys[0], users.shape, 0, n_items, jnp.int32)
+        # One draw of all candidate rounds at once (one RNG kernel to compile instead of one per round).
+        draws = jax.random.randint(key, (resample_rounds + 1, *users.shape), 0, n_items, jnp.int32)
+        neg = draws[0]
         if codes is None:
             return neg
         for r in range(resample_rounds):
-            fresh = jax.random.randint(keys[r + 1], users.shape, 0, n_items, jnp.int32)
-            neg = jnp.where(is_pos(users, neg), fresh, neg)
+            neg = jnp.where(is_pos(users, neg), draws[r + 1], neg)
         return neg
 
     return sample

@@ -4,7 +4,7 @@ Two branches share nothing but the output layer:
 
     GMF:  g_ui = p_u * q_i                                   (elementwise, dim d)
     MLP:  h_ui = MLP([p'_u ; q'_i])  with ReLU and dropout   (hidden sizes ``hidden``)
-    s_ui = <w_g, g_ui> + <w_m, h_ui> + b
+    s_ui = <w_g, g_ui> + <w_m, h_ui> + b + b_i        (b_i: item bias, learns popularity fast)
 
 The first MLP layer is split into a user part and an item part, ``W [p'; q'] = W_u p' + W_i q'``, so scoring
 the full catalogue for one user costs one ``(n_items, h)`` activation, never a ``(n_items, 2d)`` concat;
@@ -66,6 +66,7 @@ class NeuMF(nn.Module):
         self.q_gmf = self.param("q_gmf", init, (self.n_items, self.dim))
         self.p_mlp = self.param("p_mlp", init, (self.n_users, self.dim))
         self.q_mlp = self.param("q_mlp", init, (self.n_items, self.dim))
+        self.item_bias = self.param("item_bias", nn.initializers.zeros, (self.n_items,))
         self.first_u = nn.Dense(self.hidden[0], name="first_user")
         self.first_i = nn.Dense(self.hidden[0], use_bias=False, name="first_item")
         self.deep = [nn.Dense(h, name=f"hidden_{k + 1}") for k, h in enumerate(self.hidden[1:])]
@@ -82,12 +83,12 @@ class NeuMF(nn.Module):
     def __call__(self, users: jax.Array, items: jax.Array, deterministic: bool = True) -> jax.Array:
         gmf = self.w_gmf(self.p_gmf[users][:, None, :] * self.q_gmf[items])[..., 0]
         h = self.first_u(self.p_mlp[users])[:, None, :] + self.first_i(self.q_mlp[items])
-        return gmf + self._tower(h, deterministic)
+        return gmf + self._tower(h, deterministic) + self.item_bias[items]
 
     def all_items(self, user: jax.Array, deterministic: bool = True) -> jax.Array:
         gmf = self.w_gmf(self.p_gmf[user][None, :] * self.q_gmf)[..., 0]
         h = self.first_u(self.p_mlp[user])[None, :] + self.first_i(self.q_mlp)
-        return gmf + self._tower(h, deterministic)
+        return gmf + self._tower(h, deterministic) + self.item_bias
 
     def embeddings(self, users: jax.Array, items: jax.Array) -> jax.Array:
         """Squared L2 norm of the embeddings of ``users (B,)`` and ``items (B, N)`` (for weight decay)."""

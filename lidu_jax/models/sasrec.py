@@ -3,13 +3,13 @@
 A user's training history ``(i_1, ..., i_n)`` (last ``max_len`` items, left-padded with 0) is embedded as
 ``x_t = sqrt(d) E[i_t] + P[t]`` and passed through pre-LayerNorm blocks of causal self-attention and a
 position-wise ReLU MLP (dropout after each). The output ``h_t`` predicts the next item with
-``s_t(j) = <h_t, E[j]>`` (shared item embeddings). Training: at every position t, binary cross-entropy on
+``s_t(j) = <h_t, E[j]> + b_j`` (shared item embeddings, item bias ``b_j``). Training: at every position t, binary cross-entropy on
 the true next item ``i_{t+1}`` against one uniformly sampled negative ``j``,
 
     L = -sum_t w_t [log sigma(s_t(i_{t+1})) + log(1 - sigma(s_t(j)))] / #positions,
 
 where ``w_t`` is the weight of the training interaction ``(u, i_{t+1})`` (bootstrap multiplicity). Scoring:
-``score(u, j) = <h_n, E[j]>`` from the user's full training history; with a key, dropout stays on
+``score(u, j) = <h_n, E[j]> + b_j`` from the user's full training history; with a key, dropout stays on
 (MC dropout).
 """
 
@@ -54,7 +54,7 @@ class SASRecConfig:
 
 class SASRec(nn.Module):
     """``__call__(seq (B, L) int, deterministic) -> (B, L, dim)`` hidden states (item ids shifted by +1,
-    0 = padding); ``item_table()`` -> ``(n_items, dim)`` output embeddings (padding row dropped)."""
+    0 = padding); ``item_table()`` -> ``(n_items, dim)`` output embeddings (padding row dropped) and ``(n_items,)`` biases."""
 
     n_items: int
     max_len: int
@@ -77,6 +77,7 @@ class SASRec(nn.Module):
         self.ffn_in = [nn.Dense(self.dim, name=f"ffn_in_{b}") for b in range(self.n_blocks)]
         self.ffn_out = [nn.Dense(self.dim, name=f"ffn_out_{b}") for b in range(self.n_blocks)]
         self.ln_final = nn.LayerNorm()
+        self.item_bias = self.param("item_bias", nn.initializers.zeros, (self.n_items,))
         self.drop = nn.Dropout(self.dropout)
 
     def __call__(self, seq: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -95,8 +96,8 @@ class SASRec(nn.Module):
             x = (x + self.drop(h, deterministic=deterministic)) * real
         return self.ln_final(x)
 
-    def item_table(self) -> jax.Array:
-        return self.item_emb.embedding[1:]
+    def item_table(self) -> tuple[jax.Array, jax.Array]:
+        return self.item_emb.embedding[1:], self.item_bias
 
 
 def _sequence_arrays(split: InteractionSplit, max_len: int) -> tuple[np.ndarray, ...]:
@@ -166,9 +167,9 @@ def make_sasrec(split: InteractionSplit, config: SASRecConfig = SASRecConfig()) 
 
     def batch_loss(params, seq, tgt, neg, w, key):
         h = module.apply(params, seq, deterministic=False, rngs={"dropout": key})
-        table = module.apply(params, method=SASRec.item_table)
-        s_pos = jnp.sum(h * table[tgt - 1], -1)
-        s_neg = jnp.sum(h * table[neg], -1)
+        table, bias = module.apply(params, method=SASRec.item_table)
+        s_pos = jnp.sum(h * table[tgt - 1], -1) + bias[tgt - 1]
+        s_neg = jnp.sum(h * table[neg], -1) + bias[neg]
         nll = -(jax.nn.log_sigmoid(s_pos) + jax.nn.log_sigmoid(-s_neg))
         return jnp.sum(w * nll) / jnp.maximum(jnp.sum(tgt > 0), 1)
 
@@ -204,6 +205,7 @@ def make_sasrec(split: InteractionSplit, config: SASRecConfig = SASRecConfig()) 
             h = module.apply(params, seq)
         else:
             h = module.apply(params, seq, deterministic=False, rngs={"dropout": key})
-        return h[:, -1] @ module.apply(params, method=SASRec.item_table).T
+        table, bias = module.apply(params, method=SASRec.item_table)
+        return h[:, -1] @ table.T + bias
 
     return RecModel(init=init, train_epoch=train_epoch, params=params, score=score, name="sasrec")
