@@ -57,6 +57,7 @@ __all__ = [
     "RunResult",
     "TrainConfig",
     "TrainingDivergedError",
+    "build_model",
     "checkpoint_tree",
     "main",
     "parse_args",
@@ -189,7 +190,8 @@ class RunResult(NamedTuple):
 # Building blocks
 
 
-def _model(cfg: TrainConfig) -> GPT2:
+def build_model(cfg: TrainConfig) -> GPT2:
+    """The byte-level GPT-2-style model (teacher and student architecture) of a :class:`TrainConfig`."""
     return GPT2(
         GPT2Config(
             vocab_size=256,
@@ -385,7 +387,7 @@ def _run(cfg: TrainConfig, devices: Sequence[Any] | None, signals: _SignalCatche
         raise ValueError(
             f"text: only {len(data.train)} training tokens, need more than seq_len={cfg.seq_len}"
         )
-    model = _model(cfg)
+    model = build_model(cfg)
     bsh = shd.batch_sharding(mesh)
     rep = shd.replicated(mesh)
     _say(
