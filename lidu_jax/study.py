@@ -66,6 +66,7 @@ __all__ = [
 DATASETS = ("ml-100k", "lastfm", "beauty")
 MODELS = ("bpr", "lightgcn", "mlp", "sasrec")
 SOURCES = ("ensemble", "bootstrap", "snapshot", "mc_dropout", "bayesian")
+LIDU_VARIANT_FLAGS = ("exact", "unordered", "top3", "sequential", "pairwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,7 @@ class StudyConfig:
       n_samples: MC-dropout passes. dropout: dropout rate of the MC-dropout model.
       epochs: training epochs. dim, lr, batch_size: model overrides (0 = the model's default).
       k: list length K of LiDu, NDCG@K and Recall@K. grid_size: cells of the exact estimator.
+      lidu_variants: comma-separated subset of exact, unordered, top3, sequential, pairwise.
       max_eval_users: evaluate a seeded random subset of this many users (0 = all).
       chunk: users per scoring/estimation chunk.
       n_boot: bootstrap resamples over users.
@@ -111,6 +113,7 @@ class StudyConfig:
     batch_size: int = 0
     k: int = 10
     grid_size: int = 256
+    lidu_variants: str = "exact,unordered,top3,sequential,pairwise"
     max_eval_users: int = 0
     chunk: int = 256
     n_boot: int = 200
@@ -143,6 +146,9 @@ def _check(config: StudyConfig) -> None:
         raise ValueError(f"need epochs, k, chunk, n_boot >= 1 and grid_size >= 8, got {config}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+    bad = {v.strip() for v in config.lidu_variants.split(",")} - set(LIDU_VARIANT_FLAGS) - {""}
+    if bad:
+        raise ValueError(f"lidu_variants must be a subset of {LIDU_VARIANT_FLAGS}, got {sorted(bad)}")
 
 
 # ------------------------------------------------------------------------------------------ data, models
@@ -277,10 +283,15 @@ def _chunk_estimates(
     out: dict[str, np.ndarray] = {}
     val, rankings = lidu(mean, std, k, **kw)
     out["LiDu"] = np.asarray(val)
-    out["LiDu unordered set"] = np.asarray(lidu(mean, std, k, ordered=False, **kw)[0])
-    out["LiDu top-3"] = np.asarray(lidu(mean, std, min(3, k), **kw)[0])
-    out["LiDu sequential approx."] = np.asarray(lidu(mean, std, k, method="sequential", **kw)[0])
-    out["LiDu pairwise approx."] = np.asarray(lidu(mean, std, k, method="pairwise", **kw)[0])
+    variants = {v.strip() for v in config.lidu_variants.split(",")}
+    if "unordered" in variants:
+        out["LiDu unordered set"] = np.asarray(lidu(mean, std, k, ordered=False, **kw)[0])
+    if "top3" in variants:
+        out["LiDu top-3"] = np.asarray(lidu(mean, std, min(3, k), **kw)[0])
+    if "sequential" in variants:
+        out["LiDu sequential approx."] = np.asarray(lidu(mean, std, k, method="sequential", **kw)[0])
+    if "pairwise" in variants:
+        out["LiDu pairwise approx."] = np.asarray(lidu(mean, std, k, method="pairwise", **kw)[0])
     out.update(
         baselines.all_baselines(
             mean,
