@@ -105,8 +105,9 @@ def sparsegpt_prune(
     * ``q_j = w_j ⊙ mask_j``; ``e_j = (w_j − q_j) / U_jj``; every later row ``k > j`` gets
       ``w_k ← w_k − U_jk · e_j`` (the optimal compensation for removing row ``j``'s pruned weights).
 
-    Rows are processed in blocks of ``blocksize``: inside a block the updates are applied row by row, to the
-    rest of the kernel once per block ("lazy batch updates", one matmul). Features that never fire
+    Rows are processed in blocks of ``blocksize`` ("lazy batch updates"): inside a group the updates are
+    applied row by row to the group, to the rest of the block once per group (a rank-m matmul) and to the
+    rest of the kernel once per block (one matmul). Features that never fire
     (``H_jj = 0``) are pruned to zero. All output columns are processed at once. Returns ``(ŵ, mask)``, ``ŵ``
     in ``w.dtype`` with exactly zero pruned entries.
     """
@@ -119,68 +120,76 @@ def sparsegpt_prune(
         raise ValueError(f"blocksize={blocksize} must be a positive multiple of m={m}")
     blocksize = min(blocksize, -(-d_in // m) * m)
 
-    # Work on Wᵀ (out, in) so that a "column" of the SparseGPT paper is a column here too.
-    wt = jnp.asarray(w, jnp.float32).T
+    # Rows of the Flax kernel (in, out) are the "columns" of the SparseGPT paper; each row is contiguous.
+    wk = jnp.asarray(w, jnp.float32)
     h = jnp.asarray(hessian, jnp.float32)
-    diag = jnp.diagonal(h)
-    dead = diag == 0
+    dead = jnp.diagonal(h) == 0
     h = h + jnp.diag(dead.astype(jnp.float32))
-    wt = jnp.where(dead[None, :], 0.0, wt)
+    wk = jnp.where(dead[:, None], 0.0, wk)
     h = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(d_in, dtype=jnp.float32)
 
     # Pad the input axis to whole blocks: zero weights and an identity Hessian there, so padding neither
     # receives nor sends compensation.
     d_pad = -(-d_in // blocksize) * blocksize
     if d_pad != d_in:
-        wt = jnp.pad(wt, ((0, 0), (0, d_pad - d_in)))
+        wk = jnp.pad(wk, ((0, d_pad - d_in), (0, 0)))
         h = jnp.pad(h, ((0, d_pad - d_in), (0, d_pad - d_in)))
         h = h + jnp.diag((jnp.arange(d_pad) >= d_in).astype(jnp.float32))
 
-    chol = jnp.linalg.cholesky(h)
-    h_inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(d_pad, dtype=jnp.float32))
-    # Upper factor U of H⁻¹ = UᵀU; exact zeros below the diagonal (the lazy update relies on that).
-    u = jnp.triu(jnp.linalg.cholesky(h_inv).T)
+    # Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) without forming H⁻¹: with J the index reversal,
+    # H = R Rᵀ where R = J·chol(J H J)·J is upper triangular, so H⁻¹ = R⁻ᵀR⁻¹ and U = R⁻¹ (one Cholesky and
+    # one triangular inverse instead of two Cholesky factorisations and a full inverse).
+    r = jnp.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+    u = jax.scipy.linalg.solve_triangular(r, jnp.eye(d_pad, dtype=jnp.float32), lower=False)
+    u = jnp.triu(u)  # exact zeros below the diagonal (the batched updates rely on that)
+
+    mm = functools.partial(jnp.matmul, precision=_HIGHEST)
 
     def block_step(b: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        wt, keep_all = carry
+        wk, keep_all = carry
         i1 = b * blocksize
-        w1 = jax.lax.dynamic_slice(wt, (0, i1), (d_out, blocksize))
+        w1 = jax.lax.dynamic_slice(wk, (i1, 0), (blocksize, d_out))
         u1 = jax.lax.dynamic_slice(u, (i1, i1), (blocksize, blocksize))
-        u1_diag = jnp.diagonal(u1)
 
         def group_step(g: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-            w1, q1, err1, keep1 = carry
-            c0 = g * m
-            wg = jax.lax.dynamic_slice(w1, (0, c0), (d_out, m))
-            dg = jax.lax.dynamic_slice(u1_diag, (c0,), (m,))
-            keep = nm_mask(wg, n, m, axis=1, scores=(wg / dg[None, :]) ** 2)  # (out, m)
-            keep1 = jax.lax.dynamic_update_slice(keep1, keep, (0, c0))
-            for j in range(m):  # m is 4 or 8: unrolled
-                col = c0 + j
-                wj = jax.lax.dynamic_index_in_dim(w1, col, axis=1, keepdims=False)
-                qj = jnp.where(keep[:, j], wj, 0.0)
-                urow = jax.lax.dynamic_index_in_dim(u1, col, axis=0, keepdims=False)  # zeros before col
-                ej = (wj - qj) / urow[col]
-                w1 = w1 - ej[:, None] * urow[None, :]
-                q1 = jax.lax.dynamic_update_index_in_dim(q1, qj, col, axis=1)
-                err1 = jax.lax.dynamic_update_index_in_dim(err1, ej, col, axis=1)
-            return w1, q1, err1, keep1
+            w1, err1, keep1 = carry
+            r0 = g * m
+            wg = jax.lax.dynamic_slice(w1, (r0, 0), (m, d_out))
+            ug = jax.lax.dynamic_slice(u1, (r0, 0), (m, blocksize))  # the group's rows of U (block part)
+            ugg = jax.lax.dynamic_slice(ug, (0, r0), (m, m))  # upper triangular m x m
+            keep = nm_mask(wg, n, m, axis=0, scores=(wg / jnp.diagonal(ugg)[:, None]) ** 2)  # (m, out)
+            # The m rows of a group one after the other (m is 4 or 8: unrolled), updating only the group...
+            errs = []
+            for j in range(m):
+                qj = jnp.where(keep[j], wg[j], 0.0)
+                ej = (wg[j] - qj) / ugg[j, j]
+                wg = wg - ugg[j][:, None] * ej[None, :]  # rows >= j only (ugg is upper triangular)
+                wg = wg.at[j].set(qj)
+                errs.append(ej)
+            eg = jnp.stack(errs)  # (m, out)
+            # ...then the rest of the block in one rank-m update (rows above the group get zero: U is upper
+            # triangular); the group's own rows are then overwritten with their pruned values.
+            w1 = w1 - mm(ug.T, eg)
+            w1 = jax.lax.dynamic_update_slice(w1, wg, (r0, 0))
+            err1 = jax.lax.dynamic_update_slice(err1, eg, (r0, 0))
+            keep1 = jax.lax.dynamic_update_slice(keep1, keep, (r0, 0))
+            return w1, err1, keep1
 
-        zeros = jnp.zeros((d_out, blocksize), jnp.float32)
-        keep0 = jnp.zeros((d_out, blocksize), bool)
-        _, q1, err1, keep1 = jax.lax.fori_loop(0, blocksize // m, group_step, (w1, zeros, zeros, keep0))
-        # Lazy batch update: the rows of U for this block are zero left of the block, and the block itself is
-        # overwritten with q1 just after, so one matmul over the full width is exact.
+        zeros = jnp.zeros((blocksize, d_out), jnp.float32)
+        keep0 = jnp.zeros((blocksize, d_out), bool)
+        q1, err1, keep1 = jax.lax.fori_loop(0, blocksize // m, group_step, (w1, zeros, keep0))
+        # Lazy batch update of every later row at once: U's rows of this block are zero left of the block,
+        # and the block itself is overwritten with q1 just after, so one matmul over the full height is exact.
         u_rows = jax.lax.dynamic_slice(u, (i1, 0), (blocksize, d_pad))
-        wt = wt - jnp.matmul(err1, u_rows, precision=_HIGHEST)
-        wt = jax.lax.dynamic_update_slice(wt, q1, (0, i1))
-        keep_all = jax.lax.dynamic_update_slice(keep_all, keep1, (0, i1))
-        return wt, keep_all
+        wk = wk - mm(u_rows.T, err1)
+        wk = jax.lax.dynamic_update_slice(wk, q1, (i1, 0))
+        keep_all = jax.lax.dynamic_update_slice(keep_all, keep1, (i1, 0))
+        return wk, keep_all
 
-    keep_all = jnp.zeros((d_out, d_pad), bool)
-    wt, keep_all = jax.lax.fori_loop(0, d_pad // blocksize, block_step, (wt, keep_all))
-    mask = keep_all[:, :d_in].T
-    return jnp.where(mask, wt[:, :d_in].T, 0.0).astype(w.dtype), mask
+    keep_all = jnp.zeros((d_pad, d_out), bool)
+    wk, keep_all = jax.lax.fori_loop(0, d_pad // blocksize, block_step, (wk, keep_all))
+    mask = keep_all[:d_in]
+    return jnp.where(mask, wk[:d_in], 0.0).astype(w.dtype), mask
 
 
 def reconstruction_error(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> jax.Array:
