@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -320,7 +321,98 @@ def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
         )
 
 
-def _train_teacher(cfg, model, mesh, tokens, params, psh, bsh, teacher_store, signals) -> tuple[Any, Any]:
+def _teacher_tx(cfg: TrainConfig) -> optax.GradientTransformation:
+    warmup = min(20, cfg.teacher_steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.teacher_lr, warmup, cfg.teacher_steps, cfg.teacher_lr / 10
+    )
+    return optax.adamw(schedule, weight_decay=0.0)
+
+
+# Settings that never reach a compiled program: runs differing only in these share compilations.
+_NOT_COMPILED = (
+    "mesh", "coordinator_address", "num_processes", "process_id", "text", "max_bytes", "checkpoint_dir",
+    "save_every", "keep", "log_every", "eval_windows", "export_dir", "export_bits", "json",
+)  # fmt: skip
+
+
+class _Programs(NamedTuple):
+    """The jitted functions of one run, with their shardings (cached per settings and mesh)."""
+
+    model: GPT2
+    psh: Any  # NamedSharding pytree of the model params (teacher and student)
+    ssh: Any  # NamedSharding pytree of the student TrainState
+    bsh: Any  # NamedSharding of a batch
+    init: Any  # key -> params
+    make_state: Any  # teacher params -> student TrainState
+    step: Any  # (state, batch, teacher params) -> (state, metrics)
+    teacher_state: Any  # params -> teacher TrainState (None without teacher training)
+    teacher_step: Any  # (state, batch) -> (state, metrics)
+    teacher_params: Any  # teacher TrainState -> params
+
+
+def _programs(cfg: TrainConfig, mesh: Any) -> _Programs:
+    """Jitted programs for ``cfg`` on ``mesh``; calling :func:`run` again in the same process with settings
+    that differ only in :data:`_NOT_COMPILED` fields (e.g. to resume) reuses them without recompiling."""
+    key = dataclasses.replace(cfg, **{f: TrainConfig.__dataclass_fields__[f].default for f in _NOT_COMPILED})
+    return _build_programs(key, mesh)
+
+
+@functools.lru_cache(maxsize=4)
+def _build_programs(cfg: TrainConfig, mesh: Any) -> _Programs:
+    model = build_model(cfg)
+    rule = functools.partial(shd.param_shardings, mesh=mesh, min_shard_size=cfg.min_shard_size)
+    bsh = shd.batch_sharding(mesh)
+    rep = shd.replicated(mesh)
+    dummy = jnp.zeros((1, cfg.seq_len), jnp.int32)
+    init_fn = lambda key: model.init(key, dummy)["params"]
+    psh = rule(jax.eval_shape(init_fn, jax.random.key(0)))
+
+    tx = _student_tx(cfg)
+
+    def make_state(teacher_params: Any) -> TrainState:
+        slorb = None
+        if cfg.slorb_k:
+            masks = compute_masks(teacher_params, cfg.n, cfg.m)
+            slorb = slorb_init_tree(teacher_params, masks, cfg.slorb_k)
+        return init_train_state(teacher_params, tx, slorb_params=slorb, seed=cfg.seed)
+
+    ssh = rule(jax.eval_shape(make_state, jax.eval_shape(init_fn, jax.random.key(0))))
+    loss_cfg = LossConfig(w_kl=cfg.w_kl, w_ce=cfg.w_ce, temperature=cfg.temperature)
+    step = jax.jit(
+        make_train_step(model, None, tx, loss_cfg),
+        in_shardings=(ssh, bsh, psh),
+        out_shardings=(ssh, rep),
+        donate_argnums=0,
+    )
+    teacher_state = teacher_step = teacher_params = None
+    if cfg.teacher_steps:
+        ttx = _teacher_tx(cfg)
+        t_state = lambda p: init_train_state(p, ttx, seed=cfg.seed)
+        tsh = rule(jax.eval_shape(t_state, jax.eval_shape(init_fn, jax.random.key(0))))
+        teacher_state = jax.jit(t_state, in_shardings=(psh,), out_shardings=tsh)
+        teacher_step = jax.jit(
+            make_train_step(model, None, ttx, LossConfig(w_kl=0.0, w_ce=1.0)),
+            in_shardings=(tsh, bsh),
+            out_shardings=(tsh, rep),
+            donate_argnums=0,
+        )
+        teacher_params = jax.jit(lambda st: st.params["model"], in_shardings=(tsh,), out_shardings=psh)
+    return _Programs(
+        model=model,
+        psh=psh,
+        ssh=ssh,
+        bsh=bsh,
+        init=jax.jit(init_fn, out_shardings=psh),
+        make_state=jax.jit(make_state, in_shardings=(psh,), out_shardings=ssh),
+        step=step,
+        teacher_state=teacher_state,
+        teacher_step=teacher_step,
+        teacher_params=teacher_params,
+    )
+
+
+def _train_teacher(cfg, progs: _Programs, tokens, params, teacher_store, signals) -> tuple[Any, Any]:
     """Dense CE pretraining of the teacher (or restore it from ``teacher_store``) -> ``(params, loss)``.
 
     ``params`` is ``None`` when a signal stopped the teacher phase (it is not checkpointed part-way).
@@ -332,31 +424,18 @@ def _train_teacher(cfg, model, mesh, tokens, params, psh, bsh, teacher_store, si
             return found.state, found.meta.get("final_loss")
     if cfg.teacher_steps == 0:
         return params, None
-    warmup = min(20, cfg.teacher_steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.teacher_lr, warmup, cfg.teacher_steps, cfg.teacher_lr / 10
-    )
-    tx = optax.adamw(schedule, weight_decay=0.0)
-    make_state = lambda p: init_train_state(p, tx, seed=cfg.seed)
-    ssh = shd.param_shardings(jax.eval_shape(make_state, params), mesh, min_shard_size=cfg.min_shard_size)
-    state = jax.jit(make_state, out_shardings=ssh)(params)
-    step = jax.jit(
-        make_train_step(model, None, tx, LossConfig(w_kl=0.0, w_ce=1.0)),
-        in_shardings=(ssh, bsh),
-        out_shardings=(ssh, shd.replicated(mesh)),
-        donate_argnums=0,
-    )
+    state = progs.teacher_state(params)
     loss = float("nan")
     for i in range(cfg.teacher_steps):
         if _any_process(signals.received is not None):
             return None, None
-        state, metrics = step(state, _global_batch(tokens, i, cfg, 7919, bsh))
+        state, metrics = progs.teacher_step(state, _global_batch(tokens, i, cfg, 7919, progs.bsh))
         if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.teacher_steps:
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
                 raise TrainingDivergedError(f"teacher loss is {loss} at step {i + 1}; lower --teacher-lr")
             _say(f"teacher step {i + 1}/{cfg.teacher_steps} loss {loss:.4f}")
-    teacher = jax.jit(lambda s: s.params["model"], out_shardings=psh)(state)
+    teacher = progs.teacher_params(state)
     if teacher_store is not None:
         teacher_store.save(cfg.teacher_steps, teacher, {"final_loss": loss})
     return teacher, loss
@@ -387,9 +466,8 @@ def _run(cfg: TrainConfig, devices: Sequence[Any] | None, signals: _SignalCatche
         raise ValueError(
             f"text: only {len(data.train)} training tokens, need more than seq_len={cfg.seq_len}"
         )
-    model = build_model(cfg)
-    bsh = shd.batch_sharding(mesh)
-    rep = shd.replicated(mesh)
+    progs = _programs(cfg, mesh)
+    model, bsh = progs.model, progs.bsh
     _say(
         f"ast_jax.train: {jax.process_count()} process(es), mesh {dict(mesh.shape)} on "
         f"{mesh.devices.size} {jax.devices()[0].platform} device(s), corpus {data.source} "
@@ -397,17 +475,11 @@ def _run(cfg: TrainConfig, devices: Sequence[Any] | None, signals: _SignalCatche
     )
 
     # -- teacher (dense), sharded like any params tree ---------------------------------------------------
-    dummy = jnp.zeros((1, cfg.seq_len), jnp.int32)
-    init_fn = lambda key: model.init(key, dummy)["params"]
-    abstract_params = jax.eval_shape(init_fn, jax.random.key(cfg.seed))
-    psh = shd.param_shardings(abstract_params, mesh, min_shard_size=cfg.min_shard_size)
-    params0 = jax.jit(init_fn, out_shardings=psh)(jax.random.key(cfg.seed))
+    params0 = progs.init(jax.random.key(cfg.seed))
     ckdir = None if cfg.checkpoint_dir is None else Path(cfg.checkpoint_dir)
     teacher_store = None if ckdir is None else CheckpointStore(ckdir / "teacher", keep=1)
     t0 = time.perf_counter()
-    teacher, teacher_loss = _train_teacher(
-        cfg, model, mesh, data.train, params0, psh, bsh, teacher_store, signals
-    )
+    teacher, teacher_loss = _train_teacher(cfg, progs, data.train, params0, teacher_store, signals)
     teacher_seconds = time.perf_counter() - t0
     if teacher is None:
         _say(f"received {signals.received} during teacher training: stopping (the teacher is not saved)")
@@ -416,21 +488,10 @@ def _run(cfg: TrainConfig, devices: Sequence[Any] | None, signals: _SignalCatche
         return RunResult(None, 0, [], None, signals.received, {"stopped_by": signals.received})
 
     # -- student state: starts from the teacher's weights ---------------------------------------------------
-    tx = _student_tx(cfg)
-
-    def make_state(teacher_params: Any) -> TrainState:
-        slorb = None
-        if cfg.slorb_k:
-            masks = compute_masks(teacher_params, cfg.n, cfg.m)
-            slorb = slorb_init_tree(teacher_params, masks, cfg.slorb_k)
-        return init_train_state(teacher_params, tx, slorb_params=slorb, seed=cfg.seed)
-
-    abstract_state = jax.eval_shape(make_state, teacher)
-    ssh = shd.param_shardings(abstract_state, mesh, min_shard_size=cfg.min_shard_size)
-    state = jax.jit(make_state, out_shardings=ssh)(teacher)
-
+    state = progs.make_state(teacher)
     store = None if ckdir is None else CheckpointStore(ckdir, keep=cfg.keep)
     resumed_from = None
+    found = None
     skipped: list[str] = []
     if store is not None:
         shapes = jax.eval_shape(checkpoint_tree, state)
@@ -449,15 +510,9 @@ def _run(cfg: TrainConfig, devices: Sequence[Any] | None, signals: _SignalCatche
                 _say(f"WARNING: skipped bad checkpoint: {msg}")
             _say(f"resuming from checkpoint step {found.step} (data position {found.meta['data_position']})")
     start = resumed_from or 0
-    position = int(_to_host(state.data_position))
-
-    loss_cfg = LossConfig(w_kl=cfg.w_kl, w_ce=cfg.w_ce, temperature=cfg.temperature)
-    step_fn = jax.jit(
-        make_train_step(model, None, tx, loss_cfg),
-        in_shardings=(ssh, bsh, psh),
-        out_shardings=(ssh, rep),
-        donate_argnums=0,
-    )
+    # The data position is also inside the state (as an array); the JSON copy avoids a device round trip.
+    position = int(found.meta["data_position"]) if resumed_from is not None else 0
+    step_fn = progs.step
 
     config_meta = dataclasses.asdict(cfg)
 

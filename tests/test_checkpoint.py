@@ -1,8 +1,4 @@
-"""Fault tolerance: integrity-checked orbax checkpoints, SIGKILL/resume bitwise, SIGTERM save, NaN stop.
-
-Training runs happen in child processes with one virtual CPU device (``mesh data=1``) and a shared
-persistent compilation cache, so every run compiles the same program and results can be compared bit for bit.
-"""
+"""Fault tolerance: integrity-checked orbax checkpoints, SIGKILL/resume bitwise, SIGTERM save, NaN stop."""
 
 from __future__ import annotations
 
@@ -13,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _subproc import TINY_ARGS, jax_env, run_to_end, start, wait_for_line
+from _subproc import TINY_ARGS, jax_env, start, wait_for_line
 
 from ast_jax.checkpoint import INTEGRITY_FILE, CheckpointStore, abstract_like
 from ast_jax.optim import sparse_adamw
+from ast_jax.train import TrainingDivergedError, main, parse_args, run
 
 STEPS, SAVE_EVERY = 12, 3
 
@@ -129,7 +126,9 @@ def test_no_good_checkpoint_returns_none(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Whole training runs in child processes
+# Whole training runs. Runs that get killed are child processes (one virtual CPU device each); uninterrupted
+# and resumed runs happen in this process on its first device through ``ast_jax.train.run``, which reuses its
+# compiled step across calls. XLA compiles the same program for both, so the results are comparable bitwise.
 
 
 def _final_state(ckdir):
@@ -140,15 +139,20 @@ def _final_state(ckdir):
     return step, jax.device_get(state), meta
 
 
+def _run_here(args):
+    """``python -m ast_jax.train ARGS`` in this process, on its first device."""
+    return run(parse_args(args), devices=jax.devices()[:1])
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_text_file, jax_subprocess_cache):
-    """An uninterrupted run (also fills the compilation cache for the other runs)."""
+    """An uninterrupted run."""
     env = jax_env(1, jax_subprocess_cache)
     args = [*TINY_ARGS, "--mesh", "data=1", "--steps", str(STEPS), "--save-every", str(SAVE_EVERY),
             "--keep", "2", "--text", str(tiny_text_file)]  # fmt: skip
     ckdir = tmp_path_factory.mktemp("reference")
-    out = run_to_end([*args, "--checkpoint-dir", str(ckdir)], env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    result = _run_here([*args, "--checkpoint-dir", str(ckdir)])
+    assert result.step == STEPS and result.resumed_from is None
     step, state, meta = _final_state(ckdir)
     assert step == STEPS and meta["data_position"] == STEPS
     return {"args": args, "env": env, "dir": ckdir, "state": state}
@@ -166,11 +170,9 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(reference, tmp
         finally:
             proc.wait(timeout=60)
         assert proc.returncode == -signal.SIGKILL
-        complete = [d.name for d in ckdir.iterdir() if (d / INTEGRITY_FILE).is_file()]
-        resumed = run_to_end([*reference["args"], "--checkpoint-dir", str(ckdir)], reference["env"])
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        if complete:
-            assert "resuming from checkpoint step" in resumed.stdout, (k, resumed.stdout)
+        complete = sorted(int(d.name) for d in ckdir.iterdir() if (d / INTEGRITY_FILE).is_file())
+        resumed = _run_here([*reference["args"], "--checkpoint-dir", str(ckdir)])
+        assert resumed.resumed_from == (complete[-1] if complete else None), (k, complete)
         step, state, _ = _final_state(ckdir)
         assert step == STEPS
         _assert_bitwise(
@@ -178,7 +180,7 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(reference, tmp
         )  # params, optimizer state + masks, step, RNG, data position
 
 
-def test_corrupted_latest_checkpoint_falls_back_and_recomputes(reference, tmp_path):
+def test_corrupted_latest_checkpoint_falls_back_and_recomputes(reference, tmp_path, capsys):
     import shutil
 
     ckdir = tmp_path / "run"
@@ -187,10 +189,10 @@ def test_corrupted_latest_checkpoint_falls_back_and_recomputes(reference, tmp_pa
     raw = bytearray(f.read_bytes())
     raw[-1] ^= 0xFF
     f.write_bytes(bytes(raw))
-    out = run_to_end([*reference["args"], "--checkpoint-dir", str(ckdir)], reference["env"])
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"skipped bad checkpoint: step {STEPS}" in out.stdout
-    assert f"resuming from checkpoint step {STEPS - SAVE_EVERY}" in out.stdout
+    resumed = _run_here([*reference["args"], "--checkpoint-dir", str(ckdir)])
+    out = capsys.readouterr().out
+    assert f"skipped bad checkpoint: step {STEPS}" in out
+    assert resumed.resumed_from == STEPS - SAVE_EVERY and len(resumed.summary["skipped_checkpoints"]) == 1
     step, state, _ = _final_state(ckdir)
     assert step == STEPS
     _assert_bitwise(state, reference["state"])
@@ -215,20 +217,31 @@ def test_sigterm_saves_then_stops_and_resumes_exactly(reference, tmp_path):
     assert 2 <= saved < STEPS
     step, _, meta = _final_state(ckdir)
     assert step == saved and meta["data_position"] == saved
-    resumed = run_to_end(args, reference["env"])
-    assert resumed.returncode == 0 and f"resuming from checkpoint step {saved}" in resumed.stdout
+    resumed = _run_here(args)
+    assert resumed.resumed_from == saved
     _assert_bitwise(_final_state(ckdir)[1], reference["state"])
 
 
 def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(reference, tmp_path):
-    ckdir = tmp_path / "run"
     # lr 1e37: the first update blows the weights up to ~1e37, so the second forward pass overflows
-    args = [*reference["args"], "--checkpoint-dir", str(ckdir), "--save-every", "1", "--lr", "1e37",
-            "--warmup-steps", "0"]  # fmt: skip
-    out = run_to_end(args, reference["env"])
-    assert out.returncode == 3, (out.stdout, out.stderr[-2000:])
-    assert "non-finite loss" in out.stderr and "Last good checkpoint: step" in out.stderr
-    last_good = int(out.stderr.split("Last good checkpoint: step ")[1].split()[0])
+    nan_args = [*reference["args"], "--save-every", "1", "--lr", "1e37", "--warmup-steps", "0"]
+    ckdir = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError, match="non-finite loss") as info:
+        _run_here([*nan_args, "--checkpoint-dir", str(ckdir)])
+    last_good = int(str(info.value).split("Last good checkpoint: step ")[1].split()[0])
     step, state, _ = _final_state(ckdir)
     assert step == last_good >= 1
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+def test_cli_exit_statuses(monkeypatch, capsys):
+    import ast_jax.train as train
+
+    def diverge(cfg):
+        raise TrainingDivergedError("non-finite loss (nan) at step 3")
+
+    monkeypatch.setattr(train, "run", diverge)
+    assert main(["--steps", "5"]) == 3
+    assert "error: non-finite loss" in capsys.readouterr().err
+    assert main(["--steps", "0"]) == 2  # bad settings: ValueError before any work
+    assert "TrainConfig.steps must be >= 1" in capsys.readouterr().err
