@@ -3,8 +3,8 @@
 A user's training history ``(i_1, ..., i_n)`` (last ``max_len`` items, left-padded with 0) is embedded as
 ``x_t = sqrt(d) E[i_t] + P[t]`` and passed through pre-LayerNorm blocks of causal self-attention and a
 position-wise ReLU MLP (dropout after each). The output ``h_t`` predicts the next item with
-``s_t(j) = <h_t, E[j]> + b_j`` (shared item embeddings, item bias ``b_j``). Training: at every position t, binary cross-entropy on
-the true next item ``i_{t+1}`` against one uniformly sampled negative ``j``,
+``s_t(j) = <h_t, E[j]> + b_j`` (shared item embeddings, item bias ``b_j``). Training: at every position t,
+binary cross-entropy on the true next item ``i_{t+1}`` against one uniformly sampled negative ``j``,
 
     L = -sum_t w_t [log sigma(s_t(i_{t+1})) + log(1 - sigma(s_t(j)))] / #positions,
 
@@ -54,7 +54,8 @@ class SASRecConfig:
 
 class SASRec(nn.Module):
     """``__call__(seq (B, L) int, deterministic) -> (B, L, dim)`` hidden states (item ids shifted by +1,
-    0 = padding); ``item_table()`` -> ``(n_items, dim)`` output embeddings (padding row dropped) and ``(n_items,)`` biases."""
+    0 = padding); ``item_table()`` -> ``(n_items, dim)`` output embeddings (padding row dropped) and
+    ``(n_items,)`` item biases."""
 
     n_items: int
     max_len: int
