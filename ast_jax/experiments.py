@@ -286,9 +286,10 @@ def _gmp_masks(params: Any, masks: Any, keep: jax.Array, n: int, m: int) -> Any:
     def one(w: jax.Array, mk: Any) -> Any:
         if mk is None:
             return None
-        branches = [lambda w, k=k: nm_mask(w, k, m, axis=0) for k in range(n, m)]
-        branches.append(lambda w: jnp.ones(w.shape, bool))
-        return jax.lax.switch(keep - n, branches, w)
+        out = jnp.ones(w.shape, bool)  # keep == m: dense
+        for k in range(n, m):  # m - n candidate masks (1 or 2 for 2:4 / 1:4), selected by the traced keep
+            out = jnp.where(keep == k, nm_mask(w, k, m, axis=0), out)
+        return out
 
     return jax.tree_util.tree_map(one, params, masks, is_leaf=lambda x: x is None)
 
