@@ -420,7 +420,7 @@ def lidu(
         grid_size=grid_size,
         ordered=ordered,
         per_position=per_position,
-        pad_to=chunk_size,
+        pad_to=min(chunk_size, m.shape[0]),
         n_items=n,
     )
     return jnp.asarray(values).reshape(batch), jnp.asarray(ranks).reshape((*batch, k))

@@ -36,6 +36,45 @@ def _stats(pred: np.ndarray, perf: np.ndarray) -> tuple[float, float, float]:
     return tau, rho, float(c)
 
 
+_VECTORISED_MAX_USERS = 3000
+
+
+def _bootstrap_stats_vectorised(pred: np.ndarray, perf: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(tau_b, rho, C) on every bootstrap resample at once, from per-user draw counts ``(n_boot, U)``.
+
+    A resample holding user i ``c_i`` times has, over its ``N(N-1)/2`` pairs, ``S = 1/2 c^T (Sx*Sy) c`` with
+    ``Sx_ij = sign(x_i - x_j)``, and ``1/2 (c^T Tx c - N)`` pairs tied in x (``Tx_ij = [x_i == x_j]``), so
+    ``tau_b = S / sqrt((n0 - n1)(n0 - n2))``. Spearman's rho is the count-weighted Pearson correlation of the
+    mid-ranks ``r_i = sum_j c_j [x_j < x_i] + (sum_j c_j [x_j == x_i] + 1) / 2``. Matches `_stats` per
+    resample.
+    """
+    n_tot = counts.sum(1)
+    sx = np.sign(pred[:, None] - pred[None, :])
+    sy = np.sign(perf[:, None] - perf[None, :])
+    tx = (sx == 0).astype(np.float64)
+    ty = (sy == 0).astype(np.float64)
+    s = 0.5 * np.einsum("bi,ij,bj->b", counts, sx * sy, counts, optimize=True)
+    n0 = n_tot * (n_tot - 1) / 2
+    n1 = 0.5 * (np.einsum("bi,ij,bj->b", counts, tx, counts, optimize=True) - n_tot)
+    n2 = 0.5 * (np.einsum("bi,ij,bj->b", counts, ty, counts, optimize=True) - n_tot)
+    denom = np.sqrt(np.maximum(n0 - n1, 0) * np.maximum(n0 - n2, 0))
+    tau = np.where(denom > 0, s / np.where(denom > 0, denom, 1), 0.0)
+    c = np.where(
+        (n0 - n1 > 0) & (n0 - n2 > 0), 0.5 + 0.5 * tau * np.sqrt((n0 - n1) / np.maximum(n0 - n2, 1)), 0.5
+    )
+
+    def ranks(sgn, ties):
+        return counts @ (sgn > 0).T.astype(np.float64) + (counts @ ties.T + 1) / 2
+
+    rx, ry = ranks(sx, tx), ranks(sy, ty)
+    w = counts / n_tot[:, None]
+    mx, my = (w * rx).sum(1, keepdims=True), (w * ry).sum(1, keepdims=True)
+    cov = (w * (rx - mx) * (ry - my)).sum(1)
+    vx, vy = (w * (rx - mx) ** 2).sum(1), (w * (ry - my) ** 2).sum(1)
+    rho = np.where((vx > 0) & (vy > 0), cov / np.sqrt(np.maximum(vx * vy, 1e-300)), 0.0)
+    return np.stack([tau, rho, c], axis=1)
+
+
 def evaluate_estimators(
     uncertainties: Mapping[str, np.ndarray],
     performance: np.ndarray,
@@ -85,7 +124,11 @@ def evaluate_estimators(
 
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, perf.size, size=(n_boot, perf.size))
-    boot = {name: np.array([_stats(p[i], perf[i]) for i in idx]) for name, p in preds.items()}
+    if perf.size <= _VECTORISED_MAX_USERS:
+        counts = np.stack([np.bincount(i, minlength=perf.size) for i in idx]).astype(np.float64)
+        boot = {name: _bootstrap_stats_vectorised(p, perf, counts) for name, p in preds.items()}
+    else:
+        boot = {name: np.array([_stats(p[i], perf[i]) for i in idx]) for name, p in preds.items()}
     q = [(1 - level) / 2, 1 - (1 - level) / 2]
 
     def interval(v: np.ndarray) -> list[float]:

@@ -6,6 +6,7 @@ a snapshot ensemble is ``fit(model, keys[:1], ones[:1], epochs, snapshot_epochs=
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,21 @@ from tqdm.auto import tqdm
 from lidu_jax.models.base import RecModel
 
 PyTree = Any
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(model: RecModel):
+    """Jitted, vmapped init / train_epoch / params of a model, cached so repeated fits reuse compilations."""
+    return (
+        jax.jit(jax.vmap(model.init)),
+        jax.jit(jax.vmap(model.train_epoch)),
+        jax.jit(jax.vmap(model.params)),
+    )
+
+
+@jax.jit
+def _fold_all(keys: jax.Array, epoch: jax.Array) -> jax.Array:
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch)
 
 
 def fit(
@@ -32,7 +48,8 @@ def fit(
     """Train M independent copies of ``model`` with one jitted ``vmap(model.train_epoch)`` per epoch.
 
     Copy m is initialised with ``model.init(split(keys[m])[0])`` and epoch e (1-based) uses the key
-    ``fold_in(split(keys[m])[1], e)``, so the same keys give the same parameters.
+    ``fold_in(split(keys[m])[1], e)``, so the same keys give the same parameters (and, with threefry keys,
+    copy m equals a separate run from ``keys[m]``).
 
     Args:
       model: a `RecModel`.
@@ -61,16 +78,14 @@ def fit(
     if not bool(jnp.all(jnp.isfinite(weights))) or bool(jnp.any(weights < 0)):
         raise ValueError("weights must be finite and non-negative")
 
-    init_keys, run_keys = jax.vmap(lambda k: jax.random.split(k))(keys).swapaxes(0, 1)
-    state = jax.jit(jax.vmap(model.init))(init_keys)
-    step = jax.jit(jax.vmap(model.train_epoch))
-    get_params = jax.jit(jax.vmap(model.params))
-    fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+    init_keys, run_keys = jax.vmap(jax.random.split)(keys).swapaxes(0, 1)
+    init, step, get_params = _compiled(model)
+    state = init(init_keys)
 
     snapshots: dict[int, PyTree] = {}
     bar = tqdm(range(1, epochs + 1), desc=f"train {model.name} x{m}", disable=not progress, leave=False)
     for epoch in bar:
-        state, losses = step(state, fold(run_keys, epoch), weights)
+        state, losses = step(state, _fold_all(run_keys, jnp.asarray(epoch, jnp.uint32)), weights)
         if progress:
             bar.set_postfix(loss=f"{float(jnp.mean(losses)):.4f}")
         if epoch in snaps_wanted or callback is not None:

@@ -1,0 +1,227 @@
+"""Where per-item score distributions come from: generic sources over any `RecModel`.
+
+Every source ends in either score samples ``(n_samples, U, n_items)`` (ensemble members, bootstrap copies,
+dropout passes, snapshots, posterior draws) or Gaussian parameters ``(mean, std)`` each ``(U, n_items)``; the
+estimators in `lidu_jax.estimators` take either (``lidu`` / ``lidu_from_samples``).
+
+Sources:
+  - deep ensemble: M copies trained from different seeds at once (`jax.vmap` over PRNG keys);
+  - bootstrap: M copies trained on multinomially resampled interactions (`jax.vmap` over weights);
+  - snapshot ensemble: the parameters after the last epochs of one run;
+  - MC dropout: stochastic forward passes of one trained model (the model's ``score(params, users, key)``);
+  - Bayesian MF: the analytic Gaussian score posterior of `lidu_jax.models.mf.make_bayesian_mf`;
+  - bring-your-own: arrays from any other recommender (`from_arrays`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lidu_jax.estimators import lidu_chunked, sample_moments
+from lidu_jax.models.base import RecModel
+from lidu_jax.models.mf import bayesian_mf_moments
+from lidu_jax.training import bootstrap_weights, fit, flatten_snapshots, score_users
+
+PyTree = Any
+
+__all__ = [
+    "ScoreDistribution",
+    "bayesian_gaussian",
+    "bootstrap",
+    "deep_ensemble",
+    "from_arrays",
+    "lidu_from_model",
+    "mc_dropout_samples",
+    "sample_moments",
+    "snapshot_ensemble",
+    "stacked_samples",
+]
+
+
+class ScoreDistribution(NamedTuple):
+    """Per-item predictive score distributions for a set of users.
+
+    Attributes:
+      mean: ``(U, n_items)`` mean score (the point prediction used to rank).
+      std: ``(U, n_items)`` score std (> 0).
+      samples: ``(S, U, n_items)`` draws, or ``None`` for a purely Gaussian source.
+    """
+
+    mean: jax.Array
+    std: jax.Array
+    samples: jax.Array | None
+
+
+def _ones(m: int, n_train: int) -> jax.Array:
+    return jnp.ones((m, n_train), jnp.float32)
+
+
+def _keys(key: jax.Array, m: int) -> jax.Array:
+    if m < 1:
+        raise ValueError(f"the number of models must be >= 1, got {m}")
+    return jax.random.split(key, m)
+
+
+def deep_ensemble(
+    model: RecModel, key: jax.Array, m: int, n_train: int, epochs: int, *, progress: bool = True
+) -> PyTree:
+    """Parameters of ``m`` copies trained from seeds ``split(key, m)`` on all interactions: leading ``m``
+    axis."""
+    params, _ = fit(model, _keys(key, m), _ones(m, n_train), epochs, progress=progress)
+    return params
+
+
+def bootstrap(
+    model: RecModel, key: jax.Array, m: int, n_train: int, epochs: int, *, progress: bool = True
+) -> PyTree:
+    """``m`` copies, each trained on a multinomial resample of the ``n_train`` interactions (own seed too)."""
+    kw, kt = jax.random.split(key)
+    params, _ = fit(model, _keys(kt, m), bootstrap_weights(kw, m, n_train), epochs, progress=progress)
+    return params
+
+
+def snapshot_ensemble(
+    model: RecModel,
+    key: jax.Array,
+    n_train: int,
+    epochs: int,
+    n_snapshots: int,
+    *,
+    progress: bool = True,
+) -> PyTree:
+    """One run; the parameters after each of its last ``n_snapshots`` epochs, stacked on a leading axis."""
+    if not 1 <= n_snapshots <= epochs:
+        raise ValueError(f"n_snapshots must be in [1, epochs={epochs}], got {n_snapshots}")
+    snaps = tuple(range(epochs - n_snapshots + 1, epochs + 1))
+    _, stacked = fit(
+        model, _keys(key, 1), _ones(1, n_train), epochs, snapshot_epochs=snaps, progress=progress
+    )
+    return flatten_snapshots(stacked)
+
+
+def stacked_samples(
+    model: RecModel, stacked_params: PyTree, users: np.ndarray, *, chunk: int = 1024
+) -> jax.Array:
+    """``(M, U, n_items)`` deterministic scores of each stacked copy (ensemble, bootstrap, snapshots)."""
+    return score_users(model, stacked_params, users, chunk=chunk)
+
+
+def mc_dropout_samples(
+    model: RecModel,
+    params: PyTree,
+    users: np.ndarray,
+    n_samples: int,
+    key: jax.Array,
+    *,
+    chunk: int = 1024,
+) -> jax.Array:
+    """``(n_samples, U, n_items)`` scores from ``n_samples`` stochastic passes ``score(params, users,
+    key_s)``.
+
+    ``params`` is one model's parameters (no leading axis). The model must sample something given a key
+    (e.g. `make_bpr_mf` with ``dropout > 0``); otherwise all passes are identical and a ValueError is raised.
+    """
+    if n_samples < 2:
+        raise ValueError(f"n_samples must be >= 2, got {n_samples}")
+    users = np.asarray(users)
+    fn = jax.jit(jax.vmap(model.score, in_axes=(None, None, 0)))
+    out = []
+    for c, start in enumerate(range(0, users.shape[0], chunk)):
+        u = jnp.asarray(users[start : start + chunk], jnp.int32)
+        out.append(fn(params, u, jax.random.split(jax.random.fold_in(key, c), n_samples)))
+    samples = jnp.concatenate(out, axis=1)
+    if bool(jnp.all(samples[0] == samples[1])):
+        raise ValueError(f"model {model.name!r} gives identical scores for different keys (no dropout?)")
+    return samples
+
+
+def bayesian_gaussian(params: PyTree, users: np.ndarray, *, chunk: int = 1024, min_std: float = 1e-6):
+    """Analytic Gaussian score posterior of a Bayesian MF (one model): ``(mean, std)`` each ``(U,
+    n_items)``."""
+    users = np.asarray(users)
+    fn = jax.jit(bayesian_mf_moments)
+    parts = [
+        fn(params, jnp.asarray(users[s : s + chunk], jnp.int32)) for s in range(0, users.shape[0], chunk)
+    ]
+    mean = jnp.concatenate([p[0] for p in parts])
+    std = jnp.maximum(jnp.concatenate([p[1] for p in parts]), min_std)
+    return mean, std
+
+
+def from_arrays(
+    *,
+    mean: np.ndarray | None = None,
+    std: np.ndarray | None = None,
+    samples: np.ndarray | None = None,
+    min_std: float = 1e-6,
+) -> ScoreDistribution:
+    """Bring-your-own distributions: either ``samples (S, U, n)`` or both ``mean`` and ``std`` ``(U, n)``.
+
+    Validates shapes and values (finite; std > 0) and fills in the moments from samples.
+    """
+    if samples is not None:
+        s = jnp.asarray(samples, jnp.float32)
+        if s.ndim != 3 or s.shape[0] < 2:
+            raise ValueError(f"samples must be (S >= 2, U, n_items), got {s.shape}")
+        if not bool(jnp.all(jnp.isfinite(s))):
+            raise ValueError("samples contain NaN or inf")
+        m, sd = sample_moments(s, min_std)
+        return ScoreDistribution(m, sd, s)
+    if mean is None or std is None:
+        raise ValueError("give either samples, or both mean and std")
+    m, sd = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    if m.ndim != 2 or sd.shape != m.shape:
+        raise ValueError(f"mean and std must both be (U, n_items), got {m.shape} and {sd.shape}")
+    if not bool(jnp.all(jnp.isfinite(m))):
+        raise ValueError("mean contains NaN or inf")
+    if not bool(jnp.all(jnp.isfinite(sd))) or bool(jnp.any(sd <= 0)):
+        raise ValueError("std must be finite and > 0")
+    return ScoreDistribution(m, sd, None)
+
+
+def lidu_from_model(
+    model: RecModel,
+    stacked_params: PyTree,
+    users: np.ndarray,
+    k: int,
+    *,
+    exclude: Callable[[np.ndarray], np.ndarray] | None = None,
+    chunk: int = 1024,
+    min_std: float = 1e-6,
+    **lidu_kwargs: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """LiDu of every user from an ensemble-like stack of models, ``chunk`` users at a time.
+
+    Scores of the M copies are computed per chunk, reduced to per-item mean and std and passed to
+    `lidu_jax.estimators.lidu_chunked`, so memory stays at ``O(M * chunk * n_items)`` for any number of users.
+
+    Args:
+      model: the `RecModel`.
+      stacked_params: parameters with a leading ``M >= 2`` axis.
+      users: ``(U,)`` user ids.
+      k: list length.
+      exclude: ``exclude(user_ids (B,)) -> (B, n_items)`` bool of items to leave out (e.g. training items).
+      chunk: users per step.
+      **lidu_kwargs: forwarded to `lidu_chunked` (method, grid_size, ordered, per_position).
+
+    Returns:
+      ``(lidu (U,), rankings (U, k))`` NumPy arrays.
+    """
+    users = np.asarray(users)
+    m = jax.tree.leaves(stacked_params)[0].shape[0]
+    if m < 2:
+        raise ValueError(f"stacked_params needs >= 2 models to estimate a spread, got {m}")
+    fn = jax.jit(jax.vmap(lambda p, u: model.score(p, u, None), in_axes=(0, None)))
+
+    def chunks() -> Iterator[tuple[jax.Array, jax.Array, jax.Array | None]]:
+        for start in range(0, users.shape[0], chunk):
+            u = users[start : start + chunk]
+            mean, std = sample_moments(fn(stacked_params, jnp.asarray(u, jnp.int32)), min_std)
+            yield mean, std, None if exclude is None else ~jnp.asarray(exclude(u), bool)
+
+    return lidu_chunked(chunks(), k, pad_to=chunk if users.shape[0] > chunk else None, **lidu_kwargs)

@@ -1,0 +1,150 @@
+"""Tests of `lidu_jax.training`, `lidu_jax.models.mf` and the score-distribution sources of
+`lidu_jax.distributions` on a tiny synthetic data set."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lidu_jax
+from lidu_jax import distributions
+from lidu_jax.models.mf import BayesianMFConfig, MFConfig, bayesian_mf_moments, make_bayesian_mf, make_bpr_mf
+from lidu_jax.synthetic import SyntheticConfig, generate
+from lidu_jax.training import bootstrap_weights, fit, score_users
+
+CFG = SyntheticConfig(n_users=40, n_items=30, dim=4, min_activity=4, max_activity=10, true_top=5, seed=3)
+EPOCHS = 3
+
+
+def key(seed):
+    # rbg keys: the code is PRNG-implementation agnostic, and rbg compiles faster than threefry on CPU.
+    return jax.random.key(seed, impl="rbg")
+
+
+@pytest.fixture(scope="module")
+def split():
+    return generate(CFG).split
+
+
+@pytest.fixture(scope="module")
+def mf(split):
+    return make_bpr_mf(split, MFConfig(dim=4, batch_size=64))
+
+
+@pytest.fixture(scope="module")
+def ensemble(split, mf):
+    n_train = split.train_users.size
+    keys = jax.random.split(key(0), 2)
+    return fit(mf, keys, jnp.ones((2, n_train)), EPOCHS, snapshot_epochs=(2, 3), progress=False)
+
+
+def test_vmapped_fit_equals_separate_runs_and_is_deterministic(split, mf, ensemble):
+    # threefry keys here: their bits do not depend on vmap (rbg bits may differ under vmap).
+    n_train = split.train_users.size
+    keys = jax.random.split(jax.random.key(0), 2)
+    both, _ = fit(mf, keys, jnp.ones((2, n_train)), 1, progress=False)
+    single, _ = fit(mf, keys[1:], jnp.ones((1, n_train)), 1, progress=False)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[1], both), jax.tree.map(lambda x: x[0], single), rtol=1e-5, atol=1e-6
+    )
+    params, snaps = ensemble
+    again, _ = fit(mf, jax.random.split(key(0), 2), jnp.ones((2, n_train)), EPOCHS, progress=False)
+    chex.assert_trees_all_equal(again, params)
+    # The last snapshot is the final state; snapshots are stacked (S, M, ...).
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[-1], snaps), params)
+    assert snaps["user"].shape == (2, 2, split.n_users, 4)
+
+
+def test_training_lowers_the_loss_and_bootstrap_weights(split, mf):
+    n_train = split.train_users.size
+    losses = []
+    fit(
+        mf,
+        jax.random.split(key(1), 1),
+        jnp.ones((1, n_train)),
+        6,
+        progress=False,
+        callback=lambda e, p, loss: losses.append(float(loss[0])),
+    )
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    w = bootstrap_weights(key(2), 3, n_train)
+    np.testing.assert_array_equal(np.asarray(w.sum(1)), n_train)
+    assert float(w.max()) > 1 and float(w.min()) == 0
+    with pytest.raises(ValueError, match="weights"):
+        fit(mf, jax.random.split(key(1), 2), jnp.ones((3, n_train)), 1, progress=False)
+    with pytest.raises(ValueError, match="snapshot_epochs"):
+        fit(mf, jax.random.split(key(1), 1), jnp.ones((1, n_train)), 2, snapshot_epochs=(5,))
+
+
+def test_ensemble_samples_moments_and_streaming_lidu(split, mf, ensemble):
+    params, _ = ensemble
+    users = np.arange(split.n_users)
+    samples = distributions.stacked_samples(mf, params, users, chunk=16)
+    chex.assert_shape(samples, (2, split.n_users, split.n_items))
+    direct = jax.vmap(lambda p: mf.score(p, jnp.asarray(users), None))(params)
+    chex.assert_trees_all_close(samples, direct, rtol=1e-5, atol=1e-5)
+    dist = distributions.from_arrays(samples=samples)
+    np.testing.assert_allclose(dist.std, np.maximum(np.std(np.asarray(samples), 0, ddof=1), 1e-6), rtol=1e-4)
+    train = split.train_matrix()
+    want, want_r = lidu_jax.lidu(dist.mean, dist.std, 3, candidates=~train, grid_size=64)
+    got, got_r = distributions.lidu_from_model(
+        mf, params, users, 3, exclude=lambda u: train[u], chunk=16, grid_size=64
+    )
+    np.testing.assert_array_equal(got_r, want_r)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_snapshot_and_bootstrap_sources(split, mf):
+    n_train = split.train_users.size
+    snaps = distributions.snapshot_ensemble(mf, key(4), n_train, 3, 2, progress=False)
+    assert snaps["user"].shape == (2, split.n_users, 4)
+    boot = distributions.bootstrap(mf, key(5), 2, n_train, 1, progress=False)  # reuses M=2 compile
+    assert boot["item"].shape == (2, split.n_items, 4)
+    with pytest.raises(ValueError, match="n_snapshots"):
+        distributions.snapshot_ensemble(mf, key(4), n_train, 3, 4)
+
+
+def test_mc_dropout(split, mf, ensemble):
+    users = np.arange(split.n_users)
+    drop = make_bpr_mf(split, MFConfig(dim=4, batch_size=64, dropout=0.3))
+    params = jax.tree.map(lambda x: x[0], ensemble[0])
+    s = distributions.mc_dropout_samples(drop, params, users, 4, key(6), chunk=16)
+    chex.assert_shape(s, (4, split.n_users, split.n_items))
+    assert float(jnp.abs(s[0] - s[1]).max()) > 0
+    # Inverted dropout keeps the mean: the average of many passes approaches the deterministic scores.
+    many = distributions.mc_dropout_samples(drop, params, users[:4], 2000, key(7))
+    det = drop.score(params, jnp.asarray(users[:4]), None)
+    np.testing.assert_allclose(many.mean(0), det, atol=0.05 * float(jnp.abs(det).max()) + 1e-3)
+    with pytest.raises(ValueError, match="identical"):
+        distributions.mc_dropout_samples(mf, params, users, 2, key(6))
+
+
+def test_bayesian_mf_analytic_moments_match_posterior_draws(split):
+    bm = make_bayesian_mf(split, BayesianMFConfig(dim=4, batch_size=64, init_std=0.3))
+    params, _ = fit(bm, jax.random.split(key(8), 1), jnp.ones((1, split.train_users.size)), 1, progress=False)
+    one = jax.tree.map(lambda x: x[0], params)
+    users = jnp.arange(3)
+    mean, std = bayesian_mf_moments(one, users)
+    draws = jax.vmap(lambda k: bm.score(one, users, k))(jax.random.split(key(9), 20_000))
+    np.testing.assert_allclose(draws.mean(0), mean, atol=4 * float(std.max()) / np.sqrt(20_000) + 1e-4)
+    np.testing.assert_allclose(draws.std(0), std, rtol=0.05)
+    m2, s2 = distributions.bayesian_gaussian(one, np.arange(3))
+    chex.assert_trees_all_close((m2, s2), (mean, std), rtol=1e-5)
+
+
+def test_score_users_chunking_and_bad_inputs(split, mf, ensemble):
+    params, _ = ensemble
+    a = score_users(mf, params, np.arange(split.n_users), chunk=7)
+    b = score_users(mf, params, np.arange(split.n_users), chunk=64)
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="samples"):
+        distributions.from_arrays(samples=np.zeros((1, 2, 3)))
+    with pytest.raises(ValueError, match="std"):
+        distributions.from_arrays(mean=np.zeros((2, 3)), std=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="mean"):
+        distributions.from_arrays(mean=np.full((2, 3), np.nan), std=np.ones((2, 3)))
+    with pytest.raises(ValueError, match="either"):
+        distributions.from_arrays(mean=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="config"):
+        make_bpr_mf(split, MFConfig(dropout=1.5))
