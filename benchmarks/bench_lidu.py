@@ -1,0 +1,159 @@
+"""Benchmark of exact LiDu: JAX (`lidu_jax.lidu_chunked`) against a straightforward per-user NumPy/SciPy
+implementation of the same grid algorithm (same grid, same quadrature), plus peak memory versus user count.
+
+    python benchmarks/bench_lidu.py                       # speed: 10,000 users x 1,000 items, K=10
+    python benchmarks/bench_lidu.py --memory              # also peak RSS for 10,000 and 100,000 users
+
+Scores are synthetic but shaped like a trained BPR-MF ensemble on the synthetic study data: per-user
+item means from a rank-16 model with spread ``--mean-spread`` across items and per-item std
+``--std-scale * LogNormal(0, 0.3)`` (the study's 8-seed ensemble has a mean spread of ~2.2 and a mean std
+of ~1.1; see docs/results-lidu-synthetic.md). Chunks are generated on the fly from (seed, chunk index), so
+the inputs of all users never sit in memory at once; the memory runs use ``--memory-grid`` cells (default:
+the speed grid) only to keep the 100,000-user run short, since per-chunk memory does not depend on U.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+from scipy.special import log_ndtr
+
+GRID_HALF_WIDTH = 7.0
+
+
+def make_chunk(seed: int, index: int, n_users: int, n_items: int, spread: float, std_scale: float):
+    """Deterministic ``(mean, std)`` float32 ``(n_users, n_items)`` for one chunk of users."""
+    rng = np.random.default_rng([seed, 0])
+    q = rng.standard_normal((n_items, 16))  # item factors shared by every chunk
+    rng = np.random.default_rng([seed, index + 1])
+    p = rng.standard_normal((n_users, 16))
+    mean = (p @ q.T) / 4.0
+    mean = spread * mean / mean.std(axis=1, keepdims=True)
+    std = std_scale * np.exp(0.3 * rng.standard_normal((n_users, n_items)))
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def numpy_lidu_one(mean: np.ndarray, std: np.ndarray, k: int, grid: int) -> float:
+    """Per-user reference in float64: the grid recursion of `lidu_jax.estimators` written plainly."""
+    rank = np.argsort(-mean, kind="stable")[:k]
+    mu_l, sd_l = mean[rank].astype(np.float64), std[rank].astype(np.float64)
+    rest = np.ones(mean.size, bool)
+    rest[rank] = False
+    mu_r, sd_r = mean[rest].astype(np.float64), std[rest].astype(np.float64)
+    lo = np.min(mu_l - GRID_HALF_WIDTH * sd_l)
+    hi = max(np.max(mu_l + GRID_HALF_WIDTH * sd_l), mu_r.max())
+    edges = lo + (hi - lo) * np.arange(grid + 1) / grid
+    mids = 0.5 * (edges[:-1] + edges[1:])
+    # H(m_g) = prod over rest items of Phi((m_g - mu_j) / sd_j), in log space.
+    log_h = log_ndtr((mids[:, None] - mu_r[None, :]) / sd_r[None, :]).sum(axis=1)
+    # Cell masses of the list items: CDF differences (survival differences in the upper tail).
+    z = (edges[None, :] - mu_l[:, None]) / sd_l[:, None]
+    lcdf, lsf = log_ndtr(z), log_ndtr(-z)
+    upper = lsf[:, :-1] < lcdf[:, :-1]
+    a_hi = np.where(upper, lsf[:, :-1], lcdf[:, 1:])
+    a_lo = np.where(upper, lsf[:, 1:], lcdf[:, :-1])
+    with np.errstate(divide="ignore"):
+        log_mass = a_hi + np.log(-np.expm1(np.minimum(a_lo - a_hi, -1e-30)))
+    a = log_mass[-1] + log_h
+    for level in range(k - 2, -1, -1):
+        incl = np.logaddexp.accumulate(a)
+        excl = np.concatenate([[-np.inf], incl[:-1]])
+        a = log_mass[level] + np.logaddexp(excl, a + np.log(0.5))
+    m = a.max()
+    return float(-(m + np.log(np.exp(a - m).sum())))
+
+
+def run_jax(args, n_users: int) -> tuple[np.ndarray, float]:
+    import jax
+
+    from lidu_jax.estimators import lidu_chunked
+
+    def chunks():
+        for c in range(0, n_users, args.chunk):
+            b = min(args.chunk, n_users - c)
+            mean, std = make_chunk(
+                args.seed, c // args.chunk, b, args.items, args.mean_spread, args.std_scale
+            )
+            yield mean, std, None
+
+    # Warm-up on one chunk so compilation is not timed.
+    mean, std = make_chunk(args.seed, 0, args.chunk, args.items, args.mean_spread, args.std_scale)
+    lidu_chunked([(mean, std, None)], args.k, grid_size=args.grid, pad_to=args.chunk)
+    t = time.perf_counter()
+    values, _ = lidu_chunked(chunks(), args.k, grid_size=args.grid, pad_to=args.chunk)
+    jax.block_until_ready(values)
+    return values, time.perf_counter() - t
+
+
+def memory_child(args) -> None:
+    """Run JAX LiDu on ``--memory-users`` users and print the peak RSS (MiB) as JSON."""
+    values, seconds = run_jax(args, args.memory_users)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(json.dumps({"users": args.memory_users, "peak_rss_mib": peak_mib, "seconds": seconds,
+                      "finite": bool(np.all(np.isfinite(values)))}))  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--users", type=int, default=10_000)
+    p.add_argument("--items", type=int, default=1_000)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--grid", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--numpy-users", type=int, default=200, help="users timed for the NumPy reference")
+    p.add_argument("--mean-spread", type=float, default=2.2)
+    p.add_argument("--std-scale", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory", action="store_true", help="also measure peak RSS for 10k and 100k users")
+    p.add_argument("--memory-grid", type=int, default=0, help="grid of the memory runs (0 = --grid)")
+    p.add_argument("--memory-users", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_users:
+        memory_child(args)
+        return
+
+    values, jax_s = run_jax(args, args.users)
+    jax_rate = args.users / jax_s
+    mean, std = make_chunk(args.seed, 0, args.chunk, args.items, args.mean_spread, args.std_scale)
+    n_ref = min(args.numpy_users, args.chunk)
+    t = time.perf_counter()
+    ref = np.array([numpy_lidu_one(mean[u], std[u], args.k, args.grid) for u in range(n_ref)])
+    np_s = time.perf_counter() - t
+    np_rate = n_ref / np_s
+    diff = np.abs(ref - values[:n_ref])
+    print(f"exact LiDu, {args.users} users x {args.items} items, K={args.k}, grid={args.grid}")
+    print(
+        f"  JAX   : {jax_rate:10.1f} users/s ({jax_s:.1f} s for {args.users} users, chunks of {args.chunk})"
+    )
+    print(f"  NumPy : {np_rate:10.1f} users/s ({np_s:.1f} s for {n_ref} users, float64, per-user loop)")
+    print(f"  ratio : {jax_rate / np_rate:10.1f}x")
+    print(f"  agreement on {n_ref} users: max |LiDu_jax - LiDu_numpy| = {diff.max():.2e} "
+          f"(relative {np.max(diff / np.abs(ref)):.1e}); mean LiDu {ref.mean():.2f}")  # fmt: skip
+    if args.memory:
+        peaks = {}
+        for users in (10_000, 100_000):
+            cmd = [sys.executable, __file__, "--memory-users", str(users), "--items", str(args.items),
+                   "--k", str(args.k), "--grid", str(args.memory_grid or args.grid),
+                   "--chunk", str(args.chunk),
+                   "--mean-spread", str(args.mean_spread), "--std-scale", str(args.std_scale)]  # fmt: skip
+            out = (
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            peaks[users] = json.loads(out)
+            print(f"  peak RSS, {users:>7} users: {peaks[users]['peak_rss_mib']:.0f} MiB "
+                  f"({peaks[users]['seconds']:.0f} s)")  # fmt: skip
+        print(
+            f"  memory ratio 100k / 10k: {peaks[100_000]['peak_rss_mib'] / peaks[10_000]['peak_rss_mib']:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
