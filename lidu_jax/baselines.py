@@ -1,4 +1,5 @@
-"""Label-free per-user uncertainty estimators to compare LiDu against (our selection, see ``docs/lidu.md``).
+"""Label-free per-user uncertainty estimators to compare LiDu against (our selection, see
+``docs/results-lidu-synthetic.md``).
 
 Every function returns one value per user, ``(U,)`` float32, with the convention **higher = more uncertain**
 (so a confidence-like quantity is negated). Inputs: ``mean`` / ``std`` ``(U, n_items)`` score moments,

@@ -6,7 +6,7 @@ For one user with candidate items C (e.g. items outside the training history), i
     P(L) = Pr[S_{l_1} > S_{l_2} > ... > S_{l_K} > max_{j in C \\ L} S_j],      LiDu = -log P(L_top-K).
 
 This is a reconstruction from the abstract of arXiv 2507.23208 (no formula of the paper was available); see
-``docs/lidu.md``. Methods:
+``docs/results-lidu-synthetic.md``. Methods:
 
 ``"exact"`` (grid recursion). With CDFs ``F_i`` and ``H(x) = prod_{j in C \\ L} F_j(x)``:
 ``G_K(x) = f_{l_K}(x) H(x)``, ``G_k(x) = f_{l_k}(x) int_{-inf}^{x} G_{k+1}(y) dy``, ``P = int G_1``.

@@ -13,7 +13,7 @@ temperature)``
 
 The true-preference ground truth for a user is the ``true_top`` candidates (items not in training) with the
 highest ``r_ui``: "true top-20" NDCG measures how well a list recovers the user's real taste, without the
-held-out-count confound of a random split (see ``docs/lidu.md``).
+held-out-count confound of a random split (see ``docs/results-lidu-synthetic.md``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = ["SyntheticConfig", "SyntheticData", "generate", "true_top_relevance"]
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
-    """Ground-truth generator settings (defaults: the setting of ``docs/lidu.md``)."""
+    """Ground-truth generator settings (defaults: the setting of ``docs/results-lidu-synthetic.md``)."""
 
     n_users: int = 600
     n_items: int = 400

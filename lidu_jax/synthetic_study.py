@@ -4,7 +4,8 @@ Pipeline (one function per arrow): `lidu_jax.synthetic.generate` -> BPR-MF / Bay
 `lidu_jax.training.fit` -> per-item score distributions from each source in `lidu_jax.distributions` ->
 LiDu variants and baselines per user -> Kendall tau / Spearman / C-index against NDCG@K with bootstrap
 intervals (`lidu_jax.evaluation`), for two ground truths: the true-preference top-N (primary) and the random
-held-out interactions (confounded by how many items each user has held out; see ``docs/lidu.md``).
+held-out interactions (confounded by how many items each user has held out; see
+``docs/results-lidu-synthetic.md``).
 
 Run ``python -m lidu_jax --help``; every flag is a field of `StudyConfig`.
 """
