@@ -60,17 +60,23 @@ def _np_forward(p: dict, tokens: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
 @pytest.fixture(scope="module")
 def model_and_params():
     model = Llama(CFG)
-    tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, CFG.vocab_size)
-    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
-    # non-trivial norm scales so a wrong norm placement cannot hide
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, x: (
-            x * (1.0 + 0.3 * jax.random.normal(jax.random.key(len(path)), x.shape))
-            if path[-1].key == "scale"
-            else x
-        ),
-        params,
-    )
+    tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, size=(2, 12)).astype(np.int32)
+
+    @jax.jit  # one compilation for init and perturbation (eager ops each compile on their own)
+    def init(tokens):
+        params = model.init(jax.random.key(0), tokens)["params"]
+        # non-trivial norm scales so a wrong norm placement cannot hide
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: (
+                x * (1.0 + 0.3 * jax.random.normal(jax.random.key(len(path)), x.shape))
+                if path[-1].key == "scale"
+                else x
+            ),
+            params,
+        )
+
+    params = init(tokens)
+
     apply = jax.jit(
         lambda p, t, hidden=False: model.apply({"params": p}, t, return_hidden=hidden), static_argnums=2
     )
