@@ -382,6 +382,9 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     reader = gguf.GGUFReader(gguf_path)
     tok = tokenizer_from_gguf(reader)
     mcfg, teacher = load_llama_gguf(reader)
+    del reader
+    if "," in cfg.gguf:  # a temporary file joined from parts; everything needed has been copied out of it
+        os.unlink(gguf_path)
     if cfg.max_layers and cfg.max_layers < mcfg.n_layers:
         teacher = {
             k: v for k, v in teacher.items() if not k.startswith("layers_") or int(k[7:]) < cfg.max_layers
