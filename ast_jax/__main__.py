@@ -83,6 +83,7 @@ class MainConfig:
     extra_variants: str = ""  # comma-separated subset of fixed_mask_kl,static_srste,ste_kl
     eval_windows: int = 512  # held-out windows of seq_len tokens for the final perplexities
     progress: bool = True
+    fast_compile: bool = False  # XLA backend optimisation level 0: for smoke runs where compiling dominates
 
     def __post_init__(self) -> None:
         positive = ("n_layer", "d_model", "n_head", "seq_len", "batch_size", "teacher_steps", "steps")
@@ -140,14 +141,21 @@ def _variant_specs(cfg: MainConfig) -> dict[str, dict[str, Any]]:
     return {k: specs[k] for k in (*REQUIRED_VARIANTS, *cfg.extras)}
 
 
+def _jit(cfg: MainConfig, fn, **kw):
+    opts = {"xla_backend_optimization_level": 0} if cfg.fast_compile else None
+    return jax.jit(fn, compiler_options=opts, **kw)
+
+
 def _heldout_ppl(model, params, data, cfg: MainConfig, windows: int, slorb=None) -> float:
-    batches = eval_batches(data.heldout, cfg.seq_len, 64, max_windows=windows)
-    return evaluate_perplexity(model, params, batches, slorb_params=slorb)
+    # Batches of min(64, windows) windows, so monitoring and final evaluations share one compilation.
+    batches = eval_batches(data.heldout, cfg.seq_len, min(64, cfg.eval_windows), max_windows=windows)
+    opts = {"xla_backend_optimization_level": 0} if cfg.fast_compile else None
+    return evaluate_perplexity(model, params, batches, slorb_params=slorb, compiler_options=opts)
 
 
 def train_teacher(cfg: MainConfig, model: GPT2, data) -> tuple[Any, dict[str, Any]]:
     """Dense CE training with warm-up + cosine; stops once the held-out loss has flattened."""
-    params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
+    params = _jit(cfg, model.init)(jax.random.key(cfg.seed), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
     sched = optax.warmup_cosine_decay_schedule(
         0.0,
         cfg.teacher_lr,
@@ -159,7 +167,7 @@ def train_teacher(cfg: MainConfig, model: GPT2, data) -> tuple[Any, dict[str, An
         sched, b2=0.99, weight_decay=cfg.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
     )
     state = init_train_state(params, tx, seed=cfg.seed)
-    step = jax.jit(make_train_step(model, None, tx, LossConfig(w_kl=0.0, w_ce=1.0)))
+    step = _jit(cfg, make_train_step(model, None, tx, LossConfig(w_kl=0.0, w_ce=1.0)))
     it = BatchIterator(data.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     hist: dict[str, list] = {"loss": [], "eval_step": [], "eval_loss": []}
     flat = 0
@@ -169,7 +177,7 @@ def train_teacher(cfg: MainConfig, model: GPT2, data) -> tuple[Any, dict[str, An
         state, met = step(state, next(it))
         hist["loss"].append(met["loss"])
         if (i + 1) % cfg.teacher_eval_every == 0 or i + 1 == cfg.teacher_steps:
-            ppl = _heldout_ppl(model, state.params["model"], data, cfg, 64)
+            ppl = _heldout_ppl(model, state.params["model"], data, cfg, min(64, cfg.eval_windows))
             ev = math.log(ppl)
             prev = hist["eval_loss"][-1] if hist["eval_loss"] else None
             hist["eval_step"].append(i + 1)
@@ -206,10 +214,10 @@ def retrain(
     )
     slorb = None
     if spec["slorb"]:
-        masks0 = compute_masks({"model": teacher}, cfg.n, cfg.m)
-        slorb = slorb_init_tree({"model": teacher}, masks0, cfg.slorb_k, "mean")["model"]
+        init = lambda p: slorb_init_tree(p, compute_masks(p, cfg.n, cfg.m), cfg.slorb_k, "mean")
+        slorb = _jit(cfg, init)({"model": teacher})["model"]
     state = init_train_state(teacher, tx, slorb_params=slorb, seed=cfg.seed + 1)
-    step = jax.jit(make_train_step(model, teacher, tx, spec["loss"]))
+    step = _jit(cfg, make_train_step(model, teacher, tx, spec["loss"]))
     it = BatchIterator(data.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 1)
     hist: dict[str, list] = {"loss": [], "flip_rate": [], "decay": []}
     t0 = time.perf_counter()
@@ -222,7 +230,7 @@ def retrain(
     if not all(np.isfinite(hist["loss"])):
         raise FloatingPointError(f"{name}: the training loss became non-finite")
     secs = time.perf_counter() - t0
-    model_params, slorb_params = final_params(state)
+    model_params, slorb_params = _jit(cfg, final_params)(state)
     masks = get_masks(state.opt_state)["model"]
     ppl = _heldout_ppl(model, model_params, data, cfg, cfg.eval_windows, slorb_params)
     sparse_size = sum(x.size for x in jax.tree_util.tree_leaves(masks))
@@ -306,8 +314,8 @@ def run(cfg: MainConfig) -> dict[str, Any]:
     teacher, teacher_hist = train_teacher(cfg, model, data)
     ppl = {"dense": _heldout_ppl(model, teacher, data, cfg, cfg.eval_windows)}
 
-    masks = compute_masks(teacher, cfg.n, cfg.m)
-    oneshot = apply_masks(teacher, masks)
+    masks = _jit(cfg, lambda p: compute_masks(p, cfg.n, cfg.m))(teacher)
+    oneshot = _jit(cfg, apply_masks)(teacher, masks)
     ppl["magnitude_oneshot"] = _heldout_ppl(model, oneshot, data, cfg, cfg.eval_windows)
     strict = {"magnitude_oneshot": is_strict_nm(oneshot, cfg.n, cfg.m, masks=masks)}
 

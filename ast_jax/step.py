@@ -14,6 +14,7 @@ step, so the sparse machinery's cost can be measured against exactly the same lo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -139,7 +140,7 @@ def make_train_step(
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
             params, opt_state = jax.tree_util.tree_map(
@@ -177,7 +178,10 @@ def _nll_sums(model: nn.Module, params: Any, slorb: Any, batch: dict[str, jax.Ar
     return cross_entropy_loss(logits, batch["targets"]) * n
 
 
-_nll_sums_jit = jax.jit(_nll_sums, static_argnums=0)
+@functools.lru_cache(maxsize=8)
+def _nll_sums_jit(compiler_options: tuple[tuple[str, Any], ...] = ()) -> Callable:
+    # One jitted evaluator per set of compiler options, reused across calls (the model is a static argument).
+    return jax.jit(_nll_sums, static_argnums=0, compiler_options=dict(compiler_options) or None)
 
 
 def evaluate_perplexity(
@@ -186,13 +190,15 @@ def evaluate_perplexity(
     batches: Iterable[dict[str, np.ndarray]],
     *,
     slorb_params: Any = None,
+    compiler_options: dict[str, Any] | None = None,
 ) -> float:
     """Token-level perplexity ``exp(Σ NLL / #tokens)`` of ``model`` over ``batches`` (e.g.
     :func:`ast_jax.data.eval_batches` on held-out text).
-    Pass hard-masked ``params`` (:func:`final_params`)."""
+    Pass hard-masked ``params`` (:func:`final_params`). ``compiler_options`` go to ``jax.jit``."""
+    fn = _nll_sums_jit(tuple(sorted((compiler_options or {}).items())))
     total, count = 0.0, 0
     for batch in batches:
-        total += float(_nll_sums_jit(model, params, slorb_params or None, batch))
+        total += float(fn(model, params, slorb_params or None, batch))
         count += int(np.asarray(batch["targets"]).size)
     if count == 0:
         raise ValueError("evaluate_perplexity: no evaluation tokens")

@@ -81,7 +81,7 @@ def test_nm_mask_tie_break_lower_index_and_scores_argument():
 
 def test_nm_mask_is_jittable_and_vmappable():
     w = jax.random.normal(jax.random.key(0), (3, 16, 5))
-    batched = jax.vmap(lambda x: nm_mask(x, 2, 4))(w)
+    batched = jax.jit(jax.vmap(lambda x: nm_mask(x, 2, 4)))(w)
     jitted = jax.jit(lambda x: nm_mask(x, 2, 4, axis=1))(w)
     chex.assert_trees_all_equal(batched, jitted)
 
@@ -121,7 +121,7 @@ def test_wanda_scores_and_check_nm():
 @pytest.fixture(scope="module")
 def gpt2_small():
     model = GPT2(GPT2Config(n_layer=2, d_model=16, n_head=2, max_len=8))
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     return model, params
 
 
