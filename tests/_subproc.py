@@ -11,10 +11,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A tiny model and run: every subprocess test uses these so the persistent compilation cache is shared.
+# One tiny run shared by the checkpoint, sharding and distributed tests. The in-process single-device run of
+# these settings is compiled once per session (see the ``tiny_reference`` fixture in conftest.py); child
+# processes share a persistent compilation cache.
+TINY_STEPS, TINY_SAVE_EVERY = 12, 3
 TINY_ARGS = [
-    "--teacher-steps", "0", "--batch-size", "4", "--seq-len", "16", "--n-layer", "1", "--d-model", "32",
+    "--teacher-steps", "0", "--batch-size", "8", "--seq-len", "16", "--n-layer", "1", "--d-model", "32",
     "--n-head", "2", "--eval-windows", "0", "--log-every", "1", "--lr", "3e-3", "--mask-every", "2",
+    "--min-shard-size", "64", "--steps", str(TINY_STEPS), "--save-every", str(TINY_SAVE_EVERY), "--keep", "2",
 ]  # fmt: skip
 
 

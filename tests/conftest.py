@@ -30,3 +30,25 @@ def tiny_text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "corpus.txt"
     path.write_text(builtin_corpus(max_bytes=24_000), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory, tiny_text_file):
+    """The uninterrupted single-device run of ``_subproc.TINY_ARGS`` (in this process, on device 0).
+
+    Returns ``{"args", "dir", "result", "state"}``: the CLI arguments (text file included, no mesh or
+    checkpoint dir), its checkpoint directory, the ``RunResult`` and the final checkpoint tree on the host.
+    """
+    from _subproc import TINY_ARGS
+
+    from ast_jax.checkpoint import CheckpointStore
+    from ast_jax.train import parse_args, run
+
+    args = [*TINY_ARGS, "--text", str(tiny_text_file)]
+    ckdir = tmp_path_factory.mktemp("tiny_reference")
+    result = run(
+        parse_args([*args, "--mesh", "data=1", "--checkpoint-dir", str(ckdir)]), devices=jax.devices()[:1]
+    )
+    store = CheckpointStore(ckdir)
+    state, _ = store.restore(store.latest_step())
+    return {"args": args, "dir": ckdir, "result": result, "state": jax.device_get(state)}

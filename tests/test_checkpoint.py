@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _subproc import TINY_ARGS, jax_env, start, wait_for_line
+from _subproc import TINY_SAVE_EVERY, TINY_STEPS, jax_env, start, wait_for_line
 
 from ast_jax.checkpoint import INTEGRITY_FILE, CheckpointStore, abstract_like
 from ast_jax.optim import sparse_adamw
 from ast_jax.train import TrainingDivergedError, main, parse_args, run
 
-STEPS, SAVE_EVERY = 12, 3
+STEPS, SAVE_EVERY = TINY_STEPS, TINY_SAVE_EVERY
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,17 +145,17 @@ def _run_here(args):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_text_file, jax_subprocess_cache):
-    """An uninterrupted run."""
-    env = jax_env(1, jax_subprocess_cache)
-    args = [*TINY_ARGS, "--mesh", "data=1", "--steps", str(STEPS), "--save-every", str(SAVE_EVERY),
-            "--keep", "2", "--text", str(tiny_text_file)]  # fmt: skip
-    ckdir = tmp_path_factory.mktemp("reference")
-    result = _run_here([*args, "--checkpoint-dir", str(ckdir)])
-    assert result.step == STEPS and result.resumed_from is None
-    step, state, meta = _final_state(ckdir)
+def reference(tiny_reference, jax_subprocess_cache):
+    """The uninterrupted run, with single-device CLI arguments and a child-process environment."""
+    step, state, meta = _final_state(tiny_reference["dir"])
     assert step == STEPS and meta["data_position"] == STEPS
-    return {"args": args, "env": env, "dir": ckdir, "state": state}
+    assert tiny_reference["result"].step == STEPS and tiny_reference["result"].resumed_from is None
+    return {
+        "args": [*tiny_reference["args"], "--mesh", "data=1"],
+        "env": jax_env(1, jax_subprocess_cache),
+        "dir": tiny_reference["dir"],
+        "state": state,
+    }
 
 
 def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(reference, tmp_path):
@@ -223,15 +223,24 @@ def test_sigterm_saves_then_stops_and_resumes_exactly(reference, tmp_path):
 
 
 def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(reference, tmp_path):
-    # lr 1e37: the first update blows the weights up to ~1e37, so the second forward pass overflows
-    nan_args = [*reference["args"], "--save-every", "1", "--lr", "1e37", "--warmup-steps", "0"]
+    import shutil
+
+    # Poison the newest checkpoint with one inf weight (the compiled step is the reference's, so this costs
+    # no compilation): the next loss is non-finite, and the run must stop without writing anything newer.
     ckdir = tmp_path / "run"
+    shutil.copytree(reference["dir"], ckdir)
+    shutil.rmtree(ckdir / str(STEPS))
+    good = STEPS - SAVE_EVERY
+    store = CheckpointStore(ckdir)
+    state, meta = store.restore(good)
+    state = jax.tree.map(np.array, state)  # writable host copies
+    state["params"]["model"]["block_0"]["mlp"]["fc"]["kernel"][0, 0] = np.inf
+    shutil.rmtree(ckdir / str(good))
+    CheckpointStore(ckdir).save(good, state, meta)
     with pytest.raises(TrainingDivergedError, match="non-finite loss") as info:
-        _run_here([*nan_args, "--checkpoint-dir", str(ckdir)])
-    last_good = int(str(info.value).split("Last good checkpoint: step ")[1].split()[0])
-    step, state, _ = _final_state(ckdir)
-    assert step == last_good >= 1
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+        _run_here([*reference["args"], "--checkpoint-dir", str(ckdir)])
+    assert f"Last good checkpoint: step {good}" in str(info.value)
+    assert CheckpointStore(ckdir).all_steps() == [good]  # nothing written after the divergence
 
 
 def test_cli_exit_statuses(monkeypatch, capsys):

@@ -4,7 +4,6 @@ sharded LiDu == unsharded LiDu."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -12,11 +11,9 @@ from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 from ast_jax import sharding as shd
-from ast_jax.distill import LossConfig
-from ast_jax.models.gpt2 import GPT2, GPT2Config
-from ast_jax.optim import get_masks, sparse_adamw
+from ast_jax.optim import get_masks
 from ast_jax.sparsify import key_path
-from ast_jax.step import init_train_state, make_train_step
+from ast_jax.train import parse_args, run
 
 
 def test_eight_virtual_devices():
@@ -77,79 +74,39 @@ def test_small_leaves_are_replicated():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The AST step, sharded vs single device
-
-CFG = GPT2Config(vocab_size=64, max_len=16, n_layer=1, n_head=2, d_model=32)
+# The AST training step (teacher forward + student step), sharded vs single device
 
 
-@pytest.fixture(scope="module")
-def ast_setup():
-    model = GPT2(CFG)
-    teacher = jax.jit(lambda k: model.init(k, jnp.zeros((1, 16), jnp.int32))["params"])(jax.random.key(0))
-    tx = sparse_adamw(3e-3, max_decay=1e-2, ramp_steps=4, mask_every=2, weight_decay=0.01)
-    step = make_train_step(model, None, tx, LossConfig())
-    state = jax.jit(lambda p: init_train_state(p, tx, seed=0))(teacher)
-    rng = np.random.default_rng(0)
-    batches = [
-        {"inputs": x[:, :-1], "targets": x[:, 1:]}
-        for x in (rng.integers(0, 64, (8, 17)).astype(np.int32) for _ in range(4))
-    ]
-    return model, teacher, state, step, batches
-
-
-def _run(step_fn, state, teacher, batches):
-    losses = []
-    for b in batches:
-        state, metrics = step_fn(state, b, teacher)
-        losses.append(float(metrics["loss"]))
-    return state, losses
-
-
-def test_sharded_ast_step_equals_single_device_step(ast_setup):
-    _, teacher, state0, step, batches = ast_setup
-    mesh = shd.make_mesh("data=4,fsdp=2")
-    ssh = shd.param_shardings(state0, mesh, min_shard_size=64)
-    psh = shd.param_shardings(teacher, mesh, min_shard_size=64)
-    bsh = shd.batch_sharding(mesh)
-    sharded_step = jax.jit(step, in_shardings=(ssh, bsh, psh), out_shardings=(ssh, shd.replicated(mesh)))
-    sharded_batches = [{k: shd.host_to_global(v, bsh) for k, v in b.items()} for b in batches]
-    s_state, s_losses = _run(
-        sharded_step, jax.device_put(state0, ssh), jax.device_put(teacher, psh), sharded_batches
-    )
-
-    dev0 = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    single_step = jax.jit(step)
-    r_state, r_losses = _run(
-        single_step, jax.device_put(state0, dev0), jax.device_put(teacher, dev0), batches
-    )
-
-    np.testing.assert_allclose(s_losses, r_losses, rtol=1e-5)
+def test_sharded_training_equals_single_device(tiny_reference):
+    """``data=4,fsdp=2`` on 8 devices vs one device: same losses, params and masks after 12 steps."""
+    ref = tiny_reference["result"]
+    res = run(parse_args([*tiny_reference["args"], "--mesh", "data=4,fsdp=2"]))
+    assert res.summary["devices"] == 8 and res.step == ref.step
+    np.testing.assert_allclose([x for _, x in res.losses], [x for _, x in ref.losses], rtol=1e-5)
     # Sharded reductions sum in another order; Adam's g / sqrt(v) magnifies that on entries whose gradient
-    # is ~0 (seen: 6e-6 on 1e-6-sized values), hence atol 1e-4 against weights of size ~0.02-1.
-    for a, b in zip(jax.tree.leaves(s_state.params), jax.tree.leaves(r_state.params), strict=True):
+    # is ~0 (seen: ~1e-5 on 1e-6-sized values), hence atol 1e-4 against weights of size ~0.02-1.
+    for a, b in zip(jax.tree.leaves(res.state.params), jax.tree.leaves(ref.state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
-    s_masks = jax.tree.leaves(get_masks(s_state.opt_state))
-    r_masks = jax.tree.leaves(get_masks(r_state.opt_state))
+    s_masks = jax.tree.leaves(get_masks(res.state.opt_state))
+    r_masks = jax.tree.leaves(get_masks(ref.state.opt_state))
     for a, b in zip(s_masks, r_masks, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    # it really was FSDP-sharded: a kernel is split over fsdp and its moments and mask follow it
-    q = s_state.params["model"]["block_0"]["mlp"]["fc"]["kernel"]
-    assert "fsdp" in q.sharding.spec and len(q.addressable_shards) == 8
-    assert q.addressable_shards[0].data.shape == (32, 64)  # (32, 128) split in two along the out axis
-    masks = get_masks(s_state.opt_state)
-    assert masks["model"]["block_0"]["mlp"]["fc"]["kernel"].sharding.spec == q.sharding.spec
-    assert sharded_batches[0]["inputs"].addressable_shards[0].data.shape == (1, 16)
+    # It really was FSDP-sharded: a kernel is split over fsdp, its mask follows it; teacher sharded alike.
+    fc = res.state.params["model"]["block_0"]["mlp"]["fc"]["kernel"]  # (32, 128)
+    assert fc.sharding.spec == P(None, "fsdp") and len(fc.addressable_shards) == 8
+    assert fc.addressable_shards[0].data.shape == (32, 64)
+    mask = get_masks(res.state.opt_state)["model"]["block_0"]["mlp"]["fc"]["kernel"]
+    assert mask.sharding.spec == fc.sharding.spec
 
 
-def test_masks_and_moments_follow_their_kernels(ast_setup):
-    _, _, state0, _, _ = ast_setup
+def test_masks_and_moments_follow_their_kernels(tiny_reference):
+    state0 = tiny_reference["result"].state
     mesh = shd.make_mesh("data=2,fsdp=4")
     ssh = shd.param_shardings(state0, mesh, min_shard_size=64)
     params_sh = {key_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(ssh.params)[0]}
     checked = 0
-    opt = ssh.opt_state
-    for p, s in jax.tree_util.tree_flatten_with_path(opt)[0]:
+    for p, s in jax.tree_util.tree_flatten_with_path(ssh.opt_state)[0]:
         kp = key_path(p)
         # a moment or mask at .../model/block_0/attn/q/kernel sits where that kernel sits
         for start in range(len(kp)):
@@ -160,6 +117,7 @@ def test_masks_and_moments_follow_their_kernels(ast_setup):
     n_sparse = len(jax.tree.leaves(get_masks(state0.opt_state)))
     assert n_sparse == 6  # q, k, v, proj, fc, proj of the one block
     assert checked == 2 * len(params_sh) + 2 * n_sparse  # mu, nu; current and initial masks
+    assert any("fsdp" in s.spec for s in params_sh.values())
 
 
 # ---------------------------------------------------------------------------------------------------------
