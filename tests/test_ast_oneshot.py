@@ -176,6 +176,16 @@ def test_prune_model_masks_are_strict_and_match_layer_rules(tiny_llama):
         )
     assert set(out["sparsegpt"][2]["rel_error"]) >= {"layers_0/attn/q_proj", "layers_1/mlp/down_proj"}
 
+    # the masks are AST's initial masks as they are
+    from ast_jax.optim import get_masks, sparse_adamw
+
+    p_sgpt, m_sgpt, _ = out["sparsegpt"]
+    opt_state = sparse_adamw(1e-4, initial_masks={"model": m_sgpt}).init({"model": p_sgpt})
+    got = get_masks(opt_state)["model"]["layers_1"]["mlp"]["down_proj"]["kernel"]
+    np.testing.assert_array_equal(
+        np.asarray(got), np.asarray(m_sgpt["layers_1"]["mlp"]["down_proj"]["kernel"])
+    )
+
     # SparseGPT reconstructs the dense model's outputs better than magnitude pruning on held-out tokens
     held_out = tokens[8:]
     dense = apply(params, held_out)
