@@ -126,9 +126,9 @@ def test_bayesian_mf_analytic_moments_match_posterior_draws(split):
     one = jax.tree.map(lambda x: x[0], params)
     users = jnp.arange(3)
     mean, std = bayesian_mf_moments(one, users)
-    draws = jax.vmap(lambda k: bm.score(one, users, k))(jax.random.split(key(9), 20_000))
-    np.testing.assert_allclose(draws.mean(0), mean, atol=4 * float(std.max()) / np.sqrt(20_000) + 1e-4)
-    np.testing.assert_allclose(draws.std(0), std, rtol=0.05)
+    draws = jax.vmap(lambda k: bm.score(one, users, k))(jax.random.split(key(9), 5_000))
+    np.testing.assert_allclose(draws.mean(0), mean, atol=4 * float(std.max()) / np.sqrt(5_000) + 1e-4)
+    np.testing.assert_allclose(draws.std(0), std, rtol=0.08)
     m2, s2 = distributions.bayesian_gaussian(one, np.arange(3))
     chex.assert_trees_all_close((m2, s2), (mean, std), rtol=1e-5)
 

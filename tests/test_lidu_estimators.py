@@ -224,16 +224,18 @@ def test_sample_methods_agree_with_gaussian_exact_for_many_gaussian_samples():
 
 
 def test_lidu_from_samples_shapes_and_chunking():
+    # Same (S=6, n=12, K=3, grid) as the KDE Monte-Carlo test, so the one-user chunks reuse its compilation.
     rng = np.random.default_rng(13)
-    samples = rng.normal(size=(5, 7, 15)).astype(np.float32)
-    v, r = lidu_jax.lidu_from_samples(samples, 3, method="kde", grid_size=64)
-    v2, r2 = lidu_jax.lidu_from_samples(samples, 3, method="kde", grid_size=64, chunk_size=3)
-    chex.assert_shape(v, (7,))
-    chex.assert_shape(r, (7, 3))
-    np.testing.assert_allclose(v, v2, rtol=1e-5)
-    np.testing.assert_array_equal(r, r2)
+    samples = rng.normal(size=(6, 2, N)).astype(np.float32)
+    v, r = lidu_jax.lidu_from_samples(samples, 3, method="kde", bandwidth=0.3)
+    v1, r1 = lidu_jax.lidu_from_samples(samples, 3, method="kde", bandwidth=0.3, chunk_size=1)
+    chex.assert_shape(v, (2,))
+    chex.assert_shape(r, (2, 3))
+    np.testing.assert_allclose(v, v1, rtol=1e-5)
+    np.testing.assert_array_equal(r, r1)
+    np.testing.assert_array_equal(r, estimators.top_k_rankings(samples.mean(0), 3))
     assert np.all(np.asarray(v) > 0)
-    vp, _ = lidu_jax.lidu_from_samples(samples, 3, method="kde", grid_size=64, per_position=True)
+    vp, _ = lidu_jax.lidu_from_samples(samples, 3, method="kde", bandwidth=0.3, per_position=True)
     np.testing.assert_allclose(vp, np.asarray(v) / 3, rtol=1e-6)
 
 
