@@ -87,7 +87,9 @@ def test_hidden_mse_matches_numpy_and_mixed_loss(logits):
 
 def test_kl_gradient_vanishes_at_the_teacher():
     te = jax.random.normal(jax.random.key(0), (4, 9))
-    g = jax.grad(lambda s: kl_distill_loss(s, te))(te)
+    g = jax.jit(
+        jax.grad(lambda s: kl_distill_loss(s, te)), compiler_options={"xla_backend_optimization_level": 0}
+    )(te)
     assert float(jnp.max(jnp.abs(g))) < 1e-6
 
 

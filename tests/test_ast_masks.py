@@ -42,7 +42,9 @@ def np_nm_mask(scores: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
 # A few shapes (rank 1-3, the grouped axis anywhere) so the jitted mask compiles once per combination while
 # hypothesis varies the values, the n:m pair and whether exact ties occur.
 _SHAPES = [((8,), 0), ((8, 3), 0), ((3, 8), 1), ((2, 16, 3), 1), ((2, 3, 8), 2)]
-_nm_jit = jax.jit(nm_mask, static_argnames=("n", "m", "axis"))
+# Compilation dominates these tests on CPU; XLA's lowest backend optimisation level roughly halves it.
+FAST = {"xla_backend_optimization_level": 0}
+_nm_jit = jax.jit(nm_mask, static_argnames=("n", "m", "axis"), compiler_options=FAST)
 
 
 @settings(max_examples=30, deadline=None)
@@ -81,8 +83,8 @@ def test_nm_mask_tie_break_lower_index_and_scores_argument():
 
 def test_nm_mask_is_jittable_and_vmappable():
     w = jax.random.normal(jax.random.key(0), (3, 16, 5))
-    batched = jax.jit(jax.vmap(lambda x: nm_mask(x, 2, 4)))(w)
-    jitted = jax.jit(lambda x: nm_mask(x, 2, 4, axis=1))(w)
+    batched = jax.jit(jax.vmap(lambda x: nm_mask(x, 2, 4)), compiler_options=FAST)(w)
+    jitted = jax.jit(lambda x: nm_mask(x, 2, 4, axis=1), compiler_options=FAST)(w)
     chex.assert_trees_all_equal(batched, jitted)
 
 
@@ -121,7 +123,9 @@ def test_wanda_scores_and_check_nm():
 @pytest.fixture(scope="module")
 def gpt2_small():
     model = GPT2(GPT2Config(n_layer=2, d_model=16, n_head=2, max_len=8))
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.jit(model.init, compiler_options=FAST)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))[
+        "params"
+    ]
     return model, params
 
 
@@ -160,14 +164,15 @@ def test_straight_through_gradient_equals_gradient_wrt_masked_weight():
     def f(wm):
         return jnp.sum(jnp.tanh(x @ wm) ** 2)
 
-    g_dense = jax.grad(lambda p: f(masked_params(p, masks)["block_0"]["fc"]["kernel"]))(params)
+    grad = lambda fn: jax.jit(jax.grad(fn), compiler_options=FAST)
+    g_dense = grad(lambda p: f(masked_params(p, masks)["block_0"]["fc"]["kernel"]))(params)
     w_masked = jnp.where(mk, w, 0.0)
-    g_ref = jax.grad(f)(w_masked)
+    g_ref = grad(f)(w_masked)
     chex.assert_trees_all_close(g_dense["block_0"]["fc"]["kernel"], g_ref, rtol=1e-6)
     assert bool(jnp.any(jnp.where(mk, 0.0, g_ref) != 0))  # the masked positions really get gradient
     # Forward values are exactly the masked weights; the non-straight-through product zeroes those gradients.
     chex.assert_trees_all_equal(masked_params(params, masks)["block_0"]["fc"]["kernel"], w_masked)
-    g_plain = jax.grad(lambda p: f(apply_masks(p, masks)["block_0"]["fc"]["kernel"]))(params)
+    g_plain = grad(lambda p: f(apply_masks(p, masks)["block_0"]["fc"]["kernel"]))(params)
     chex.assert_trees_all_close(g_plain["block_0"]["fc"]["kernel"], jnp.where(mk, g_ref, 0.0), rtol=1e-6)
 
 
@@ -181,8 +186,8 @@ class _TwoLayer(nn.Module):
 def test_collect_input_norms_and_wanda_masks_match_numpy():
     model = _TwoLayer()
     x1 = jax.random.normal(jax.random.key(2), (3, 5, 4))
-    x2 = jax.random.normal(jax.random.key(3), (2, 5, 4))
-    params = model.init(jax.random.key(0), x1)["params"]
+    x2 = jax.random.normal(jax.random.key(3), (3, 5, 4))
+    params = jax.jit(model.init, compiler_options=FAST)(jax.random.key(0), x1)["params"]
     filt = lambda path, leaf: path[-1] == "kernel"
     norms = collect_input_norms(model, params, [x1, x2], sparse_filter=filt)
     xs = np.concatenate([np.asarray(x1).reshape(-1, 4), np.asarray(x2).reshape(-1, 4)])

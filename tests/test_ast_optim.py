@@ -16,6 +16,9 @@ from ast_jax.optim import (
     sparse_adamw,
 )
 
+# Compilation dominates these tests on CPU; XLA's lowest backend optimisation level roughly halves it.
+FAST = {"xla_backend_optimization_level": 0}
+
 
 def np_mask(w, n=2, m=4):
     """Loop reference: keep the n largest |w| of each group of m rows (stable sort: lower index wins ties)."""
@@ -113,7 +116,7 @@ def test_three_steps_match_numpy_reference(variant):
     )
     p = jax.tree_util.tree_map(jnp.asarray, params)
     state = tx.init(p)
-    update = jax.jit(tx.update)
+    update = jax.jit(tx.update, compiler_options=FAST)
     lams = []
     for g in grads:
         u, state = update(jax.tree_util.tree_map(jnp.asarray, g), state, p)
@@ -166,7 +169,7 @@ def test_masks_refresh_exactly_at_multiples_and_flip_counts():
     params = {"layers_0": {"kernel": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)}}
     tx = sparse_adamw(0.5, max_decay=0.0, ramp_steps=0, mask_every=3, variant="ste", weight_decay=0.0)
     state = tx.init(params)
-    update = jax.jit(tx.update)
+    update = jax.jit(tx.update, compiler_options=FAST)
     prev_mask = np.asarray(state.masks["layers_0"]["kernel"])
     init_mask = prev_mask.copy()
     for t in range(1, 8):
@@ -199,8 +202,9 @@ def test_composes_with_chain_inject_hyperparams_and_schedules():
     outs = []
     for tx in (plain, chained, injected):
         p, s = params, tx.init(params)
+        update = jax.jit(tx.update, compiler_options=FAST)
         for g in grads:
-            u, s = tx.update(jax.tree_util.tree_map(jnp.asarray, g), s, p)
+            u, s = update(jax.tree_util.tree_map(jnp.asarray, g), s, p)
             p = optax.apply_updates(p, u)
         outs.append((p, get_masks(s)))
         assert get_sparse_state(s) is not None
