@@ -151,7 +151,9 @@ def smollm2(args: argparse.Namespace) -> dict | None:
     )
     pruned, masks, _ = prune_model(llama_blockwise(mcfg), dense, calib, OneShotConfig(method=args.oneshot))
     assert is_strict_nm(pruned, 2, 4, masks=masks)
-    calib_inputs = collect_dense_inputs(model, pruned, calib[:1], max_tokens=args.calib_len)
+    # AWQ statistics from several sequences: one document's activations over-fit the scale search.
+    awq_batch = calib[: args.awq_seqs]
+    calib_inputs = collect_dense_inputs(model, pruned, awq_batch, max_tokens=awq_batch.size)
 
     def ppl(params) -> float:
         return evaluate_perplexity(model, jax.tree.map(np.asarray, params), batches)
@@ -192,17 +194,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="throughput,export,smollm2")
     p.add_argument("--devices", default="1,2,4,8")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--oneshot", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
     p.add_argument("--calib-seqs", type=int, default=16)
     p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--awq-seqs", type=int, default=4, help="calibration sequences whose inputs AWQ uses")
     p.add_argument("--eval-seq-len", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--json", default="")
     args = p.parse_args()
     parts = set(args.parts.split(","))
