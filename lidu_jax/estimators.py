@@ -130,16 +130,29 @@ def _check_k(k: int, n_items: int) -> None:
 
 
 def log_ndtr(z: jax.Array) -> jax.Array:
-    """``log Phi(z)`` with one ``erfc``: ``log1p(-Phi(-z))`` for z >= 0 (relative precision where it is tiny),
-    ``log Phi(z)`` for -10 < z < 0, and the asymptotic series
-    ``-z^2/2 - log(-z) - log(2 pi)/2 + log(1 - z^-2 + 3 z^-4 - 15 z^-6)`` below (float32 relative error ~1e-5
-    on [-30, 8] against SciPy, where `jax.scipy.special.log_ndtr` loses relative precision for large z)."""
+    """``log Phi(z)`` with one ``erfc`` and one ``log`` per element (this function dominates the cost of the
+    grid methods, ``|C| * G`` calls per user). With ``t = Phi(-|z|)``:
+
+    - ``z >= 0``: ``log1p(-t)``, as ``-t - t^2/2 - t^3/3 - t^4/4`` for ``t < 1e-2`` (truncation < 2e-11
+      relative, so tiny values keep their relative precision) and as ``log(1 - t)`` otherwise;
+    - ``-10 <= z < 0``: ``log t``;
+    - ``z < -10`` (where ``t`` underflows in float32): the asymptotic series
+      ``-z^2/2 - log(-z) - log(2 pi)/2 + log1p(s)``, ``s = -z^-2 + 3 z^-4 - 15 z^-6``, with ``log1p(s)`` as a
+      cubic in ``s`` (``|s| < 0.01``).
+
+    The three branches share a single ``log`` (of ``1 - t``, ``t`` or ``-z``). Float32 relative error below
+    ``5e-6`` on [-40, 8] against `scipy.special.log_ndtr` (absolute error < 1e-4 near z = -40, where the
+    value is about -800); `jax.scipy.special.log_ndtr` loses relative precision for large z."""
     t = 0.5 * jax.lax.erfc(jnp.abs(z) * (1.0 / math.sqrt(2.0)))  # Phi(-|z|)
+    neg, deep = z < 0, z < -10.0
     zz = jnp.minimum(z, -10.0)
+    log_arg = jnp.log(jnp.where(deep, -zz, jnp.where(neg, t, 1.0 - t)))
     inv2 = 1.0 / (zz * zz)
-    asym = -0.5 * zz * zz - jnp.log(-zz) - 0.5 * math.log(2 * math.pi)
-    asym = asym + jnp.log1p(inv2 * (-1.0 + inv2 * (3.0 - 15.0 * inv2)))
-    return jnp.where(z >= 0, jnp.log1p(-t), jnp.where(z > -10.0, jnp.log(t), asym))
+    s = inv2 * (-1.0 + inv2 * (3.0 - 15.0 * inv2))
+    asym = -0.5 * zz * zz - log_arg - 0.5 * math.log(2 * math.pi) + s * (1.0 + s * (-0.5 + s * (1.0 / 3.0)))
+    small = -t * (1.0 + t * (0.5 + t * (1.0 / 3.0 + t * 0.25)))
+    upper = jnp.where(t < 1e-2, small, log_arg)
+    return jnp.where(deep, asym, jnp.where(neg, log_arg, upper))
 
 
 def _log1mexp(x: jax.Array) -> jax.Array:
