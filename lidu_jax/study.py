@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -48,7 +49,7 @@ from lidu_jax.models.mf import BayesianMFConfig, MFConfig, bayesian_mf_moments, 
 from lidu_jax.models.mlp import MLPConfig, make_mlp
 from lidu_jax.models.popularity import make_popularity
 from lidu_jax.models.sasrec import SASRecConfig, make_sasrec
-from lidu_jax.training import bootstrap_weights, fit, flatten_snapshots, score_users
+from lidu_jax.training import bootstrap_weights, fit, flatten_snapshots
 from lidu_jax.types import InteractionSplit
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "make_model",
     "run",
     "run_all",
+    "score_stacked",
 ]
 
 DATASETS = ("ml-100k", "lastfm", "beauty")
@@ -198,9 +200,34 @@ def make_model(split: InteractionSplit, config: StudyConfig, *, dropout: float =
 Scorer = Callable[[np.ndarray], tuple[jax.Array, jax.Array, jax.Array | None]]
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_scores(model: RecModel):
+    """``(stacked params, users (B,)) -> (M, B, n_items)`` deterministic scores, jitted once per model.
+
+    `training.score_users` builds a new jitted lambda on every call, so calling it once per chunk and once
+    per dynamics checkpoint recompiled the same program each time; this cache compiles it once per shape.
+    """
+    return jax.jit(jax.vmap(lambda p, u: model.score(p, u, None), in_axes=(0, None)))
+
+
+def score_stacked(model: RecModel, params, users: np.ndarray, chunk: int) -> jax.Array:
+    """``(M, U, n_items)`` full-catalogue scores of stacked ``params`` for ``users (U,)``, ``chunk`` users
+    per call (the last chunk padded, so every call has the same shape and reuses one compilation)."""
+    users = np.asarray(users)
+    fn = _jitted_scores(model)
+    out = []
+    for start in range(0, users.size, chunk):
+        u = users[start : start + chunk]
+        n_real = u.size
+        if n_real < chunk and users.size > chunk:
+            u = np.concatenate([u, np.full(chunk - n_real, u[-1], u.dtype)])
+        out.append(fn(params, jnp.asarray(u, jnp.int32))[:, :n_real])
+    return jnp.concatenate(out, axis=1)
+
+
 def _stacked_scorer(model: RecModel, params, chunk: int) -> Scorer:
     def scores(users):
-        s = score_users(model, params, users, chunk=chunk)
+        s = score_stacked(model, params, users, chunk)
         m, sd = sample_moments(s)
         return m, sd, s
 
@@ -347,7 +374,7 @@ def _dynamics_callback(model: RecModel, split: InteractionSplit, config: StudyCo
     def callback(epoch: int, params, losses) -> None:
         if epoch % config.dynamics_every and epoch != config.epochs:
             return
-        s = score_users(model, params, users, chunk=users.size)
+        s = score_stacked(model, params, users, users.size)
         mean, std = sample_moments(s)
         val, _ = lidu(mean, std, config.k, candidates=cand, grid_size=config.grid_size, chunk_size=users.size)
         ndcg = metrics.ndcg_at_k(mean, rel, config.k, exclude=excl)
@@ -473,7 +500,7 @@ def run(config: StudyConfig = StudyConfig(), *, split: InteractionSplit | None =
     )
     pop = make_popularity(split)
     pop_params = jax.vmap(pop.params)(jax.vmap(pop.init)(jax.random.split(key, 1)))
-    pop_scores = score_users(pop, pop_params, users, chunk=config.chunk)[0]
+    pop_scores = score_stacked(pop, pop_params, users, config.chunk)[0]
     excl, rel = jnp.asarray(split.train_matrix()[users]), jnp.asarray(split.test_matrix()[users])
     pop_ndcg = float(jnp.mean(metrics.ndcg_at_k(pop_scores, rel, config.k, exclude=excl)))
     name = _cell_name(config, split)
