@@ -18,14 +18,21 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 HERE = Path(__file__).resolve().parent
 
 INSTALL = """\
-# Install the package when it is not importable yet (Colab, a fresh runtime). Point SOURCE at this
-# repository: a git URL, a local checkout or a built wheel.
+# Install the package when it is not importable yet (Colab, a fresh runtime). SOURCE is where this
+# repository is: a local checkout (e.g. after `!git clone <repo-url>` in Colab), a git URL or a wheel.
+# By default the first checkout found here or one folder up is used.
 import importlib.util
+import os
 import subprocess
 import sys
 
-SOURCE = "git+https://github.com/lidu-ast-jax/lidu-ast-jax.git"
+SOURCE = os.environ.get("LIDU_AST_JAX_SOURCE", "")
 if importlib.util.find_spec("{package}") is None:
+    if not SOURCE:
+        found = [d for d in (".", "..", "lidu-ast-jax") if os.path.exists(os.path.join(d, "pyproject.toml"))]
+        if not found:
+            raise RuntimeError("set SOURCE (or LIDU_AST_JAX_SOURCE) to this repository's checkout or git URL")
+        SOURCE = found[0]
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", SOURCE])
 else:
     print("{package} already importable; nothing to install")"""
