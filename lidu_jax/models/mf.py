@@ -103,6 +103,29 @@ def _check_weights(weights: jax.Array, n_train: int) -> None:
         raise ValueError(f"weights must have shape ({n_train},), got {weights.shape}")
 
 
+def _bpr_epoch(grad_fn, opt, state, key, weights, train_u, train_i, n_items: int, batch_size: int):
+    """One weighted pass of minibatch BPR over the training pairs: shuffled batches, one uniform negative per
+    pair, one PRNG key per batch for the loss's own randomness (dropout or posterior draws).
+
+    ``grad_fn(params, u, i, j, w, key) -> (loss, grads)``; returns ``(state, mean batch loss)``.
+    """
+    n_train = int(train_u.shape[0])
+    _check_weights(weights, n_train)
+    kperm, kneg, kbatch = jax.random.split(key, 3)
+    idx, w = _epoch_batches(kperm, weights, n_train, batch_size)
+    neg = jax.random.randint(kneg, idx.shape, 0, n_items)
+    batch_keys = jax.random.split(kbatch, idx.shape[0])
+
+    def step(st: MFState, batch):
+        b_idx, b_w, b_neg, b_key = batch
+        loss, grads = grad_fn(st.params, train_u[b_idx], train_i[b_idx], b_neg, b_w, b_key)
+        updates, opt_state = opt.update(grads, st.opt_state, st.params)
+        return MFState(optax.apply_updates(st.params, updates), opt_state), loss
+
+    state, losses = jax.lax.scan(step, state, (idx, w, neg, batch_keys))
+    return state, jnp.mean(losses)
+
+
 def make_bpr_mf(split: InteractionSplit, config: MFConfig = MFConfig()) -> RecModel:
     """BPR-MF bound to ``split``: ``s_ui = <p_u, q_i> + b_i``.
 
@@ -143,21 +166,7 @@ def make_bpr_mf(split: InteractionSplit, config: MFConfig = MFConfig()) -> RecMo
     grad_fn = jax.value_and_grad(loss_fn)
 
     def train_epoch(state: MFState, key: jax.Array, weights: jax.Array) -> tuple[MFState, jax.Array]:
-        _check_weights(weights, n_train)
-        kperm, kneg, kdrop = jax.random.split(key, 3)
-        idx, w = _epoch_batches(kperm, weights, n_train, batch_size)
-        n_batches = idx.shape[0]
-        neg = jax.random.randint(kneg, idx.shape, 0, n_items)
-        drop_keys = jax.random.split(kdrop, n_batches)
-
-        def step(st: MFState, batch):
-            b_idx, b_w, b_neg, b_key = batch
-            loss, grads = grad_fn(st.params, train_u[b_idx], train_i[b_idx], b_neg, b_w, b_key)
-            updates, opt_state = opt.update(grads, st.opt_state, st.params)
-            return MFState(optax.apply_updates(st.params, updates), opt_state), loss
-
-        state, losses = jax.lax.scan(step, state, (idx, w, neg, drop_keys))
-        return state, jnp.mean(losses)
+        return _bpr_epoch(grad_fn, opt, state, key, weights, train_u, train_i, n_items, batch_size)
 
     def params_of(state: MFState) -> PyTree:
         return state.params
@@ -222,20 +231,7 @@ def make_bayesian_mf(split: InteractionSplit, config: BayesianMFConfig = Bayesia
     grad_fn = jax.value_and_grad(loss_fn)
 
     def train_epoch(state: MFState, key: jax.Array, weights: jax.Array) -> tuple[MFState, jax.Array]:
-        _check_weights(weights, n_train)
-        kperm, kneg, kdraw = jax.random.split(key, 3)
-        idx, w = _epoch_batches(kperm, weights, n_train, batch_size)
-        neg = jax.random.randint(kneg, idx.shape, 0, n_items)
-        draw_keys = jax.random.split(kdraw, idx.shape[0])
-
-        def step(st: MFState, batch):
-            b_idx, b_w, b_neg, b_key = batch
-            loss, grads = grad_fn(st.params, train_u[b_idx], train_i[b_idx], b_neg, b_w, b_key)
-            updates, opt_state = opt.update(grads, st.opt_state, st.params)
-            return MFState(optax.apply_updates(st.params, updates), opt_state), loss
-
-        state, losses = jax.lax.scan(step, state, (idx, w, neg, draw_keys))
-        return state, jnp.mean(losses)
+        return _bpr_epoch(grad_fn, opt, state, key, weights, train_u, train_i, n_items, batch_size)
 
     def params_of(state: MFState) -> PyTree:
         return state.params
