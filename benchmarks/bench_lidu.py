@@ -82,11 +82,12 @@ def run_jax(args, n_users: int) -> tuple[np.ndarray, float]:
             )
             yield mean, std, None
 
+    tile = None if args.tile < 0 else args.tile
     # Warm-up on one chunk so compilation is not timed.
     mean, std = make_chunk(args.seed, 0, args.chunk, args.items, args.mean_spread, args.std_scale)
-    lidu_chunked([(mean, std, None)], args.k, grid_size=args.grid, pad_to=args.chunk)
+    lidu_chunked([(mean, std, None)], args.k, grid_size=args.grid, pad_to=args.chunk, tile=tile)
     t = time.perf_counter()
-    values, _ = lidu_chunked(chunks(), args.k, grid_size=args.grid, pad_to=args.chunk)
+    values, _ = lidu_chunked(chunks(), args.k, grid_size=args.grid, pad_to=args.chunk, tile=tile)
     jax.block_until_ready(values)
     return values, time.perf_counter() - t
 
@@ -106,6 +107,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--grid", type=int, default=256)
     p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--tile", type=int, default=-1, help="users per tile inside a chunk (-1: library default)")
     p.add_argument("--numpy-users", type=int, default=200, help="users timed for the NumPy reference")
     p.add_argument("--mean-spread", type=float, default=2.2)
     p.add_argument("--std-scale", type=float, default=1.1)

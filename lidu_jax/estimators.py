@@ -57,7 +57,6 @@ GRID_HALF_WIDTH = 7.0  # grid spans mean ± 7 std of each list item
 PRUNE_Z = 6.0  # a rest item is "far below" when the grid's low end lies 6 of its std above its mean
 METHODS = ("exact", "sequential", "pairwise")
 SAMPLE_METHODS = ("kde", "gaussian", "mc")
-_LOG_HALF = math.log(0.5)
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -217,17 +216,33 @@ def _highest_rest_mean(mean, ranking, cand):
     return jnp.max(jnp.where(_rest_mask(ranking, cand), mean, -jnp.inf), axis=1)
 
 
+def _below_matrix(grid_size: int) -> jax.Array:
+    """``(G, G)`` float32 ``T`` with ``(v @ T)[g] = sum_{g' < g} v[g'] + v[g] / 2``: strictly lower cells
+    count fully, the cell itself by half."""
+    return jnp.triu(jnp.ones((grid_size, grid_size), jnp.float32), 1) + 0.5 * jnp.eye(
+        grid_size, dtype=jnp.float32
+    )
+
+
 def _ordered_recursion(log_mass: jax.Array, log_h: jax.Array) -> jax.Array:
     """``log P`` from list cell masses ``(B, K, G)`` and ``log H`` at midpoints ``(B, G)``.
 
     ``a_K = log m_K + log H``; ``a_k = log m_k + log(sum_{g' < g} e^{a_{k+1}[g']} + e^{a_{k+1}[g]} / 2)``.
+
+    Each level leaves log space only inside the sum: with ``c = max_g a_{k+1}``, the inner sums are
+    ``exp(a_{k+1} - c) @ T`` (`_below_matrix`, one matmul at full float32 precision: no TF32 on GPUs) and
+    ``a_k = log m_k + log(...) + c``. Terms more than ~87 nats below a level's maximum underflow to 0; they
+    change ``P`` by less than ``G e^-87`` relative. Two transcendentals per cell and level instead of the
+    ``O(log G)`` log-add-exps of a cumulative log-sum-exp scan.
     """
+    below = _below_matrix(log_h.shape[-1])
     a = log_mass[:, -1] + log_h
 
     def level(a_next, log_m):
-        incl = jax.lax.cumlogsumexp(a_next, axis=a_next.ndim - 1)
-        excl = jnp.concatenate([jnp.full_like(incl[:, :1], -jnp.inf), incl[:, :-1]], axis=-1)
-        return log_m + jnp.logaddexp(excl, a_next + _LOG_HALF), None
+        c = jnp.max(a_next, axis=-1, keepdims=True)
+        c = jnp.where(jnp.isfinite(c), c, 0.0)  # a user with P = 0 stays at -inf, not NaN
+        inner = jnp.dot(jnp.exp(a_next - c), below, precision=jax.lax.Precision.HIGHEST)
+        return log_m + jnp.log(inner) + c, None
 
     upper = jnp.moveaxis(log_mass[:, :-1], 1, 0)[::-1]  # levels K-1 .. 1
     a, _ = jax.lax.scan(level, a, upper)
@@ -268,9 +283,44 @@ def _combine(method, ordered, log_mass, log_f_mid, log_sf_edges, log_h):
     return jnp.sum(steps, axis=-1)
 
 
-@partial(jax.jit, static_argnames=("method", "grid_size", "n_keep", "ordered"))
-def _gaussian_core(mean, std, ranking, cand, *, method, grid_size, n_keep, ordered):
-    """``log P`` for ``(B, n)`` inputs; see the module docstring."""
+def default_user_tile() -> int:
+    """Users per tile inside one jitted call: 16 on CPU, 0 (no tiling) elsewhere.
+
+    The grid methods build ``(B, G, n)`` intermediates; on a CPU, walking the batch in tiles of a few users
+    keeps them in cache (``python benchmarks/bench_lidu.py --tile 0`` measures the difference). On GPUs and
+    TPUs one wide batch is faster.
+    """
+    return 16 if jax.default_backend() == "cpu" else 0
+
+
+def _map_user_tiles(fn, tile: int, *arrays):
+    """``fn`` over the leading (user) axis in tiles of ``tile`` users with `jax.lax.map`; the last tile is
+    padded by repeating the last user and the padding is dropped."""
+    b = arrays[0].shape[0]
+    if not tile or b <= tile:
+        return fn(*arrays)
+    n_tiles = -(-b // tile)
+    pad = n_tiles * tile - b
+
+    def split(x):
+        if pad:
+            x = jnp.concatenate([x, jnp.broadcast_to(x[-1:], (pad, *x.shape[1:]))])
+        return x.reshape(n_tiles, tile, *x.shape[1:])
+
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(split(x) for x in arrays))
+    return out.reshape(n_tiles * tile, *out.shape[2:])[:b]
+
+
+@partial(jax.jit, static_argnames=("method", "grid_size", "n_keep", "ordered", "tile"))
+def _gaussian_core(mean, std, ranking, cand, *, method, grid_size, n_keep, ordered, tile=0):
+    """``log P`` for ``(B, n)`` inputs, ``tile`` users at a time (0 = all at once); see the module
+    docstring."""
+    body = partial(_gaussian_core_tile, method=method, grid_size=grid_size, n_keep=n_keep, ordered=ordered)
+    return _map_user_tiles(body, tile, mean, std, ranking, cand)
+
+
+def _gaussian_core_tile(mean, std, ranking, cand, *, method, grid_size, n_keep, ordered):
+    """``log P`` for one batch of users ``(B, n)``."""
     mu_l = jnp.take_along_axis(mean, ranking, axis=1)
     sd_l = jnp.take_along_axis(std, ranking, axis=1)
     if method == "pairwise":
@@ -357,7 +407,17 @@ def list_log_prob(
     m, s = _flatten(mean.astype(jnp.float32), nb), _flatten(std.astype(jnp.float32), nb)
     r = _flatten(ranking.astype(jnp.int32), nb)
     c = jnp.ones(m.shape, bool) if candidates is None else _flatten(candidates.astype(bool), nb)
-    out = _gaussian_core(m, s, r, c, method=method, grid_size=grid_size, n_keep=max_items, ordered=ordered)
+    out = _gaussian_core(
+        m,
+        s,
+        r,
+        c,
+        method=method,
+        grid_size=grid_size,
+        n_keep=max_items,
+        ordered=ordered,
+        tile=default_user_tile(),
+    )
     return out.reshape(batch)
 
 
@@ -449,13 +509,15 @@ def lidu_chunked(
     per_position: bool = False,
     pad_to: int | None = None,
     n_items: int | None = None,
+    tile: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """LiDu over a stream of user chunks ``(mean (B, n), std (B, n), candidates (B, n) or None)``.
 
     Only one chunk is alive at a time, so peak memory does not grow with the number of users when the chunks
     are produced lazily (e.g. scored from a model chunk by chunk). Each chunk is validated, padded to
     ``pad_to`` users (one compilation for all full chunks) and pruned to a power-of-two item budget that
-    keeps every rest item not far below its user's list.
+    keeps every rest item not far below its user's list. Inside a chunk the users are walked ``tile`` at a
+    time (default `default_user_tile`: 16 on CPU, none elsewhere; 0 = the whole chunk at once).
 
     Returns:
       ``(lidu (U,), rankings (U, k))`` as NumPy arrays.
@@ -484,7 +546,15 @@ def lidu_chunked(
         if method != "pairwise":
             n_keep = _item_budget(np.asarray(_needed_rest_items(mean, std, rankings, cand)), mean.shape[1])
         log_p = _gaussian_core(
-            mean, std, rankings, cand, method=method, grid_size=grid_size, n_keep=n_keep, ordered=ordered
+            mean,
+            std,
+            rankings,
+            cand,
+            method=method,
+            grid_size=grid_size,
+            n_keep=n_keep,
+            ordered=ordered,
+            tile=default_user_tile() if tile is None else tile,
         )
         values.append(np.asarray(_finish(log_p, k, per_position))[:b])
         ranks.append(np.asarray(rankings)[:b])
