@@ -22,6 +22,8 @@ Variants (``--variants``, comma-separated; groups ``oneshot``, ``retrain``, ``ab
 * distillation ablation (annealing SR-STE as in ``ast_naive``, which is the forward-KL entry):
   ``ast_reverse_kl``, ``ast_ce`` (no distillation), ``ast_hidden_mse`` (forward KL + normalised hidden-state
   MSE of every layer).
+* controls (group ``control``, not in ``all``): ``dense_ce`` and ``dense_kl`` fine-tune the dense model on the
+  same batches (CE only; KL + CE), to separate the effect of the loss from that of sparsity.
 
 Every flag maps one-to-one onto a field of :class:`ExperimentConfig`. ``--json`` and ``--markdown`` write
 the results; the markdown has the paper's numbers beside ours.
@@ -60,6 +62,7 @@ from ast_jax.tokenizer import encode, tokenizer_from_gguf
 
 __all__ = [
     "ABLATION",
+    "CONTROL",
     "ONESHOT",
     "PAPER",
     "RETRAIN",
@@ -73,7 +76,14 @@ __all__ = [
 ONESHOT = ("dense", "magnitude", "wanda", "sparsegpt")
 RETRAIN = ("fixed_ce", "fixed_kl", "static_srste", "ast_naive", "ast_boosted", "gmp")
 ABLATION = ("ast_reverse_kl", "ast_ce", "ast_hidden_mse")
-GROUPS = {"oneshot": ONESHOT, "retrain": RETRAIN, "ablation": ABLATION, "all": ONESHOT + RETRAIN + ABLATION}
+CONTROL = ("dense_ce", "dense_kl")
+GROUPS = {
+    "oneshot": ONESHOT,
+    "retrain": RETRAIN,
+    "ablation": ABLATION,
+    "control": CONTROL,
+    "all": ONESHOT + RETRAIN + ABLATION,
+}
 
 # The paper's WikiText-2 perplexities (2:4), GPT-2 124M unless noted; for shape comparison only.
 PAPER = {
@@ -90,6 +100,8 @@ PAPER = {
     "ast_reverse_kl": "32.20",
     "ast_ce": "40.34 (no distillation)",
     "ast_hidden_mse": "41.19–44.87 (layer-wise losses)",
+    "dense_ce": "–",
+    "dense_kl": "–",
 }
 DESCRIPTION = {
     "dense": "dense teacher (no pruning)",
@@ -105,6 +117,8 @@ DESCRIPTION = {
     "ast_reverse_kl": "AST, reverse KL + CE",
     "ast_ce": "AST, CE only (no distillation)",
     "ast_hidden_mse": "AST, forward KL + CE + hidden-state MSE",
+    "dense_ce": "control: dense fine-tune (no pruning), CE only",
+    "dense_kl": "control: dense fine-tune (no pruning), KL + CE",
 }
 
 
@@ -346,7 +360,7 @@ def _say(msg: str) -> None:
 
 def _loss_for(name: str, cfg: ExperimentConfig) -> LossConfig:
     kl = dict(w_kl=cfg.w_kl, w_ce=cfg.w_ce, temperature=cfg.temperature)
-    if name in ("fixed_ce", "ast_ce"):
+    if name in ("fixed_ce", "ast_ce", "dense_ce"):
         return LossConfig(w_kl=0.0, w_ce=1.0)
     if name == "ast_reverse_kl":
         return LossConfig(**kl, kl_kind="reverse")
@@ -497,7 +511,9 @@ def _retrain(name, cfg, model, teacher, oneshot, train_batch, evaluate, tqdm) ->
     sched = _schedule(cfg)
     hist: dict[str, list] = {"step": [], "loss": [], "flip_rate": [], "decay": []}
 
-    if name == "gmp":
+    if name in ("gmp", *CONTROL):
+        # The dense controls are GMP with n = m: every group keeps all m entries at every step.
+        n_keep = cfg.m if name in CONTROL else cfg.n
         tx = optax.adamw(sched, b2=cfg.b2, weight_decay=cfg.weight_decay)
         params = {"model": jax.tree_util.tree_map(jnp.copy, teacher)}  # the state is donated to the step
         masks0 = {"model": compute_masks(teacher, cfg.n, cfg.m)}
@@ -505,7 +521,7 @@ def _retrain(name, cfg, model, teacher, oneshot, train_batch, evaluate, tqdm) ->
         ramp = max(cfg.mask_every, round(cfg.gmp_ramp * cfg.steps) // cfg.mask_every * cfg.mask_every)
         state = GMPState(params, tx.init(params), masks0, jnp.zeros((), jnp.int32))
         step = jax.jit(
-            make_gmp_step(model, tx, loss_cfg, cfg.n, cfg.m, ramp, cfg.mask_every), donate_argnums=0
+            make_gmp_step(model, tx, loss_cfg, n_keep, cfg.m, ramp, cfg.mask_every), donate_argnums=0
         )
     else:
         if cfg.mask_init == "magnitude":
@@ -566,7 +582,7 @@ def _retrain(name, cfg, model, teacher, oneshot, train_batch, evaluate, tqdm) ->
     t_train = time.perf_counter()
     steady = (t_train - t_first) / max(cfg.steps - 1, 1) if t_first else float("nan")
 
-    if name == "gmp":
+    if name in ("gmp", *CONTROL):
         final_masks = state.masks["model"]
         params, slorb_params = apply_masks(state.params, state.masks)["model"], None
         flip_last, flip_init = float("nan"), float("nan")
@@ -632,7 +648,11 @@ def format_markdown(results: dict[str, Any]) -> str:
             strict = "–" if n == "dense" else str(e.get("strict_nm"))
             lines.append(row(n, [strict, f"{e['wall_s']:.1f}"]))
         lines.append("")
-    for title, names in (("retraining", RETRAIN), ("distillation ablation", ("ast_naive", *ABLATION))):
+    for title, names in (
+        ("retraining", RETRAIN),
+        ("distillation ablation", ("ast_naive", *ABLATION)),
+        ("dense fine-tuning controls", CONTROL),
+    ):
         names = [n for n in names if n in v]
         if not names:
             continue

@@ -70,3 +70,29 @@ def test_gmp_step_prunes_gradually_to_strict_nm():
     final = state.params["model"]
     assert is_strict_nm(final, 2, 4, masks=state.masks["model"])  # pruned weights are exactly zero
     assert bool(jnp.isfinite(met["loss"]))
+
+
+def test_dense_control_is_gmp_with_n_equal_m():
+    """The ``dense_ce``/``dense_kl`` controls run the GMP step with n = m: nothing is ever pruned, the
+    weights still train."""
+    assert ExperimentConfig(variants="control").variant_list() == ("dense_ce", "dense_kl")
+    assert "dense_ce" not in ExperimentConfig().variant_list()
+    cfg = LlamaConfig.tiny(n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, d_ff=32, vocab_size=32)
+    model = Llama(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
+    tx = optax.adamw(1e-2)
+    teacher = jax.jit(lambda t: model.init(jax.random.key(1), t)["params"])(tokens)
+    params = {"model": jax.tree_util.tree_map(jnp.copy, teacher)}
+    masks = jax.tree_util.tree_map(jnp.ones_like, {"model": compute_masks(teacher, 2, 4)})
+    state = GMPState(params, tx.init(params), masks, jnp.zeros((), jnp.int32))
+    step = jax.jit(make_gmp_step(model, tx, LossConfig(w_kl=0.0, w_ce=1.0), 4, 4, ramp_steps=2, every=1))
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    losses = []
+    for _ in range(4):
+        state, met = step(state, batch, teacher)
+        losses.append(float(met["loss"]))
+    assert all(bool(jnp.all(m)) for m in jax.tree_util.tree_leaves(state.masks))
+    w0 = np.asarray(teacher["layers_0"]["mlp"]["up_proj"]["kernel"])
+    w1 = np.asarray(state.params["model"]["layers_0"]["mlp"]["up_proj"]["kernel"])
+    assert np.count_nonzero(w1) == np.count_nonzero(w0) and not np.allclose(w0, w1)
+    assert losses[-1] < losses[0]
