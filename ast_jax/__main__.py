@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from ast_jax._cli import config_parser
 from ast_jax.data import BatchIterator, eval_batches, load_text_data
 from ast_jax.distill import LossConfig
 from ast_jax.models.gpt2 import GPT2, GPT2Config
@@ -108,18 +109,7 @@ class MainConfig:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ast_jax", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(MainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            if f.default:
-                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
-            else:
-                p.add_argument(flag, dest=f.name, action="store_true")
-            continue
-        kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
-        p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"default: {f.default}")
-    return p
+    return config_parser(MainConfig, "python -m ast_jax", __doc__.split("\n\n")[0])
 
 
 def parse_config(argv: Sequence[str] | None = None) -> MainConfig:

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ast_jax._cli import config_parser
 from ast_jax.distill import LossConfig, distill_loss
 from ast_jax.masks import nm_mask, tree_flip_count, tree_size
 from ast_jax.models.llama import Llama
@@ -691,15 +692,7 @@ def format_markdown(results: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ast_jax.experiments", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(ExperimentConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
-            continue
-        kind = {"int": int, "float": float, "str": str}[str(f.type)]
-        p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"default: {f.default!r}")
-    return p
+    return config_parser(ExperimentConfig, "python -m ast_jax.experiments", __doc__.split("\n\n")[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,8 +33,6 @@ import math
 import signal
 import sys
 import time
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,6 +43,7 @@ import numpy as np
 import optax
 
 from ast_jax import sharding as shd
+from ast_jax._cli import config_parser
 from ast_jax.checkpoint import CheckpointStore, abstract_like
 from ast_jax.data import batch_at, eval_batches, load_text_data
 from ast_jax.distill import LossConfig
@@ -636,42 +635,12 @@ def _finish(cfg, model, mesh, data, teacher, state, summary) -> None:
 # Command line
 
 
-def _base_type(tp: Any) -> tuple[type, bool]:
-    """``int | None`` -> ``(int, True)``."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m ast_jax.train",
-        description="Sharded, fault-tolerant AST 2:4 distillation (one flag per TrainConfig field).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    return config_parser(
+        TrainConfig,
+        "python -m ast_jax.train",
+        "Sharded, fault-tolerant AST 2:4 distillation (one flag per TrainConfig field).",
     )
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        tp, optional = _base_type(hints[f.name])
-        if tp is bool:
-            p.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"]
-            )
-            continue
-
-        def conv(s: str, tp=tp, optional=optional, name=f.name):
-            if optional and s.lower() in ("none", "null", ""):
-                return None
-            try:
-                return tp(s)
-            except ValueError:
-                raise argparse.ArgumentTypeError(
-                    f"--{name.replace('_', '-')}: expected {tp.__name__}"
-                ) from None
-
-        p.add_argument(flag, type=conv, default=f.default, help=f.metadata["help"])
-    return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:

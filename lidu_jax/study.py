@@ -42,6 +42,7 @@ import numpy as np
 from scipy import stats
 
 from lidu_jax import baselines, datasets, distributions, evaluation, metrics
+from lidu_jax._cli import config_parser
 from lidu_jax.estimators import lidu, sample_moments
 from lidu_jax.models.base import RecModel
 from lidu_jax.models.lightgcn import LightGCNConfig, make_lightgcn
@@ -660,18 +661,7 @@ def summarise(cells: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lidu_jax.study", description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(StudyConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if str(f.type) == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif f.name in ("json", "min_rating"):
-            typ = str if f.name == "json" else float
-            p.add_argument(flag, type=typ, default=None)
-        else:
-            typ = {"int": int, "float": float, "str": str}[str(f.type)]
-            p.add_argument(flag, type=typ, default=f.default)
-    return p
+    return config_parser(StudyConfig, "python -m lidu_jax.study", __doc__.split("\n")[0])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

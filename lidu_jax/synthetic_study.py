@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lidu_jax import baselines, distributions, evaluation, metrics
+from lidu_jax._cli import config_parser
 from lidu_jax.estimators import lidu, lidu_from_samples
 from lidu_jax.models.mf import BayesianMFConfig, MFConfig, make_bayesian_mf, make_bpr_mf
 from lidu_jax.synthetic import SyntheticConfig, generate
@@ -283,17 +284,7 @@ def _summary(sources: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lidu_jax", description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(StudyConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif f.name == "json":
-            p.add_argument(flag, type=str, default=None, metavar="PATH")
-        else:
-            typ = {"int": int, "float": float, "str": str}[str(f.type)]
-            p.add_argument(flag, type=typ, default=f.default)
-    return p
+    return config_parser(StudyConfig, "python -m lidu_jax", __doc__.split("\n")[0])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
