@@ -154,6 +154,22 @@ def log_ndtr(z: jax.Array) -> jax.Array:
     return jnp.where(deep, asym, jnp.where(neg, log_arg, upper))
 
 
+def _needs_barrier() -> bool:
+    """Whether `_materialize` keeps arrays out of the reductions that consume them (every backend but CPU)."""
+    return jax.default_backend() != "cpu"
+
+
+def _materialize(x: jax.Array) -> jax.Array:
+    """An elementwise log Φ array, kept out of the fusion of the reduction that consumes it, except on CPU.
+
+    Measured on an H100 (jax 0.11.2): XLA's GPU compiler had not finished a reduce fusion whose producer is
+    log Φ of a ``(1024, 256, 990)`` array after minutes (its "very slow compile" alarm; the same with
+    `jax.scipy.special.log_ndtr`), while with the producer materialised behind `jax.lax.optimization_barrier`
+    it compiled in 0.5 s and ran in 1.8 ms. On CPU the fused form is kept (it is the fast one there).
+    """
+    return jax.lax.optimization_barrier(x) if _needs_barrier() else x
+
+
 def _log1mexp(x: jax.Array) -> jax.Array:
     """``log(1 - exp(x))`` for ``x <= 0``, accurate near 0 and far below (Maechler 2012)."""
     x = jnp.minimum(x, -1e-30)
@@ -184,7 +200,7 @@ def _gaussian_rest_log_h(mids, mu, sd, valid):
     reduction runs over contiguous memory and fuses with the elementwise work."""
     inv = 1.0 / sd
     z = mids[:, :, None] * inv[:, None, :] - (mu * inv)[:, None, :]
-    return jnp.sum(jnp.where(valid[:, None, :], log_ndtr(z), 0.0), axis=-1)
+    return jnp.sum(_materialize(jnp.where(valid[:, None, :], log_ndtr(z), 0.0)), axis=-1)
 
 
 def _select_rest(mean, std, ranking, cand, lo, n_keep):
@@ -262,10 +278,10 @@ def _gaussian_list_pieces(mu_l, sd_l, grid: _Grid, method: str):
     """List items' cell masses (B,K,G), log CDF at midpoints (B,K,G; sequential only, else None) and log
     survival at the edges (B,K,G+1)."""
     ze = (grid.edges[:, None, :] - mu_l[:, :, None]) / sd_l[:, :, None]
-    lcdf, lsf = log_ndtr(ze), log_ndtr(-ze)
+    lcdf, lsf = _materialize(log_ndtr(ze)), _materialize(log_ndtr(-ze))
     log_f_mid = None
     if method == "sequential":
-        log_f_mid = log_ndtr((grid.mids[:, None, :] - mu_l[:, :, None]) / sd_l[:, :, None])
+        log_f_mid = _materialize(log_ndtr((grid.mids[:, None, :] - mu_l[:, :, None]) / sd_l[:, :, None]))
     return _log_mass_from_edges(lcdf, lsf), log_f_mid, lsf
 
 
@@ -284,13 +300,14 @@ def _combine(method, ordered, log_mass, log_f_mid, log_sf_edges, log_h):
 
 
 def default_user_tile() -> int:
-    """Users per tile inside one jitted call: 16 on CPU, 0 (no tiling) elsewhere.
+    """Users per tile inside one jitted call: 16 on CPU, 128 elsewhere.
 
-    The grid methods build ``(B, G, n)`` intermediates; on a CPU, walking the batch in tiles of a few users
-    keeps them in cache (``python benchmarks/bench_lidu.py --tile 0`` measures the difference). On GPUs and
-    TPUs one wide batch is faster.
+    The grid methods build ``(B, G, n)`` log Φ intermediates; on a CPU, walking the batch in tiles of a few
+    users keeps them in cache (``python benchmarks/bench_lidu.py --tile 0`` measures the difference). On
+    GPUs and TPUs they are materialised (`_materialize`), and tiles of 128 users bound that memory to
+    ``128 * G * n * 4`` bytes (128 MiB for 256 cells and 1,000 items).
     """
-    return 16 if jax.default_backend() == "cpu" else 0
+    return 16 if jax.default_backend() == "cpu" else 128
 
 
 def _map_user_tiles(fn, tile: int, *arrays):
@@ -326,10 +343,12 @@ def _gaussian_core_tile(mean, std, ranking, cand, *, method, grid_size, n_keep, 
     if method == "pairwise":
         mu, sd, valid = _select_rest(mean, std, ranking, cand, None, None)
         last_mu, last_sd = mu_l[:, -1:], sd_l[:, -1:]
-        rest = jnp.where(valid, log_ndtr((last_mu - mu) / jnp.sqrt(last_sd**2 + sd**2)), 0.0).sum(-1)
+        z_rest = (last_mu - mu) / jnp.sqrt(last_sd**2 + sd**2)
+        rest = _materialize(jnp.where(valid, log_ndtr(z_rest), 0.0)).sum(-1)
         if not ordered:
             return rest
-        adj = log_ndtr((mu_l[:, :-1] - mu_l[:, 1:]) / jnp.sqrt(sd_l[:, :-1] ** 2 + sd_l[:, 1:] ** 2)).sum(-1)
+        z_adj = (mu_l[:, :-1] - mu_l[:, 1:]) / jnp.sqrt(sd_l[:, :-1] ** 2 + sd_l[:, 1:] ** 2)
+        adj = _materialize(log_ndtr(z_adj)).sum(-1)
         return adj + rest
     lo = jnp.min(mu_l - GRID_HALF_WIDTH * sd_l, axis=1)
     hi = jnp.maximum(jnp.max(mu_l + GRID_HALF_WIDTH * sd_l, axis=1), _highest_rest_mean(mean, ranking, cand))
@@ -601,16 +620,16 @@ def _kde_core(samples, bandwidth, ranking, cand, *, method, grid_size, ordered):
     hi = jnp.maximum(hi, _highest_rest_mean(jnp.mean(xs, -1), ranking, cand))
     grid = _Grid(lo, hi, grid_size)
     ze = (grid.edges[:, None, None, :] - xs_l[..., None]) / h_l[:, :, None, None]  # (B, K, S, G+1)
-    lcdf, lsf = log_ndtr(ze), log_ndtr(-ze)
+    lcdf, lsf = _materialize(log_ndtr(ze)), _materialize(log_ndtr(-ze))
     log_mass = logsumexp(_log_mass_from_edges(lcdf, lsf), axis=2) - log_s
     log_f_mid = None
     if method == "sequential":
         zm = (grid.mids[:, None, None, :] - xs_l[..., None]) / h_l[:, :, None, None]
-        log_f_mid = logsumexp(log_ndtr(zm), axis=2) - log_s
+        log_f_mid = logsumexp(_materialize(log_ndtr(zm)), axis=2) - log_s
     log_sf_edges = logsumexp(lsf, axis=2) - log_s
     rest = _rest_mask(ranking, cand)
     z = (grid.mids[:, :, None, None] - xs[:, None, :, :]) / bandwidth[:, None, :, None]  # (B, G, n, S)
-    log_f_rest = logsumexp(log_ndtr(z), axis=-1) - log_s
+    log_f_rest = logsumexp(_materialize(log_ndtr(z)), axis=-1) - log_s
     log_h = jnp.sum(jnp.where(rest[:, None, :], log_f_rest, 0.0), axis=-1)
     return _combine(method, ordered, log_mass, log_f_mid, log_sf_edges, log_h)
 
