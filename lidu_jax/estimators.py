@@ -128,6 +128,11 @@ def _check_k(k: int, n_items: int) -> None:
 # ----------------------------------------------------------------------------------------- log-space helpers
 
 
+def _needs_barrier() -> bool:
+    """Whether `log_ndtr` keeps its result out of the fusions that consume it (every backend but CPU)."""
+    return jax.default_backend() != "cpu"
+
+
 def log_ndtr(z: jax.Array) -> jax.Array:
     """``log Phi(z)`` with one ``erfc`` and one ``log`` per element (this function dominates the cost of the
     grid methods, ``|C| * G`` calls per user). With ``t = Phi(-|z|)``:
@@ -141,7 +146,13 @@ def log_ndtr(z: jax.Array) -> jax.Array:
 
     The three branches share a single ``log`` (of ``1 - t``, ``t`` or ``-z``). Float32 relative error below
     ``5e-6`` on [-40, 8] against `scipy.special.log_ndtr` (absolute error < 1e-4 near z = -40, where the
-    value is about -800); `jax.scipy.special.log_ndtr` loses relative precision for large z."""
+    value is about -800); `jax.scipy.special.log_ndtr` loses relative precision for large z.
+
+    Off CPU the result is kept out of the fusion of whatever consumes it (`jax.lax.optimization_barrier`).
+    Measured on an H100 (jax 0.11.2): XLA's GPU compiler had not finished a reduce fusion whose producer is
+    log Φ of a ``(1024, 256, 990)`` array after minutes (its "very slow compile" alarm; the same with
+    `jax.scipy.special.log_ndtr`), while with the producer materialised it compiled in 0.5 s and ran in
+    1.8 ms. On CPU the fused form is kept (it is the fast one there)."""
     t = 0.5 * jax.lax.erfc(jnp.abs(z) * (1.0 / math.sqrt(2.0)))  # Phi(-|z|)
     neg, deep = z < 0, z < -10.0
     zz = jnp.minimum(z, -10.0)
@@ -151,23 +162,8 @@ def log_ndtr(z: jax.Array) -> jax.Array:
     asym = -0.5 * zz * zz - log_arg - 0.5 * math.log(2 * math.pi) + s * (1.0 + s * (-0.5 + s * (1.0 / 3.0)))
     small = -t * (1.0 + t * (0.5 + t * (1.0 / 3.0 + t * 0.25)))
     upper = jnp.where(t < 1e-2, small, log_arg)
-    return jnp.where(deep, asym, jnp.where(neg, log_arg, upper))
-
-
-def _needs_barrier() -> bool:
-    """Whether `_materialize` keeps arrays out of the reductions that consume them (every backend but CPU)."""
-    return jax.default_backend() != "cpu"
-
-
-def _materialize(x: jax.Array) -> jax.Array:
-    """An elementwise log Φ array, kept out of the fusion of the reduction that consumes it, except on CPU.
-
-    Measured on an H100 (jax 0.11.2): XLA's GPU compiler had not finished a reduce fusion whose producer is
-    log Φ of a ``(1024, 256, 990)`` array after minutes (its "very slow compile" alarm; the same with
-    `jax.scipy.special.log_ndtr`), while with the producer materialised behind `jax.lax.optimization_barrier`
-    it compiled in 0.5 s and ran in 1.8 ms. On CPU the fused form is kept (it is the fast one there).
-    """
-    return jax.lax.optimization_barrier(x) if _needs_barrier() else x
+    out = jnp.where(deep, asym, jnp.where(neg, log_arg, upper))
+    return jax.lax.optimization_barrier(out) if _needs_barrier() else out
 
 
 def _log1mexp(x: jax.Array) -> jax.Array:
@@ -197,10 +193,10 @@ class _Grid:
 
 def _gaussian_rest_log_h(mids, mu, sd, valid):
     """``log H(m_g) = sum_j valid_j log Phi((m_g - mu_j) / sd_j)``: ``(B, G)``. The item axis is last so the
-    reduction runs over contiguous memory and fuses with the elementwise work."""
+    reduction runs over contiguous memory and, on CPU, fuses with the elementwise work."""
     inv = 1.0 / sd
     z = mids[:, :, None] * inv[:, None, :] - (mu * inv)[:, None, :]
-    return jnp.sum(_materialize(jnp.where(valid[:, None, :], log_ndtr(z), 0.0)), axis=-1)
+    return jnp.sum(jnp.where(valid[:, None, :], log_ndtr(z), 0.0), axis=-1)
 
 
 def _select_rest(mean, std, ranking, cand, lo, n_keep):
@@ -278,10 +274,10 @@ def _gaussian_list_pieces(mu_l, sd_l, grid: _Grid, method: str):
     """List items' cell masses (B,K,G), log CDF at midpoints (B,K,G; sequential only, else None) and log
     survival at the edges (B,K,G+1)."""
     ze = (grid.edges[:, None, :] - mu_l[:, :, None]) / sd_l[:, :, None]
-    lcdf, lsf = _materialize(log_ndtr(ze)), _materialize(log_ndtr(-ze))
+    lcdf, lsf = log_ndtr(ze), log_ndtr(-ze)
     log_f_mid = None
     if method == "sequential":
-        log_f_mid = _materialize(log_ndtr((grid.mids[:, None, :] - mu_l[:, :, None]) / sd_l[:, :, None]))
+        log_f_mid = log_ndtr((grid.mids[:, None, :] - mu_l[:, :, None]) / sd_l[:, :, None])
     return _log_mass_from_edges(lcdf, lsf), log_f_mid, lsf
 
 
@@ -304,7 +300,7 @@ def default_user_tile() -> int:
 
     The grid methods build ``(B, G, n)`` log Φ intermediates; on a CPU, walking the batch in tiles of a few
     users keeps them in cache (``python benchmarks/bench_lidu.py --tile 0`` measures the difference). On
-    GPUs and TPUs they are materialised (`_materialize`), and tiles of 128 users bound that memory to
+    GPUs and TPUs they are materialised (see `log_ndtr`), and tiles of 128 users bound that memory to
     ``128 * G * n * 4`` bytes (128 MiB for 256 cells and 1,000 items).
     """
     return 16 if jax.default_backend() == "cpu" else 128
@@ -344,11 +340,11 @@ def _gaussian_core_tile(mean, std, ranking, cand, *, method, grid_size, n_keep, 
         mu, sd, valid = _select_rest(mean, std, ranking, cand, None, None)
         last_mu, last_sd = mu_l[:, -1:], sd_l[:, -1:]
         z_rest = (last_mu - mu) / jnp.sqrt(last_sd**2 + sd**2)
-        rest = _materialize(jnp.where(valid, log_ndtr(z_rest), 0.0)).sum(-1)
+        rest = jnp.where(valid, log_ndtr(z_rest), 0.0).sum(-1)
         if not ordered:
             return rest
         z_adj = (mu_l[:, :-1] - mu_l[:, 1:]) / jnp.sqrt(sd_l[:, :-1] ** 2 + sd_l[:, 1:] ** 2)
-        adj = _materialize(log_ndtr(z_adj)).sum(-1)
+        adj = log_ndtr(z_adj).sum(-1)
         return adj + rest
     lo = jnp.min(mu_l - GRID_HALF_WIDTH * sd_l, axis=1)
     hi = jnp.maximum(jnp.max(mu_l + GRID_HALF_WIDTH * sd_l, axis=1), _highest_rest_mean(mean, ranking, cand))
@@ -536,7 +532,7 @@ def lidu_chunked(
     are produced lazily (e.g. scored from a model chunk by chunk). Each chunk is validated, padded to
     ``pad_to`` users (one compilation for all full chunks) and pruned to a power-of-two item budget that
     keeps every rest item not far below its user's list. Inside a chunk the users are walked ``tile`` at a
-    time (default `default_user_tile`: 16 on CPU, none elsewhere; 0 = the whole chunk at once).
+    time (default `default_user_tile`: 16 on CPU, 128 elsewhere; 0 = the whole chunk at once).
 
     Returns:
       ``(lidu (U,), rankings (U, k))`` as NumPy arrays.
@@ -620,16 +616,16 @@ def _kde_core(samples, bandwidth, ranking, cand, *, method, grid_size, ordered):
     hi = jnp.maximum(hi, _highest_rest_mean(jnp.mean(xs, -1), ranking, cand))
     grid = _Grid(lo, hi, grid_size)
     ze = (grid.edges[:, None, None, :] - xs_l[..., None]) / h_l[:, :, None, None]  # (B, K, S, G+1)
-    lcdf, lsf = _materialize(log_ndtr(ze)), _materialize(log_ndtr(-ze))
+    lcdf, lsf = log_ndtr(ze), log_ndtr(-ze)
     log_mass = logsumexp(_log_mass_from_edges(lcdf, lsf), axis=2) - log_s
     log_f_mid = None
     if method == "sequential":
         zm = (grid.mids[:, None, None, :] - xs_l[..., None]) / h_l[:, :, None, None]
-        log_f_mid = logsumexp(_materialize(log_ndtr(zm)), axis=2) - log_s
+        log_f_mid = logsumexp(log_ndtr(zm), axis=2) - log_s
     log_sf_edges = logsumexp(lsf, axis=2) - log_s
     rest = _rest_mask(ranking, cand)
     z = (grid.mids[:, :, None, None] - xs[:, None, :, :]) / bandwidth[:, None, :, None]  # (B, G, n, S)
-    log_f_rest = logsumexp(_materialize(log_ndtr(z)), axis=-1) - log_s
+    log_f_rest = logsumexp(log_ndtr(z), axis=-1) - log_s
     log_h = jnp.sum(jnp.where(rest[:, None, :], log_f_rest, 0.0), axis=-1)
     return _combine(method, ordered, log_mass, log_f_mid, log_sf_edges, log_h)
 

@@ -308,7 +308,7 @@ def test_sample_input_validation():
 
 @pytest.mark.parametrize("method", ["exact", "sequential", "pairwise"])
 def test_accelerator_layout_gives_the_same_numbers(batch, monkeypatch, method):
-    """Off CPU the log Φ arrays are materialised before their reductions (`estimators._materialize`) and users
+    """Off CPU the log Φ arrays are materialised before their reductions (`estimators.log_ndtr`) and users
     are walked in tiles; forcing that layout on CPU must not change any value (only the compiled program)."""
     mu, sd, ranking, cand = batch
     fused = lidu_jax.list_log_prob(mu, sd, ranking, candidates=cand, method=method)
