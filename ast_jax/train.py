@@ -365,7 +365,8 @@ def _build_programs(cfg: TrainConfig, mesh: Any) -> _Programs:
     rep = shd.replicated(mesh)
     dummy = jnp.zeros((1, cfg.seq_len), jnp.int32)
     init_fn = lambda key: model.init(key, dummy)["params"]
-    psh = rule(jax.eval_shape(init_fn, jax.random.key(0)))
+    abstract_params = jax.eval_shape(init_fn, jax.random.key(0))
+    psh = rule(abstract_params)
 
     tx = _student_tx(cfg)
 
@@ -376,7 +377,7 @@ def _build_programs(cfg: TrainConfig, mesh: Any) -> _Programs:
             slorb = slorb_init_tree(teacher_params, masks, cfg.slorb_k)
         return init_train_state(teacher_params, tx, slorb_params=slorb, seed=cfg.seed)
 
-    ssh = rule(jax.eval_shape(make_state, jax.eval_shape(init_fn, jax.random.key(0))))
+    ssh = rule(jax.eval_shape(make_state, abstract_params))
     loss_cfg = LossConfig(w_kl=cfg.w_kl, w_ce=cfg.w_ce, temperature=cfg.temperature)
     step = jax.jit(
         make_train_step(model, None, tx, loss_cfg),
@@ -388,7 +389,7 @@ def _build_programs(cfg: TrainConfig, mesh: Any) -> _Programs:
     if cfg.teacher_steps:
         ttx = _teacher_tx(cfg)
         t_state = lambda p: init_train_state(p, ttx, seed=cfg.seed)
-        tsh = rule(jax.eval_shape(t_state, jax.eval_shape(init_fn, jax.random.key(0))))
+        tsh = rule(jax.eval_shape(t_state, abstract_params))
         teacher_state = jax.jit(t_state, in_shardings=(psh,), out_shardings=tsh)
         teacher_step = jax.jit(
             make_train_step(model, None, ttx, LossConfig(w_kl=0.0, w_ce=1.0)),
