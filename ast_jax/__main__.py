@@ -131,15 +131,18 @@ def _variant_specs(cfg: MainConfig) -> dict[str, dict[str, Any]]:
     return {k: specs[k] for k in (*REQUIRED_VARIANTS, *cfg.extras)}
 
 
+def _compiler_options(cfg: MainConfig) -> dict[str, Any] | None:
+    return {"xla_backend_optimization_level": 0} if cfg.fast_compile else None
+
+
 def _jit(cfg: MainConfig, fn, **kw):
-    opts = {"xla_backend_optimization_level": 0} if cfg.fast_compile else None
-    return jax.jit(fn, compiler_options=opts, **kw)
+    return jax.jit(fn, compiler_options=_compiler_options(cfg), **kw)
 
 
 def _heldout_ppl(model, params, data, cfg: MainConfig, windows: int, slorb=None) -> float:
     # Batches of min(64, windows) windows, so monitoring and final evaluations share one compilation.
     batches = eval_batches(data.heldout, cfg.seq_len, min(64, cfg.eval_windows), max_windows=windows)
-    opts = {"xla_backend_optimization_level": 0} if cfg.fast_compile else None
+    opts = _compiler_options(cfg)
     return evaluate_perplexity(model, params, batches, slorb_params=slorb, compiler_options=opts)
 
 
