@@ -308,12 +308,13 @@ def test_sample_input_validation():
 
 @pytest.mark.parametrize("method", ["exact", "sequential", "pairwise"])
 def test_accelerator_layout_gives_the_same_numbers(batch, monkeypatch, method):
-    """Off CPU the log Φ arrays are materialised before their reductions (`estimators.log_ndtr`) and users
-    are walked in tiles; forcing that layout on CPU must not change any value (only the compiled program)."""
+    """Off CPU ``log H`` is one materialised log Φ reduction (`estimators.log_ndtr`) instead of the CPU loop
+    over rest-item blocks, and users are walked in tiles; forcing that layout on CPU must not change any
+    value (only the compiled program)."""
     mu, sd, ranking, cand = batch
     fused = lidu_jax.list_log_prob(mu, sd, ranking, candidates=cand, method=method)
     tiled, _ = estimators.lidu_chunked([(mu, sd, cand)], 3, method=method, tile=5)  # 32 = 6 tiles + pad
-    monkeypatch.setattr(estimators, "_needs_barrier", lambda: True)
+    monkeypatch.setattr(estimators, "_accelerator_layout", lambda: True)
     jax.clear_caches()  # retrace: the barrier is chosen at trace time
     try:
         barrier = lidu_jax.list_log_prob(mu, sd, ranking, candidates=cand, method=method)
