@@ -340,8 +340,7 @@ def _ordered_recursion(log_mass: jax.Array, log_h: jax.Array) -> jax.Array:
         inner = jnp.dot(jnp.exp(a_next - c), below, precision=jax.lax.Precision.HIGHEST)
         return log_m + jnp.log(inner) + c, None
 
-    upper = jnp.moveaxis(log_mass[:, :-1], 1, 0)[::-1]  # levels K-1 .. 1
-    a, _ = jax.lax.scan(level, a, upper)
+    a, _ = jax.lax.scan(level, a, jnp.moveaxis(log_mass[:, :-1], 1, 0), reverse=True)  # levels K-1 .. 1
     return logsumexp(a, axis=-1)
 
 
@@ -354,15 +353,30 @@ def _log_mass_from_edges(lcdf, lsf):
     return hi + _log1mexp(jnp.minimum(lo - hi, 0.0))
 
 
-def _gaussian_list_pieces(mu_l, sd_l, grid: _Grid, method: str):
+def _log_cell_mass(za: jax.Array, zb: jax.Array) -> jax.Array:
+    """``log(Phi(zb) - Phi(za))`` elementwise for standardised cell edges ``za <= zb``: a difference of
+    survival values when the cell starts above the median (upper-tail precision), of CDF values otherwise.
+    Each cell is computed from its own two edges, so the whole array is one elementwise fusion (slicing
+    shared edge values made XLA:CPU split it into many materialised pieces)."""
+    upper = za > 0
+    v_hi, w_hi = _log_phi_parts(jnp.where(upper, -za, zb))
+    v_lo, w_lo = _log_phi_parts(jnp.where(upper, -zb, za))
+    hi = w_hi + jnp.log(v_hi)
+    return hi + _log1mexp(jnp.minimum(w_lo + jnp.log(v_lo) - hi, 0.0))
+
+
+def _gaussian_list_pieces(mu_l, sd_l, grid: _Grid, method: str, ordered: bool = True):
     """List items' cell masses (B,K,G), log CDF at midpoints (B,K,G; sequential only, else None) and log
-    survival at the edges (B,K,G+1)."""
-    ze = (grid.edges[:, None, :] - mu_l[:, :, None]) / sd_l[:, :, None]
-    lcdf, lsf = log_ndtr(ze), log_ndtr(-ze)
-    log_f_mid = None
+    survival at the edges (B,K,G+1; unordered only, else None)."""
+    inv = 1.0 / sd_l[:, :, None]
+    za = (grid.edges[:, None, :-1] - mu_l[:, :, None]) * inv
+    zb = (grid.edges[:, None, 1:] - mu_l[:, :, None]) * inv
+    log_f_mid = lsf = None
     if method == "sequential":
         log_f_mid = log_ndtr((grid.mids[:, None, :] - mu_l[:, :, None]) / sd_l[:, :, None])
-    return _log_mass_from_edges(lcdf, lsf), log_f_mid, lsf
+    if not ordered:
+        lsf = log_ndtr(-(grid.edges[:, None, :] - mu_l[:, :, None]) / sd_l[:, :, None])
+    return _log_cell_mass(za, zb), log_f_mid, lsf
 
 
 def _combine(method, ordered, log_mass, log_f_mid, log_sf_edges, log_h):
@@ -436,7 +450,7 @@ def _gaussian_core_tile(mean, std, ranking, cand, *, method, grid_size, n_keep, 
     grid = _Grid(lo, hi, grid_size)
     mu, sd, valid = _select_rest(mean, std, ranking, cand, lo, n_keep)
     log_h = _gaussian_rest_log_h(grid.mids, mu, sd, valid)
-    log_mass, log_f_mid, log_sf_edges = _gaussian_list_pieces(mu_l, sd_l, grid, method)
+    log_mass, log_f_mid, log_sf_edges = _gaussian_list_pieces(mu_l, sd_l, grid, method, ordered)
     return _combine(method, ordered, log_mass, log_f_mid, log_sf_edges, log_h)
 
 
