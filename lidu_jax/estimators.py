@@ -55,6 +55,8 @@ __all__ = [
 DEFAULT_GRID_SIZE = 512
 GRID_HALF_WIDTH = 7.0  # grid spans mean ± 7 std of each list item
 PRUNE_Z = 6.0  # a rest item is "far below" when the grid's low end lies 6 of its std above its mean
+WINDOW_MARGIN = 30.0  # nats: grid cells left out have H <= e^-30 P (see _gaussian_core_tile)
+WINDOW_STEP = 32  # CPU log H is computed in blocks of this many cells, top block first
 METHODS = ("exact", "sequential", "pairwise")
 SAMPLE_METHODS = ("kde", "gaussian", "mc")
 
@@ -131,7 +133,7 @@ def _check_k(k: int, n_items: int) -> None:
 def _accelerator_layout() -> bool:
     """Whether the grid methods use their accelerator layout (every backend but CPU): `log_ndtr` keeps its
     result out of the fusions that consume it and ``log H`` is one materialised ``(B, G, n)`` reduction
-    instead of the CPU loop `_rest_log_h_blocked`."""
+    instead of the CPU loop `_rest_log_h_top_down`."""
     return jax.default_backend() != "cpu"
 
 
@@ -193,12 +195,15 @@ class _Grid:
         self.mids = 0.5 * (self.edges[:, :-1] + self.edges[:, 1:])
 
 
-def _gaussian_rest_log_h(mids, mu, sd, valid):
+def _gaussian_rest_log_h(mids, mu, sd, valid, floor=None):
     """``log H(m_g) = sum_j valid_j log Phi((m_g - mu_j) / sd_j)``: ``(B, G)`` from ``mids (B, G)`` and
-    ``mu, sd, valid (B, n)``. On CPU `_rest_log_h_blocked`; elsewhere one ``(B, G, n)`` log Φ array reduced
-    over its last (contiguous) axis."""
+    ``mu, sd, valid (B, n)``.
+
+    On CPU, `_rest_log_h_top_down` (with ``floor (B,)``, low cells where ``log H < floor`` for every user
+    may come back as ``-inf``); elsewhere one ``(B, G, n)`` log Φ array reduced over its last (contiguous)
+    axis, every cell computed."""
     if not _accelerator_layout():
-        return _rest_log_h_blocked(mids, mu, sd, valid)
+        return _rest_log_h_top_down(mids, _rest_blocks(mu, sd, valid), floor)
     inv = 1.0 / sd
     z = mids[:, :, None] * inv[:, None, :] - (mu * inv)[:, None, :]
     return jnp.sum(jnp.where(valid[:, None, :], log_ndtr(z), 0.0), axis=-1)
@@ -252,35 +257,68 @@ def _log_phi_parts(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return v, w
 
 
-def _rest_log_h_blocked(mids, mu, sd, valid, block: int = 8):
-    """CPU form of `_gaussian_rest_log_h`: a loop over blocks of ``block`` rest items whose body adds their
-    terms to a ``(B, G)`` accumulator, so XLA vectorises along the grid and never holds a ``(B, G, n)``
-    array; the terms are `_log_phi_parts`, one ``log`` per `_PRODUCT_GROUP` items. Invalid (and padding)
-    items get ``z = +1e4``, i.e. ``w = 0``, ``v = 1``. Same values as the accelerator form to float32
-    rounding (tests/test_lidu_estimators.py)."""
+_ITEM_BLOCK = 8  # rest items per step of the CPU log H loop
+
+
+def _rest_blocks(mu, sd, valid):
+    """Rest items laid out for `_rest_log_h_loop`: ``(inv, shift)``, each ``(n' / _ITEM_BLOCK, _ITEM_BLOCK,
+    B)`` with ``z = m * inv - shift``; invalid and padding items get ``inv = 0``, ``shift = -1e4``
+    (``z = 1e4``: ``w = 0``, ``v = 1`` in `_log_phi_parts`)."""
     b, n = mu.shape
     inv = jnp.where(valid, 1.0 / sd, 0.0)
-    shift = jnp.where(valid, mu * inv, -1e4)  # z = mid * inv - shift
-    pad = (-n) % block
+    shift = jnp.where(valid, mu * inv, -1e4)
+    pad = (-n) % _ITEM_BLOCK
     if pad:
         inv = jnp.pad(inv, ((0, 0), (0, pad)))
         shift = jnp.pad(shift, ((0, 0), (0, pad)), constant_values=-1e4)
-    inv = inv.T.reshape(-1, block, b)
-    shift = shift.T.reshape(-1, block, b)
+    return inv.T.reshape(-1, _ITEM_BLOCK, b), shift.T.reshape(-1, _ITEM_BLOCK, b)
+
+
+def _rest_log_h_loop(points, blocks):
+    """``sum_j log Phi(z_j)`` at ``points (B, P)`` for the rest items ``blocks`` (`_rest_blocks`): a loop over
+    item blocks whose body adds their terms to a ``(B, P)`` accumulator, so XLA vectorises along the
+    points and never holds a ``(B, P, n)`` array; the terms are `_log_phi_parts`, one ``log`` per
+    `_PRODUCT_GROUP` items. Same values as the accelerator form to float32 rounding
+    (tests/test_lidu_estimators.py)."""
 
     def step(acc, xs):
         inv_blk, shift_blk = xs
-        for g0 in range(0, block, _PRODUCT_GROUP):
+        for g0 in range(0, _ITEM_BLOCK, _PRODUCT_GROUP):
             prod = None
-            for i in range(g0, min(g0 + _PRODUCT_GROUP, block)):
-                v, w = _log_phi_parts(mids * inv_blk[i][:, None] - shift_blk[i][:, None])
+            for i in range(g0, min(g0 + _PRODUCT_GROUP, _ITEM_BLOCK)):
+                v, w = _log_phi_parts(points * inv_blk[i][:, None] - shift_blk[i][:, None])
                 acc = acc + w
                 prod = v if prod is None else prod * v
             acc = acc + jnp.log(prod)
         return acc, None
 
-    acc, _ = jax.lax.scan(step, jnp.zeros_like(mids), (inv, shift))
+    acc, _ = jax.lax.scan(step, jnp.zeros_like(points), blocks)
     return acc
+
+
+def _rest_log_h_top_down(mids, blocks, floor=None):
+    """CPU ``log H`` on the grid ``mids (B, G)``, `WINDOW_STEP` cells at a time from the top block down,
+    stopping below a block whose lowest cell has ``log H < floor`` for every user; the cells not computed
+    are ``-inf``. ``H`` increases along the grid, so they all have ``log H < floor`` too. With
+    ``floor = None`` (or a grid that is not a whole number of blocks) every cell is computed."""
+    b, g = mids.shape
+    if floor is None or g % WINDOW_STEP or g < 2 * WINDOW_STEP:
+        return _rest_log_h_loop(mids, blocks)
+    by_block = mids.reshape(b, g // WINDOW_STEP, WINDOW_STEP)
+
+    def more(state):
+        j, _, done = state
+        return (j >= 0) & ~done
+
+    def block(state):
+        j, log_h, _ = state
+        vals = _rest_log_h_loop(jax.lax.dynamic_index_in_dim(by_block, j, axis=1, keepdims=False), blocks)
+        log_h = jax.lax.dynamic_update_index_in_dim(log_h, vals, j, axis=1)
+        return j - 1, log_h, jnp.all(vals[:, 0] < floor)
+
+    start = (jnp.asarray(g // WINDOW_STEP - 1), jnp.full_like(by_block, -jnp.inf), jnp.asarray(False))
+    _, log_h, _ = jax.lax.while_loop(more, block, start)
+    return log_h.reshape(b, g)
 
 
 def _select_rest(mean, std, ranking, cand, lo, n_keep):
@@ -396,7 +434,7 @@ def _combine(method, ordered, log_mass, log_f_mid, log_sf_edges, log_h):
 def default_user_tile() -> int:
     """Users per tile inside one jitted call: 1,024 on CPU, 128 elsewhere.
 
-    On a CPU the ``log H`` loop (`_rest_log_h_blocked`) only holds ``(B, G)`` arrays, and the
+    On a CPU the ``log H`` loop (`_rest_log_h_loop`) only holds ``(B, G)`` arrays, and the
     elementwise work over a whole chunk is split across the cores by XLA, so tiles are large (smaller ones
     measured slower: ``python benchmarks/bench_lidu.py --tile 16``). On GPUs and TPUs the ``(B, G, n)`` log
     Φ arrays are materialised (see `log_ndtr`), and tiles of 128 users bound that memory to
@@ -423,16 +461,31 @@ def _map_user_tiles(fn, tile: int, *arrays):
     return out.reshape(n_tiles * tile, *out.shape[2:])[:b]
 
 
-@partial(jax.jit, static_argnames=("method", "grid_size", "n_keep", "ordered", "tile"))
-def _gaussian_core(mean, std, ranking, cand, *, method, grid_size, n_keep, ordered, tile=0):
+@partial(jax.jit, static_argnames=("method", "grid_size", "n_keep", "ordered", "tile", "trim"))
+def _gaussian_core(mean, std, ranking, cand, *, method, grid_size, n_keep, ordered, tile=0, trim=True):
     """``log P`` for ``(B, n)`` inputs, ``tile`` users at a time (0 = all at once); see the module
     docstring."""
-    body = partial(_gaussian_core_tile, method=method, grid_size=grid_size, n_keep=n_keep, ordered=ordered)
+    body = partial(
+        _gaussian_core_tile,
+        method=method,
+        grid_size=grid_size,
+        n_keep=n_keep,
+        ordered=ordered,
+        trim=trim,
+    )
     return _map_user_tiles(body, tile, mean, std, ranking, cand)
 
 
-def _gaussian_core_tile(mean, std, ranking, cand, *, method, grid_size, n_keep, ordered):
-    """``log P`` for one batch of users ``(B, n)``."""
+def _gaussian_core_tile(mean, std, ranking, cand, *, method, grid_size, n_keep, ordered, trim=True):
+    """``log P`` for one batch of users ``(B, n)``.
+
+    With ``trim`` (CPU layout only), low grid cells with ``H(m_g) <= e^-30 P`` are left out: with ``LB``
+    from `_log_p_lower_bound`, `_rest_log_h_top_down` stops below a block of cells where
+    ``log H < LB - WINDOW_MARGIN`` for every user and leaves ``log H = -inf`` below. A list whose bottom
+    item sits in such a cell contributes at most ``max_{g' <= g} H(m_{g'}) <= e^-30 P`` in all (the list
+    masses sum to at most 1), so this changes ``log P`` by less than ``1e-13`` relative (against the
+    continuous ``P``; the grid's own error is ~0.2 nats, docs/results-lidu-synthetic.md). The bound also
+    holds for the unordered and sequential probabilities, which are at least the ordered one."""
     mu_l = jnp.take_along_axis(mean, ranking, axis=1)
     sd_l = jnp.take_along_axis(std, ranking, axis=1)
     if method == "pairwise":
@@ -445,13 +498,58 @@ def _gaussian_core_tile(mean, std, ranking, cand, *, method, grid_size, n_keep, 
         z_adj = (mu_l[:, :-1] - mu_l[:, 1:]) / jnp.sqrt(sd_l[:, :-1] ** 2 + sd_l[:, 1:] ** 2)
         adj = log_ndtr(z_adj).sum(-1)
         return adj + rest
-    lo = jnp.min(mu_l - GRID_HALF_WIDTH * sd_l, axis=1)
-    hi = jnp.maximum(jnp.max(mu_l + GRID_HALF_WIDTH * sd_l, axis=1), _highest_rest_mean(mean, ranking, cand))
+    lo, hi = _grid_bounds(mean, mu_l, sd_l, ranking, cand)
     grid = _Grid(lo, hi, grid_size)
     mu, sd, valid = _select_rest(mean, std, ranking, cand, lo, n_keep)
-    log_h = _gaussian_rest_log_h(grid.mids, mu, sd, valid)
+    if _accelerator_layout():
+        log_h = _gaussian_rest_log_h(grid.mids, mu, sd, valid)
+    else:
+        blocks = _rest_blocks(mu, sd, valid)
+        floor = None
+        if trim:
+            lb = _log_p_lower_bound(mu_l, sd_l, _rest_log_h_loop(_box_thresholds(mu_l, sd_l)[1], blocks))
+            floor = lb - WINDOW_MARGIN
+        log_h = _rest_log_h_top_down(grid.mids, blocks, floor)
     log_mass, log_f_mid, log_sf_edges = _gaussian_list_pieces(mu_l, sd_l, grid, method, ordered)
     return _combine(method, ordered, log_mass, log_f_mid, log_sf_edges, log_h)
+
+
+def _grid_bounds(mean, mu_l, sd_l, ranking, cand):
+    """``(lo, hi)`` each ``(B,)``: the grid spans ``mean ± GRID_HALF_WIDTH std`` of every list item and
+    reaches the highest rest mean (`_highest_rest_mean`)."""
+    lo = jnp.min(mu_l - GRID_HALF_WIDTH * sd_l, axis=1)
+    hi = jnp.maximum(jnp.max(mu_l + GRID_HALF_WIDTH * sd_l, axis=1), _highest_rest_mean(mean, ranking, cand))
+    return lo, hi
+
+
+_BOX_C = (0.0, 1.0, 2.0)  # bottom thresholds mu_K - c sd_K tried by _log_p_lower_bound
+
+
+def _box_thresholds(mu_l, sd_l):
+    """``upper (B, K)`` with ``t_{k-1}`` for item ``k`` (``t_0 = 1e30``, ``t_k = (mu_k + mu_{k+1}) / 2``) and
+    the bottom thresholds ``t_K = min(mu_K - c sd_K, t_{K-1})``, ``(B, len(_BOX_C))``."""
+    upper = jnp.concatenate([jnp.full_like(mu_l[:, :1], 1e30), 0.5 * (mu_l[:, :-1] + mu_l[:, 1:])], axis=1)
+    t_k = jnp.minimum(mu_l[:, -1:] - jnp.asarray(_BOX_C, mu_l.dtype) * sd_l[:, -1:], upper[:, -1:])
+    return upper, t_k
+
+
+def _log_p_lower_bound(mu_l, sd_l, log_h_t):
+    """``(B,)`` lower bound of ``log P`` for lists ordered by mean, from one box of the event:
+
+        ``P >= prod_k Pr[t_k < S_k < t_{k-1}] * H(t_K)``
+
+    with the thresholds of `_box_thresholds`, best of the bottom thresholds; ``log_h_t (B, len(_BOX_C))``
+    is ``log H`` at them. ``-inf`` where the list is not ordered by mean."""
+    upper, t_k = _box_thresholds(mu_l, sd_l)
+    n_c = t_k.shape[1]
+    lower = jnp.concatenate(
+        [jnp.broadcast_to(upper[:, 1:, None], (*upper[:, 1:].shape, n_c)), t_k[:, None, :]], axis=1
+    )  # (B, K, n_c)
+    za = (lower - mu_l[..., None]) / sd_l[..., None]
+    zb = (upper - mu_l)[..., None] / sd_l[..., None]
+    bound = jnp.sum(_log_cell_mass(za, zb), axis=1) + log_h_t
+    best = jnp.max(jnp.where(jnp.isnan(bound), -jnp.inf, bound), axis=1)
+    return jnp.where(jnp.all(mu_l[:, 1:] <= mu_l[:, :-1], axis=1), best, -jnp.inf)
 
 
 @jax.jit
@@ -459,7 +557,7 @@ def _needed_rest_items(mean, std, ranking, cand):
     """Per user, the number of rest items NOT far below the grid's low end (they must be kept)."""
     mu_l = jnp.take_along_axis(mean, ranking, axis=1)
     sd_l = jnp.take_along_axis(std, ranking, axis=1)
-    lo = jnp.min(mu_l - GRID_HALF_WIDTH * sd_l, axis=1)
+    lo, _ = _grid_bounds(mean, mu_l, sd_l, ranking, cand)
     return jnp.sum(_rest_mask(ranking, cand) & (mean + PRUNE_Z * std > lo[:, None]), axis=1)
 
 
@@ -624,14 +722,17 @@ def lidu_chunked(
     pad_to: int | None = None,
     n_items: int | None = None,
     tile: int | None = None,
+    trim_cells: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """LiDu over a stream of user chunks ``(mean (B, n), std (B, n), candidates (B, n) or None)``.
 
     Only one chunk is alive at a time, so peak memory does not grow with the number of users when the chunks
     are produced lazily (e.g. scored from a model chunk by chunk). Each chunk is validated, padded to
     ``pad_to`` users (one compilation for all full chunks) and pruned to a power-of-two item budget that
-    keeps every rest item not far below its user's list. Inside a chunk the users are walked ``tile`` at a
-    time (default `default_user_tile`: 16 on CPU, 128 elsewhere; 0 = the whole chunk at once).
+    keeps every rest item not far below its user's list. On CPU, ``trim_cells`` leaves out the low grid
+    cells where ``H <= e^-30 P`` for every user of a tile (`_gaussian_core_tile`). Neither changes ``log P``
+    beyond float32 rounding. Inside a chunk the users are walked ``tile`` at a time (default
+    `default_user_tile`: 1,024 on CPU, 128 elsewhere; 0 = the whole chunk at once).
 
     Returns:
       ``(lidu (U,), rankings (U, k))`` as NumPy arrays.
@@ -669,6 +770,7 @@ def lidu_chunked(
             n_keep=n_keep,
             ordered=ordered,
             tile=default_user_tile() if tile is None else tile,
+            trim=trim_cells,
         )
         values.append(np.asarray(_finish(log_p, k, per_position))[:b])
         ranks.append(np.asarray(rankings)[:b])

@@ -157,6 +157,42 @@ def test_far_below_candidates_leave_lidu_unchanged_and_pruning_is_exact():
     np.testing.assert_allclose(wide, full, rtol=1e-5)
 
 
+def test_left_out_low_cells_hold_no_probability():
+    """On CPU the grid methods compute ``log H`` block by block from the top and leave out the low cells
+    where ``H <= e^-30 P`` for every user (`estimators._gaussian_core_tile`). On catalogue-like scores cells
+    are left out, the bound holds in every cell left out (checked on the full grid), the lower bound of
+    log P is one, and LiDu is unchanged."""
+    rng = np.random.default_rng(11)
+    b, n, k, g = 64, 500, 10, 256
+    mu = (rng.normal(size=(b, 8)) @ rng.normal(size=(8, n)) / 2).astype(np.float32)
+    sd = (0.5 * np.exp(0.3 * rng.normal(size=(b, n)))).astype(np.float32)
+    full, r = estimators.lidu_chunked([(mu, sd, None)], k, grid_size=g, trim_cells=False)
+    trimmed, _ = estimators.lidu_chunked([(mu, sd, None)], k, grid_size=g)
+    np.testing.assert_allclose(trimmed, full, rtol=1e-6, atol=1e-6)
+    mu_l, sd_l = np.take_along_axis(mu, r, 1), np.take_along_axis(sd, r, 1)
+    cand = np.ones((b, n), bool)
+    rest = estimators._rest_mask(r, cand)
+    blocks = estimators._rest_blocks(mu, sd, rest)
+    t_k = estimators._box_thresholds(mu_l, sd_l)[1]
+    lb = np.asarray(estimators._log_p_lower_bound(mu_l, sd_l, estimators._rest_log_h_loop(t_k, blocks)))
+    assert np.all(lb <= -full + 0.5)  # 0.5 nat: the grid's own error
+    lo, hi = estimators._grid_bounds(mu, mu_l, sd_l, r, cand)
+    mids = estimators._Grid(lo, hi, g).mids
+    every = np.asarray(estimators._rest_log_h_top_down(mids, blocks))
+    floor = lb - estimators.WINDOW_MARGIN
+    kept = np.asarray(estimators._rest_log_h_top_down(mids, blocks, floor))
+    left_out = np.isneginf(kept)
+    assert left_out.sum() >= 32 * b  # at least one block of cells for every user
+    np.testing.assert_allclose(kept[~left_out], every[~left_out], rtol=1e-6)
+    assert np.all((every - floor[:, None])[left_out] < 0)  # only cells below the floor are left out...
+    assert np.all((every - (-full[:, None] - 29.5))[left_out] <= 0)  # ...and there H <= e^-30 P
+    # a list not ordered by mean has no bound: nothing is left out
+    lb_rev = estimators._log_p_lower_bound(
+        mu_l[:, ::-1], sd_l[:, ::-1], estimators._rest_log_h_loop(t_k, blocks)
+    )
+    assert np.all(np.isneginf(np.asarray(lb_rev)))
+
+
 def test_grid_converges():
     mu, sd, ranking = case(10, 5)
     fine = float(logp(mu, sd, ranking, grid_size=2048)[0])
