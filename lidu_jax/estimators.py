@@ -316,7 +316,12 @@ def _rest_log_h_top_down(mids, blocks, floor=None):
         log_h = jax.lax.dynamic_update_index_in_dim(log_h, vals, j, axis=1)
         return j - 1, log_h, jnp.all(vals[:, 0] < floor)
 
-    start = (jnp.asarray(g // WINDOW_STEP - 1), jnp.full_like(by_block, -jnp.inf), jnp.asarray(False))
+    # `done` starts as a value derived from `floor`, so it has floor's type under `jax.shard_map` too
+    start = (
+        jnp.asarray(g // WINDOW_STEP - 1),
+        jnp.full_like(by_block, -jnp.inf),
+        jnp.any(jnp.zeros_like(floor, dtype=bool)),
+    )
     _, log_h, _ = jax.lax.while_loop(more, block, start)
     return log_h.reshape(b, g)
 
