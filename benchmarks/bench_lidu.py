@@ -4,6 +4,11 @@ implementation of the same grid algorithm (same grid, same quadrature), plus pea
     python benchmarks/bench_lidu.py                       # speed: 10,000 users x 1,000 items, K=10
     python benchmarks/bench_lidu.py --memory              # also peak RSS for 10,000 and 100,000 users
 
+JAX is timed twice in the same process: `lidu_jax.lidu_chunked` on one XLA device (XLA still spreads each
+operation over the cores), and `lidu_jax.sharding.lidu_sharded` with the users split over ``--devices`` XLA
+host devices (``--xla_force_host_platform_device_count``, set before JAX starts; one per core is the usual
+way to occupy every core of a CPU with JAX). ``--devices 1`` skips the second figure.
+
 Scores are synthetic but shaped like a trained BPR-MF ensemble on the synthetic study data: per-user
 item means from a rank-16 model with spread ``--mean-spread`` across items and per-item std
 ``--std-scale * LogNormal(0, 0.3)`` (the study's 8-seed ensemble has a mean spread of ~2.2 and a mean std
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -98,6 +104,27 @@ def run_jax(args, n_users: int, lazy: bool) -> tuple[np.ndarray, float]:
     return values, time.perf_counter() - t
 
 
+def run_jax_sharded(args) -> tuple[np.ndarray, float]:
+    """JAX LiDu over ``--users`` users split over every XLA device (`lidu_jax.sharding.lidu_sharded`);
+    inputs generated before the clock starts, compilation not timed."""
+    from lidu_jax.sharding import lidu_sharded
+
+    parts = [
+        make_chunk(args.seed, c // args.chunk, min(args.chunk, args.users - c), args.items, args.mean_spread,
+                   args.std_scale)
+        for c in range(0, args.users, args.chunk)
+    ]  # fmt: skip
+    mean = np.concatenate([m for m, _ in parts])
+    std = np.concatenate([s for _, s in parts])
+    per_device = args.chunk // args.devices
+    lidu_sharded(
+        mean[: args.chunk], std[: args.chunk], args.k, grid_size=args.grid, users_per_device=per_device
+    )
+    t = time.perf_counter()
+    values, _ = lidu_sharded(mean, std, args.k, grid_size=args.grid, users_per_device=per_device)
+    return values, time.perf_counter() - t
+
+
 def memory_child(args) -> None:
     """Run JAX LiDu on ``--memory-users`` users and print the peak RSS (MiB) as JSON."""
     values, seconds = run_jax(args, args.memory_users, lazy=True)
@@ -118,31 +145,38 @@ def main() -> None:
     p.add_argument("--mean-spread", type=float, default=2.2)
     p.add_argument("--std-scale", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--devices", type=int, default=2, help="XLA host devices for the sharded figure (1: skip)")
     p.add_argument("--memory", action="store_true", help="also measure peak RSS for 10k and 100k users")
     p.add_argument("--memory-grid", type=int, default=0, help="grid of the memory runs (0 = --grid)")
     p.add_argument("--memory-users", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.devices > 1:  # must precede JAX's start (run_jax imports it)
+        flag = f"--xla_force_host_platform_device_count={args.devices}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     if args.memory_users:
         memory_child(args)
         return
 
     values, jax_s = run_jax(args, args.users, lazy=False)
-    jax_rate = args.users / jax_s
+    sharded = run_jax_sharded(args) if args.devices > 1 else None
     mean, std = make_chunk(args.seed, 0, args.chunk, args.items, args.mean_spread, args.std_scale)
     n_ref = min(args.numpy_users, args.chunk)
     t = time.perf_counter()
     ref = np.array([numpy_lidu_one(mean[u], std[u], args.k, args.grid) for u in range(n_ref)])
     np_s = time.perf_counter() - t
     np_rate = n_ref / np_s
-    diff = np.abs(ref - values[:n_ref])
     print(f"exact LiDu, {args.users} users x {args.items} items, K={args.k}, grid={args.grid}")
-    print(
-        f"  JAX   : {jax_rate:10.1f} users/s ({jax_s:.1f} s for {args.users} users, chunks of {args.chunk})"
-    )
     print(f"  NumPy : {np_rate:10.1f} users/s ({np_s:.1f} s for {n_ref} users, float64, per-user loop)")
-    print(f"  ratio : {jax_rate / np_rate:10.1f}x")
-    print(f"  agreement on {n_ref} users: max |LiDu_jax - LiDu_numpy| = {diff.max():.2e} "
-          f"(relative {np.max(diff / np.abs(ref)):.1e}); mean LiDu {ref.mean():.2f}")  # fmt: skip
+    runs = [("JAX, 1 device", values, jax_s, f"lidu_chunked, chunks of {args.chunk}")]
+    if sharded is not None:
+        runs.append((f"JAX, {args.devices} devices", *sharded, "lidu_sharded"))
+    for name, vals, secs, how in runs:
+        rate = args.users / secs
+        diff = np.abs(ref - vals[:n_ref])
+        print(f"  {name:16s}: {rate:10.1f} users/s ({secs:.1f} s, {how}) = {rate / np_rate:5.1f}x NumPy; "
+              f"max |LiDu - LiDu_numpy| on {n_ref} users = {diff.max():.2e} "
+              f"(relative {np.max(diff / np.abs(ref)):.1e})")  # fmt: skip
+    print(f"  mean LiDu {ref.mean():.2f}")
     if args.memory:
         peaks = {}
         for users in (10_000, 100_000):

@@ -399,8 +399,7 @@ def _log_mass_from_edges(lcdf, lsf):
 def _log_cell_mass(za: jax.Array, zb: jax.Array) -> jax.Array:
     """``log(Phi(zb) - Phi(za))`` elementwise for standardised cell edges ``za <= zb``: a difference of
     survival values when the cell starts above the median (upper-tail precision), of CDF values otherwise.
-    Each cell is computed from its own two edges, so the whole array is one elementwise fusion (slicing
-    shared edge values made XLA:CPU split it into many materialised pieces)."""
+    Each cell is computed from its own two edges (no slices of shared edge values)."""
     upper = za > 0
     v_hi, w_hi = _log_phi_parts(jnp.where(upper, -za, zb))
     v_lo, w_lo = _log_phi_parts(jnp.where(upper, -zb, za))
@@ -411,15 +410,23 @@ def _log_cell_mass(za: jax.Array, zb: jax.Array) -> jax.Array:
 def _gaussian_list_pieces(mu_l, sd_l, grid: _Grid, method: str, ordered: bool = True):
     """List items' cell masses (B,K,G), log CDF at midpoints (B,K,G; sequential only, else None) and log
     survival at the edges (B,K,G+1; unordered only, else None)."""
-    inv = 1.0 / sd_l[:, :, None]
-    za = (grid.edges[:, None, :-1] - mu_l[:, :, None]) * inv
-    zb = (grid.edges[:, None, 1:] - mu_l[:, :, None]) * inv
+
+    def one_item(mu_sd):  # (B,) mean and std of one list position -> its (B, G) cell masses
+        mu, sd = mu_sd
+        inv = 1.0 / sd[:, None]
+        return _log_cell_mass(
+            (grid.edges[:, :-1] - mu[:, None]) * inv, (grid.edges[:, 1:] - mu[:, None]) * inv
+        )
+
+    # One list position at a time: XLA:CPU then compiles each position's masses into a single elementwise
+    # loop, where the (B, K, G) form was split into many materialised pieces (1.3x for the whole estimator).
+    log_mass = jnp.moveaxis(jax.lax.map(one_item, (mu_l.T, sd_l.T)), 0, 1)
     log_f_mid = lsf = None
     if method == "sequential":
         log_f_mid = log_ndtr((grid.mids[:, None, :] - mu_l[:, :, None]) / sd_l[:, :, None])
     if not ordered:
         lsf = log_ndtr(-(grid.edges[:, None, :] - mu_l[:, :, None]) / sd_l[:, :, None])
-    return _log_cell_mass(za, zb), log_f_mid, lsf
+    return log_mass, log_f_mid, lsf
 
 
 def _combine(method, ordered, log_mass, log_f_mid, log_sf_edges, log_h):
