@@ -224,11 +224,11 @@ _ERFC_P = (
     0.17087277,
 )
 _X_CLAMP = 1e4  # erfcx's factor is evaluated at min(x, 1e4): relative change of log Phi < 1e-7 beyond
-_PRODUCT_GROUP = 4  # log Phi terms whose linear factors share one log
+_PRODUCT_GROUP = 8  # log Phi terms whose linear factors share one log (8 measured 1.1x faster than 4)
 
 
 def _log_phi_parts(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``log Phi(z) = w + log v`` with ``v`` in ``[3e-5, 1]`` and no logarithm evaluated.
+    """``log Phi(z) = w + log v`` with ``v`` in ``[2.8e-5, 1]`` and no logarithm evaluated.
 
     With ``x = |z| / sqrt(2)``, ``t = 1 / (1 + x / 2)`` and ``e(x) = t exp(P(t)) = erfc(x) exp(x^2)``
     (`_ERFC_P`):
@@ -238,9 +238,10 @@ def _log_phi_parts(z: jax.Array) -> tuple[jax.Array, jax.Array]:
       ``-q - q^2/2 - q^3/3`` (truncation < 3e-9 relative) and ``v = 1``; otherwise ``w = 0``, ``v = 1 - q``.
 
     A sum of such terms needs one ``log`` per group of ``v`` factors (``sum w + log prod v``), which is
-    what makes the CPU ``log H`` loop cheaper than a `log_ndtr` per term; ``v >= 3e-5`` keeps a product of
-    four far from float32 underflow. Float32 error of ``w + log v`` against `scipy.special.log_ndtr`:
-    relative < 5e-7 for ``z < 0`` (down to ``-1e5`` and beyond), absolute < 4e-7 for ``z >= 0``.
+    what makes the CPU ``log H`` loop cheaper than a `log_ndtr` per term; ``v >= 2.8e-5`` (``x`` clamped
+    at `_X_CLAMP`) keeps a product of eight above ``3.8e-37``, clear of float32 underflow (``1.2e-38``).
+    Float32 error of ``w + log v`` against `scipy.special.log_ndtr`: relative < 5e-7 for ``z < 0`` (down to
+    ``-1e5`` and beyond), absolute < 4e-7 for ``z >= 0``.
     """
     x = jnp.abs(z) * (1.0 / math.sqrt(2.0))
     xc = jnp.minimum(x, _X_CLAMP)

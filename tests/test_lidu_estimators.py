@@ -157,6 +157,30 @@ def test_far_below_candidates_leave_lidu_unchanged_and_pruning_is_exact():
     np.testing.assert_allclose(wide, full, rtol=1e-5)
 
 
+def test_log_phi_forms_against_scipy():
+    """Both float32 forms of log Φ used by the grid methods (`log_ndtr`; ``w + log v`` of `_log_phi_parts`
+    in the CPU log H loop) against SciPy's float64 ``log_ndtr``, including far tails, and the CPU loop's
+    products of eight ``v`` factors stay clear of float32 underflow in the worst case."""
+    from scipy.special import log_ndtr
+
+    z = np.concatenate([np.linspace(-40, 12, 200_001), -np.logspace(1.6, 5, 2_000)]).astype(np.float32)
+    ref = log_ndtr(z.astype(np.float64))
+    v, w = estimators._log_phi_parts(jnp.asarray(z))
+    parts = np.log(np.asarray(v, np.float64)) + np.asarray(w, np.float64)
+    direct = np.asarray(estimators.log_ndtr(jnp.asarray(z)), np.float64)
+    neg = z < 0
+    assert np.max(np.abs(parts - ref)[neg] / np.abs(ref[neg])) < 1e-6
+    assert np.max(np.abs(parts - ref)[~neg]) < 5e-7
+    assert np.max(np.abs(direct - ref)[neg] / np.abs(ref[neg])) < 1e-5
+    assert np.max(np.abs(direct - ref)[~neg]) < 5e-7
+    # eight items of a block at z = -1e6 (beyond the clamp): the product of their v stays a normal float32
+    mu, sd = jnp.full((1, 8), 1e6), jnp.ones((1, 8))
+    got = estimators._rest_log_h_loop(
+        jnp.zeros((1, 4)), estimators._rest_blocks(mu, sd, jnp.ones((1, 8), bool))
+    )
+    np.testing.assert_allclose(np.asarray(got), 8 * log_ndtr(-1e6), rtol=1e-6)
+
+
 def test_left_out_low_cells_hold_no_probability():
     """On CPU the grid methods compute ``log H`` block by block from the top and leave out the low cells
     where ``H <= e^-30 P`` for every user (`estimators._gaussian_core_tile`). On catalogue-like scores cells
