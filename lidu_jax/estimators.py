@@ -445,15 +445,16 @@ def _combine(method, ordered, log_mass, log_f_mid, log_sf_edges, log_h):
 
 
 def default_user_tile() -> int:
-    """Users per tile inside one jitted call: 1,024 on CPU, 128 elsewhere.
+    """Users per tile inside one jitted call: 256 on CPU, 128 elsewhere.
 
-    On a CPU the ``log H`` loop (`_rest_log_h_loop`) only holds ``(B, G)`` arrays, and the
-    elementwise work over a whole chunk is split across the cores by XLA, so tiles are large (smaller ones
-    measured slower: ``python benchmarks/bench_lidu.py --tile 16``). On GPUs and TPUs the ``(B, G, n)`` log
+    On a CPU the ``log H`` loop (`_rest_log_h_loop`) only holds ``(B, G)`` arrays and XLA splits the work
+    of a tile across the cores; each tile stops its top-down loop at its own users' window
+    (`_rest_log_h_top_down`), so tiles of a few hundred users beat both the whole chunk (5-7% slower,
+    measured on 1,024-user chunks) and small tiles (loop overheads). On GPUs and TPUs the ``(B, G, n)`` log
     Φ arrays are materialised (see `log_ndtr`), and tiles of 128 users bound that memory to
     ``128 * G * n * 4`` bytes (128 MiB for 256 cells and 1,000 items).
     """
-    return 1024 if jax.default_backend() == "cpu" else 128
+    return 256 if jax.default_backend() == "cpu" else 128
 
 
 def _map_user_tiles(fn, tile: int, *arrays):
@@ -745,7 +746,7 @@ def lidu_chunked(
     keeps every rest item not far below its user's list. On CPU, ``trim_cells`` leaves out the low grid
     cells where ``H <= e^-30 P`` for every user of a tile (`_gaussian_core_tile`). Neither changes ``log P``
     beyond float32 rounding. Inside a chunk the users are walked ``tile`` at a time (default
-    `default_user_tile`: 1,024 on CPU, 128 elsewhere; 0 = the whole chunk at once).
+    `default_user_tile`: 256 on CPU, 128 elsewhere; 0 = the whole chunk at once).
 
     Returns:
       ``(lidu (U,), rankings (U, k))`` as NumPy arrays.
