@@ -210,6 +210,21 @@ def test_left_out_low_cells_hold_no_probability():
     np.testing.assert_allclose(kept[~left_out], every[~left_out], rtol=1e-6)
     assert np.all((every - floor[:, None])[left_out] < 0)  # only cells below the floor are left out...
     assert np.all((every - (-full[:, None] - 29.5))[left_out] <= 0)  # ...and there H <= e^-30 P
+    # the CPU loop visits, per block of cells, only the items that reach it (grouped per user)
+    mu_o, sd_o, valid_o, n_steps = estimators._order_by_reach_block(mids, mu, sd, rest)
+    order = np.argsort(np.asarray(mu_o), axis=1)  # each row is a permutation of the user's items...
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(mu_o), order, 1), np.sort(mu, axis=1))
+    reach = np.where(np.asarray(valid_o), np.asarray(mu_o) + estimators.PRUNE_Z * np.asarray(sd_o), -np.inf)
+    bottoms = np.asarray(mids)[:, :: estimators.WINDOW_STEP]
+    visited = np.asarray(n_steps) * estimators._ITEM_BLOCK
+    for k in range(bottoms.shape[1]):  # ...and every item reaching block k sits before the visited limit
+        assert np.all(reach[:, visited[k] :] <= bottoms[:, k : k + 1])
+    assert visited[-1] < n  # the top block visits fewer items than there are
+    grouped = estimators._rest_log_h_top_down(
+        mids, estimators._rest_blocks(mu_o, sd_o, valid_o), floor, n_steps
+    )
+    np.testing.assert_allclose(np.asarray(grouped)[~left_out], every[~left_out], rtol=1e-5, atol=1e-5)
+    assert np.array_equal(np.isneginf(np.asarray(grouped)), left_out)
     # a list not ordered by mean has no bound: nothing is left out
     lb_rev = estimators._log_p_lower_bound(
         mu_l[:, ::-1], sd_l[:, ::-1], estimators._rest_log_h_loop(t_k, blocks)
