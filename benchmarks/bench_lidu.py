@@ -140,7 +140,7 @@ def main() -> None:
     p.add_argument("--grid", type=int, default=256)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--tile", type=int, default=-1, help="users per tile inside a chunk (-1: library default)")
-    p.add_argument("--numpy-users", type=int, default=200, help="users timed for the NumPy reference")
+    p.add_argument("--numpy-users", type=int, default=500, help="users timed for the NumPy reference")
     p.add_argument("--mean-spread", type=float, default=2.2)
     p.add_argument("--std-scale", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=0)
