@@ -195,18 +195,31 @@ class _Grid:
         self.mids = 0.5 * (self.edges[:, :-1] + self.edges[:, 1:])
 
 
-def _gaussian_rest_log_h(mids, mu, sd, valid, floor=None):
-    """``log H(m_g) = sum_j valid_j log Phi((m_g - mu_j) / sd_j)``: ``(B, G)`` from ``mids (B, G)`` and
-    ``mu, sd, valid (B, n)``.
+def _gaussian_rest_log_h(mids, mu, sd, valid, mu_l, sd_l, trim: bool):
+    """``log H(m_g) = sum_j valid_j log Phi((m_g - mu_j) / sd_j)``: ``(B, G)`` from ``mids (B, G)`` and the
+    rest items ``mu, sd, valid (B, n)``; ``mu_l, sd_l (B, K)`` are the list items.
 
-    On CPU, `_rest_log_h_top_down` (with ``floor (B,)``, low cells where ``log H < floor`` for every user
-    may come back as ``-inf``); elsewhere one ``(B, G, n)`` log Φ array reduced over its last (contiguous)
-    axis, every cell computed."""
-    if not _accelerator_layout():
-        return _rest_log_h_top_down(mids, _rest_blocks(mu, sd, valid), floor)
-    inv = 1.0 / sd
-    z = mids[:, :, None] * inv[:, None, :] - (mu * inv)[:, None, :]
-    return jnp.sum(jnp.where(valid[:, None, :], log_ndtr(z), 0.0), axis=-1)
+    On CPU, the loop `_rest_log_h_loop`; with ``trim`` and a grid of whole `WINDOW_STEP` blocks, each user's
+    items grouped by the blocks they reach (`_order_by_reach_block`) and the grid walked from the top down
+    to ``floor = LB - WINDOW_MARGIN`` (`_rest_log_h_top_down`, `_log_p_lower_bound`; cells below come back
+    as ``-inf``, see `_gaussian_core_tile`). Elsewhere one ``(B, G, n)`` log Φ array reduced over its last
+    (contiguous) axis, every cell computed."""
+    if _accelerator_layout():
+        inv = 1.0 / sd
+        z = mids[:, :, None] * inv[:, None, :] - (mu * inv)[:, None, :]
+        return jnp.sum(jnp.where(valid[:, None, :], log_ndtr(z), 0.0), axis=-1)
+    if not (trim and _whole_blocks(mids.shape[1])):
+        return _rest_log_h_loop(mids, _rest_blocks(mu, sd, valid))
+    mu, sd, valid, n_steps = _order_by_reach_block(mids, mu, sd, valid)
+    blocks = _rest_blocks(mu, sd, valid)
+    thresholds = _box_thresholds(mu_l, sd_l)
+    lb = _log_p_lower_bound(mu_l, sd_l, thresholds, _rest_log_h_loop(thresholds[1], blocks))
+    return _rest_log_h_top_down(mids, blocks, lb - WINDOW_MARGIN, n_steps)
+
+
+def _whole_blocks(grid_size: int) -> bool:
+    """Whether the grid splits into at least two blocks of `WINDOW_STEP` cells (top-down walk possible)."""
+    return grid_size % WINDOW_STEP == 0 and grid_size >= 2 * WINDOW_STEP
 
 
 # NR "erfcc" (Press et al., Numerical Recipes, 6.2): erfc(x) = t exp(-x^2 + P(t)), t = 1 / (1 + x / 2),
@@ -325,11 +338,10 @@ def _order_by_reach_block(mids, mu, sd, valid):
     # place within the group; an associative scan (log-depth) because XLA:CPU lowers cumsum over 1,000
     # items to a quadratic reduce-window (38 us/user measured)
     rank = jnp.sum((jax.lax.associative_scan(jnp.add, onehot, axis=1) - onehot) * onehot, axis=2)
-    above = jnp.cumsum(count[:, ::-1], axis=1)[:, ::-1] - count  # items in higher groups
-    pos = jnp.take_along_axis(above, group, axis=1) + rank
+    at_or_above = jnp.cumsum(count[:, ::-1], axis=1)[:, ::-1]  # (B, nb + 1): items in group >= g
+    pos = jnp.take_along_axis(at_or_above - count, group, axis=1) + rank  # higher groups first
     order = jnp.zeros_like(pos).at[jnp.arange(b)[:, None], pos].set(jnp.broadcast_to(jnp.arange(n), (b, n)))
-    reached = jnp.cumsum(count[:, ::-1], axis=1)[:, ::-1][:, 1:]  # (B, nb): items reaching block k or above
-    n_steps = -(-jnp.max(reached, axis=0) // _ITEM_BLOCK)
+    n_steps = -(-jnp.max(at_or_above[:, 1:], axis=0) // _ITEM_BLOCK)  # items reaching block k, every user
     take = lambda x: jnp.take_along_axis(x, order, axis=1)
     return take(mu), take(sd), take(valid), n_steps
 
@@ -340,7 +352,7 @@ def _rest_log_h_top_down(mids, blocks, floor=None, n_steps=None):
     are ``-inf``. ``H`` increases along the grid, so they all have ``log H < floor`` too. With
     ``floor = None`` (or a grid that is not a whole number of blocks) every cell is computed."""
     b, g = mids.shape
-    if floor is None or g % WINDOW_STEP or g < 2 * WINDOW_STEP:
+    if floor is None or not _whole_blocks(g):
         return _rest_log_h_loop(mids, blocks)
     by_block = mids.reshape(b, g // WINDOW_STEP, WINDOW_STEP)
 
@@ -570,17 +582,7 @@ def _gaussian_core_tile(mean, std, ranking, cand, *, method, grid_size, n_keep, 
     lo, hi = _grid_bounds(mean, mu_l, sd_l, ranking, cand)
     grid = _Grid(lo, hi, grid_size)
     mu, sd, valid = _select_rest(mean, std, ranking, cand, lo, n_keep)
-    if _accelerator_layout():
-        log_h = _gaussian_rest_log_h(grid.mids, mu, sd, valid)
-    else:
-        floor = n_steps = None
-        if trim and grid_size % WINDOW_STEP == 0 and grid_size >= 2 * WINDOW_STEP:
-            mu, sd, valid, n_steps = _order_by_reach_block(grid.mids, mu, sd, valid)
-        blocks = _rest_blocks(mu, sd, valid)
-        if trim:
-            lb = _log_p_lower_bound(mu_l, sd_l, _rest_log_h_loop(_box_thresholds(mu_l, sd_l)[1], blocks))
-            floor = lb - WINDOW_MARGIN
-        log_h = _rest_log_h_top_down(grid.mids, blocks, floor, n_steps)
+    log_h = _gaussian_rest_log_h(grid.mids, mu, sd, valid, mu_l, sd_l, trim)
     log_mass, log_f_mid, log_sf_edges = _gaussian_list_pieces(mu_l, sd_l, grid, method, ordered)
     return _combine(method, ordered, log_mass, log_f_mid, log_sf_edges, log_h)
 
@@ -604,14 +606,14 @@ def _box_thresholds(mu_l, sd_l):
     return upper, t_k
 
 
-def _log_p_lower_bound(mu_l, sd_l, log_h_t):
+def _log_p_lower_bound(mu_l, sd_l, thresholds, log_h_t):
     """``(B,)`` lower bound of ``log P`` for lists ordered by mean, from one box of the event:
 
         ``P >= prod_k Pr[t_k < S_k < t_{k-1}] * H(t_K)``
 
-    with the thresholds of `_box_thresholds`, best of the bottom thresholds; ``log_h_t (B, len(_BOX_C))``
-    is ``log H`` at them. ``-inf`` where the list is not ordered by mean."""
-    upper, t_k = _box_thresholds(mu_l, sd_l)
+    with ``thresholds = _box_thresholds(mu_l, sd_l)``, best of the bottom thresholds; ``log_h_t
+    (B, len(_BOX_C))`` is ``log H`` at them. ``-inf`` where the list is not ordered by mean."""
+    upper, t_k = thresholds
     n_c = t_k.shape[1]
     lower = jnp.concatenate(
         [jnp.broadcast_to(upper[:, 1:, None], (*upper[:, 1:].shape, n_c)), t_k[:, None, :]], axis=1

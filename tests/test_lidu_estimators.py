@@ -197,8 +197,11 @@ def test_left_out_low_cells_hold_no_probability():
     cand = np.ones((b, n), bool)
     rest = estimators._rest_mask(r, cand)
     blocks = estimators._rest_blocks(mu, sd, rest)
-    t_k = estimators._box_thresholds(mu_l, sd_l)[1]
-    lb = np.asarray(estimators._log_p_lower_bound(mu_l, sd_l, estimators._rest_log_h_loop(t_k, blocks)))
+    thresholds = estimators._box_thresholds(mu_l, sd_l)
+    t_k = thresholds[1]
+    lb = np.asarray(
+        estimators._log_p_lower_bound(mu_l, sd_l, thresholds, estimators._rest_log_h_loop(t_k, blocks))
+    )
     assert np.all(lb <= -full + 0.5)  # 0.5 nat: the grid's own error
     lo, hi = estimators._grid_bounds(mu, mu_l, sd_l, r, cand)
     mids = estimators._Grid(lo, hi, g).mids
@@ -226,9 +229,9 @@ def test_left_out_low_cells_hold_no_probability():
     np.testing.assert_allclose(np.asarray(grouped)[~left_out], every[~left_out], rtol=1e-5, atol=1e-5)
     assert np.array_equal(np.isneginf(np.asarray(grouped)), left_out)
     # a list not ordered by mean has no bound: nothing is left out
-    lb_rev = estimators._log_p_lower_bound(
-        mu_l[:, ::-1], sd_l[:, ::-1], estimators._rest_log_h_loop(t_k, blocks)
-    )
+    rev_l, rev_s = mu_l[:, ::-1], sd_l[:, ::-1]
+    rev_t = estimators._box_thresholds(rev_l, rev_s)
+    lb_rev = estimators._log_p_lower_bound(rev_l, rev_s, rev_t, estimators._rest_log_h_loop(t_k, blocks))
     assert np.all(np.isneginf(np.asarray(lb_rev)))
 
 
