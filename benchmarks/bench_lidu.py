@@ -77,6 +77,19 @@ def numpy_lidu_one(mean: np.ndarray, std: np.ndarray, k: int, grid: int) -> floa
     return float(-(m + np.log(np.exp(a - m).sum())))
 
 
+def user_chunks(args, n_users: int):
+    """``(mean, std)`` for ``n_users`` users, ``--chunk`` users at a time (`make_chunk`)."""
+    for c in range(0, n_users, args.chunk):
+        yield make_chunk(
+            args.seed,
+            c // args.chunk,
+            min(args.chunk, n_users - c),
+            args.items,
+            args.mean_spread,
+            args.std_scale,
+        )
+
+
 def run_jax(args, n_users: int, lazy: bool) -> tuple[np.ndarray, float]:
     """JAX LiDu over ``n_users`` users in chunks. ``lazy=False`` (the speed run) generates every chunk before
     the clock starts, so only LiDu is timed, as for the NumPy reference; ``lazy=True`` (the memory runs)
@@ -85,19 +98,13 @@ def run_jax(args, n_users: int, lazy: bool) -> tuple[np.ndarray, float]:
 
     from lidu_jax.estimators import lidu_chunked
 
-    def chunks():
-        for c in range(0, n_users, args.chunk):
-            b = min(args.chunk, n_users - c)
-            mean, std = make_chunk(
-                args.seed, c // args.chunk, b, args.items, args.mean_spread, args.std_scale
-            )
-            yield mean, std, None
-
     tile = None if args.tile < 0 else args.tile
     # Warm-up on one chunk so compilation is not timed.
-    mean, std = make_chunk(args.seed, 0, args.chunk, args.items, args.mean_spread, args.std_scale)
+    mean, std = next(user_chunks(args, args.chunk))
     lidu_chunked([(mean, std, None)], args.k, grid_size=args.grid, pad_to=args.chunk, tile=tile)
-    source = chunks() if lazy else list(chunks())
+    source = ((m, s, None) for m, s in user_chunks(args, n_users))
+    if not lazy:
+        source = list(source)
     t = time.perf_counter()
     values, _ = lidu_chunked(source, args.k, grid_size=args.grid, pad_to=args.chunk, tile=tile)
     jax.block_until_ready(values)
@@ -109,11 +116,7 @@ def run_jax_sharded(args) -> tuple[np.ndarray, float]:
     inputs generated before the clock starts, compilation not timed."""
     from lidu_jax.sharding import lidu_sharded
 
-    parts = [
-        make_chunk(args.seed, c // args.chunk, min(args.chunk, args.users - c), args.items, args.mean_spread,
-                   args.std_scale)
-        for c in range(0, args.users, args.chunk)
-    ]  # fmt: skip
+    parts = list(user_chunks(args, args.users))
     mean = np.concatenate([m for m, _ in parts])
     std = np.concatenate([s for _, s in parts])
     per_device = args.chunk  # each device takes a chunk of users per call
@@ -158,7 +161,7 @@ def main() -> None:
 
     values, jax_s = run_jax(args, args.users, lazy=False)
     sharded = run_jax_sharded(args) if args.devices > 1 else None
-    mean, std = make_chunk(args.seed, 0, args.chunk, args.items, args.mean_spread, args.std_scale)
+    mean, std = next(user_chunks(args, args.chunk))
     n_ref = min(args.numpy_users, args.chunk)
     t = time.perf_counter()
     ref = np.array([numpy_lidu_one(mean[u], std[u], args.k, args.grid) for u in range(n_ref)])
