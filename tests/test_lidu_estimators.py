@@ -182,10 +182,10 @@ def test_log_phi_forms_against_scipy():
 
 
 def test_left_out_low_cells_hold_no_probability():
-    """On CPU the grid methods compute ``log H`` block by block from the top and leave out the low cells
-    where ``H <= e^-30 P`` for every user (`estimators._gaussian_core_tile`). On catalogue-like scores cells
-    are left out, the bound holds in every cell left out (checked on the full grid), the lower bound of
-    log P is one, and LiDu is unchanged."""
+    """On CPU the grid methods compute ``log H`` block by block from the top and leave out each user's low
+    cells where ``H <= e^-30 P`` (`estimators._gaussian_core_tile`). On catalogue-like scores cells are left
+    out, the bound holds in every cell left out (checked on the full grid), the lower bound of log P is one,
+    users stop at different blocks, and LiDu is unchanged."""
     rng = np.random.default_rng(11)
     b, n, k, g = 64, 500, 10, 256
     mu = (rng.normal(size=(b, 8)) @ rng.normal(size=(8, n)) / 2).astype(np.float32)
@@ -199,40 +199,71 @@ def test_left_out_low_cells_hold_no_probability():
     blocks = estimators._rest_blocks(mu, sd, rest)
     thresholds = estimators._box_thresholds(mu_l, sd_l)
     t_k = thresholds[1]
-    lb = np.asarray(
-        estimators._log_p_lower_bound(mu_l, sd_l, thresholds, estimators._rest_log_h_loop(t_k, blocks))
+    lb_loop = estimators._log_p_lower_bound(mu_l, sd_l, thresholds, estimators._rest_log_h_loop(t_k, blocks))
+    lb = np.asarray(  # the bound as the estimator computes it (dense log H at the three thresholds)
+        estimators._log_p_lower_bound(mu_l, sd_l, thresholds, estimators._rest_log_h_dense(t_k, mu, sd, rest))
     )
+    np.testing.assert_allclose(lb, np.asarray(lb_loop), rtol=1e-5)
     assert np.all(lb <= -full + 0.5)  # 0.5 nat: the grid's own error
     lo, hi = estimators._grid_bounds(mu, mu_l, sd_l, r, cand)
     mids = estimators._Grid(lo, hi, g).mids
-    every = np.asarray(estimators._rest_log_h_top_down(mids, blocks))
+    every = np.asarray(estimators._rest_log_h_top_down(mids, mu, sd, rest))
     floor = lb - estimators.WINDOW_MARGIN
-    kept = np.asarray(estimators._rest_log_h_top_down(mids, blocks, floor))
+    kept = np.asarray(estimators._rest_log_h_top_down(mids, mu, sd, rest, floor, sub_tile=16))
     left_out = np.isneginf(kept)
     assert left_out.sum() >= 32 * b  # at least one block of cells for every user
+    assert len(set(left_out.sum(1))) > 1  # users stop at different blocks
     np.testing.assert_allclose(kept[~left_out], every[~left_out], rtol=1e-6)
     assert np.all((every - floor[:, None])[left_out] < 0)  # only cells below the floor are left out...
     assert np.all((every - (-full[:, None] - 29.5))[left_out] <= 0)  # ...and there H <= e^-30 P
+    # each user stops at the first block whose lowest cell is below its floor
+    low = every[:, :: estimators.WINDOW_STEP] < floor[:, None]  # (B, blocks)
+    first = np.array([np.max(np.nonzero(row)[0], initial=-1) for row in low])
+    np.testing.assert_array_equal(left_out.sum(1), np.maximum(first, 0) * estimators.WINDOW_STEP)
     # the CPU loop visits, per block of cells, only the items that reach it (grouped per user)
-    mu_o, sd_o, valid_o, n_steps = estimators._order_by_reach_block(mids, mu, sd, rest)
+    mu_o, sd_o, valid_o, counts = estimators._order_by_reach_block(mids, mu, sd, rest)
     order = np.argsort(np.asarray(mu_o), axis=1)  # each row is a permutation of the user's items...
     np.testing.assert_array_equal(np.take_along_axis(np.asarray(mu_o), order, 1), np.sort(mu, axis=1))
     reach = np.where(np.asarray(valid_o), np.asarray(mu_o) + estimators.PRUNE_Z * np.asarray(sd_o), -np.inf)
     bottoms = np.asarray(mids)[:, :: estimators.WINDOW_STEP]
-    visited = np.asarray(n_steps) * estimators._ITEM_BLOCK
-    for k in range(bottoms.shape[1]):  # ...and every item reaching block k sits before the visited limit
-        assert np.all(reach[:, visited[k] :] <= bottoms[:, k : k + 1])
-    assert visited[-1] < n  # the top block visits fewer items than there are
-    grouped = estimators._rest_log_h_top_down(
-        mids, estimators._rest_blocks(mu_o, sd_o, valid_o), floor, n_steps
-    )
-    np.testing.assert_allclose(np.asarray(grouped)[~left_out], every[~left_out], rtol=1e-5, atol=1e-5)
-    assert np.array_equal(np.isneginf(np.asarray(grouped)), left_out)
+    counts = np.asarray(counts)
+    after = np.arange(n)[None, :, None] >= counts[:, None, :]  # (B, n, blocks): past user's count of block
+    reaches = reach[:, :, None] > bottoms[:, None, :]
+    assert not np.any(after & reaches)  # ...every item reaching block k sits before the count...
+    np.testing.assert_array_equal(counts, reaches.sum(1))  # ...which is exactly the number reaching it
+    assert counts[:, -1].max() < n  # the top block visits fewer items than there are
+    for sub in (16, 32, 64, 100):  # users gathered in groups (one group, several, a partial last group)
+        grouped = estimators._rest_log_h_top_down(
+            mids, mu_o, sd_o, valid_o, floor, jnp.asarray(counts), sub_tile=sub
+        )
+        np.testing.assert_allclose(np.asarray(grouped)[~left_out], every[~left_out], rtol=1e-5, atol=1e-5)
+        assert np.array_equal(np.isneginf(np.asarray(grouped)), left_out)
     # a list not ordered by mean has no bound: nothing is left out
     rev_l, rev_s = mu_l[:, ::-1], sd_l[:, ::-1]
     rev_t = estimators._box_thresholds(rev_l, rev_s)
     lb_rev = estimators._log_p_lower_bound(rev_l, rev_s, rev_t, estimators._rest_log_h_loop(t_k, blocks))
     assert np.all(np.isneginf(np.asarray(lb_rev)))
+
+
+@pytest.mark.parametrize("n, n_groups", [(1, 1), (37, 9), (1000, 9), (1100, 17), (5000, 4)])
+def test_group_ranks_is_a_stable_counting_sort(n, n_groups):
+    """`estimators._group_ranks` (one-hot indicators packed several groups per int32) against a plain
+    NumPy count: each item's place among the earlier items of its group, and the group sizes, also when a
+    group holds every item (the packed field's largest count) and when fields take 11 or 13 bits."""
+    rng = np.random.default_rng(n)
+    group = rng.integers(0, n_groups, size=(6, n))
+    group[0] = n_groups - 1  # one group holds all n items
+    rank, sizes = estimators._group_ranks(jnp.asarray(group, jnp.int32), n_groups)
+    want = np.zeros_like(group)
+    for u in range(group.shape[0]):
+        seen = np.zeros(n_groups, int)
+        for i, g in enumerate(group[u]):
+            want[u, i] = seen[g]
+            seen[g] += 1
+    np.testing.assert_array_equal(np.asarray(rank), want)
+    np.testing.assert_array_equal(
+        np.asarray(sizes), np.stack([np.bincount(r, minlength=n_groups) for r in group])
+    )
 
 
 def test_grid_converges():
