@@ -306,21 +306,18 @@ def _rest_blocks(mu, sd, valid):
     return _as_blocks(*_rest_rows(mu, sd, valid))
 
 
-def _rest_log_h_loop(points, blocks, n_steps=None, users_last=False):
-    """``sum_j log Phi(z_j)`` at ``points (B, P)`` (``(P, B)`` with ``users_last``) for the rest items
-    ``blocks`` (`_rest_blocks`): a loop over item blocks whose body adds their terms to an accumulator of
-    the points' shape, so XLA vectorises along its last axis and never holds a ``(B, P, n)`` array; the
-    terms are `_log_phi_parts`, one ``log`` per `_PRODUCT_GROUP` items. ``users_last`` is for a few points
-    per user (the lower bound's three), which vectorise poorly as the last axis. ``n_steps`` (a traced int)
-    limits the loop to the first item blocks. Same values as the accelerator form to float32 rounding
-    (tests/test_lidu_estimators.py)."""
-    per_user = (lambda x: x[None, :]) if users_last else (lambda x: x[:, None])
+def _rest_log_h_loop(points, blocks, n_steps=None):
+    """``sum_j log Phi(z_j)`` at ``points (B, P)`` for the rest items ``blocks`` (`_rest_blocks`): a loop over
+    item blocks whose body adds their terms to a ``(B, P)`` accumulator, so XLA vectorises along the
+    points and never holds a ``(B, P, n)`` array; the terms are `_log_phi_parts`, one ``log`` per
+    `_PRODUCT_GROUP` items. ``n_steps`` (a traced int) limits the loop to the first item blocks. Same
+    values as the accelerator form to float32 rounding (tests/test_lidu_estimators.py)."""
 
     def add(acc, inv_blk, shift_blk):
         for g0 in range(0, _ITEM_BLOCK, _PRODUCT_GROUP):
             prod = None
             for i in range(g0, min(g0 + _PRODUCT_GROUP, _ITEM_BLOCK)):
-                v, w = _log_phi_parts(points * per_user(inv_blk[i]) - per_user(shift_blk[i]))
+                v, w = _log_phi_parts(points * inv_blk[i][:, None] - shift_blk[i][:, None])
                 acc = acc + w
                 prod = v if prod is None else prod * v
             acc = acc + jnp.log(prod)

@@ -181,6 +181,31 @@ def test_log_phi_forms_against_scipy():
     np.testing.assert_allclose(np.asarray(got), 8 * log_ndtr(-1e6), rtol=1e-6)
 
 
+def test_per_user_stop_with_excluded_items_and_ragged_tiles():
+    """The CPU walk that stops each user at its own floor, on inputs the catalogue-like test does not have:
+    excluded (training) items, a user count that fills neither its tiles nor its groups, every method that
+    uses the grid, and lists from the top of a noisy score (not ordered by mean, so some users have no
+    bound and are walked to the bottom). Same values as with every cell computed."""
+    rng = np.random.default_rng(23)
+    b, n, k, g = 37, 203, 6, 128
+    mu = (rng.normal(size=(b, 4)) @ rng.normal(size=(4, n))).astype(np.float32)
+    sd = (0.3 * np.exp(0.4 * rng.normal(size=(b, n)))).astype(np.float32)
+    cand = rng.random((b, n)) > 0.3
+    noisy = np.where(cand, mu + rng.normal(scale=0.3, size=(b, n)), -np.inf)
+    ranking = np.argsort(-noisy, axis=1)[:, :k]
+    for method in ("exact", "sequential"):
+        got = estimators._gaussian_core(
+            mu, sd, ranking, cand, method=method, grid_size=g, n_keep=None, ordered=True, tile=16
+        )
+        want = estimators._gaussian_core(
+            mu, sd, ranking, cand, method=method, grid_size=g, n_keep=None, ordered=True, tile=16, trim=False
+        )
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    values, _ = estimators.lidu_chunked([(mu, sd, cand)], k, grid_size=g, tile=16)
+    full, _ = estimators.lidu_chunked([(mu, sd, cand)], k, grid_size=g, tile=16, trim_cells=False)
+    np.testing.assert_allclose(values, full, rtol=1e-5, atol=1e-5)
+
+
 def test_left_out_low_cells_hold_no_probability():
     """On CPU the grid methods compute ``log H`` block by block from the top and leave out each user's low
     cells where ``H <= e^-30 P`` (`estimators._gaussian_core_tile`). On catalogue-like scores cells are left
