@@ -201,9 +201,6 @@ def test_per_user_stop_with_excluded_items_and_ragged_tiles():
             mu, sd, ranking, cand, method=method, grid_size=g, n_keep=None, ordered=True, tile=16, trim=False
         )
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    values, _ = estimators.lidu_chunked([(mu, sd, cand)], k, grid_size=g, tile=16)
-    full, _ = estimators.lidu_chunked([(mu, sd, cand)], k, grid_size=g, tile=16, trim_cells=False)
-    np.testing.assert_allclose(values, full, rtol=1e-5, atol=1e-5)
 
 
 def test_left_out_low_cells_hold_no_probability():
@@ -257,7 +254,7 @@ def test_left_out_low_cells_hold_no_probability():
     assert not np.any(after & reaches)  # ...every item reaching block k sits before the count...
     np.testing.assert_array_equal(counts, reaches.sum(1))  # ...which is exactly the number reaching it
     assert counts[:, -1].max() < n  # the top block visits fewer items than there are
-    for sub in (16, 32, 64, 100):  # users gathered in groups (one group, several, a partial last group)
+    for sub in (24, 100):  # users gathered in groups: several with a partial last one; one group
         grouped = estimators._rest_log_h_top_down(
             mids, mu_o, sd_o, valid_o, floor, jnp.asarray(counts), sub_tile=sub
         )
@@ -270,7 +267,7 @@ def test_left_out_low_cells_hold_no_probability():
     assert np.all(np.isneginf(np.asarray(lb_rev)))
 
 
-@pytest.mark.parametrize("n, n_groups", [(1, 1), (37, 9), (1000, 9), (1100, 17), (5000, 4)])
+@pytest.mark.parametrize("n, n_groups", [(37, 9), (1100, 17), (5000, 4)])
 def test_group_ranks_is_a_stable_counting_sort(n, n_groups):
     """`estimators._group_ranks` (one-hot indicators packed several groups per int32) against a plain
     NumPy count: each item's place among the earlier items of its group, and the group sizes, also when a
@@ -278,7 +275,7 @@ def test_group_ranks_is_a_stable_counting_sort(n, n_groups):
     rng = np.random.default_rng(n)
     group = rng.integers(0, n_groups, size=(6, n))
     group[0] = n_groups - 1  # one group holds all n items
-    rank, sizes = estimators._group_ranks(jnp.asarray(group, jnp.int32), n_groups)
+    rank, sizes = jax.jit(estimators._group_ranks, static_argnums=1)(jnp.asarray(group, jnp.int32), n_groups)
     want = np.zeros_like(group)
     for u in range(group.shape[0]):
         seen = np.zeros(n_groups, int)
