@@ -310,10 +310,13 @@ def _rest_log_h_loop(points, blocks, n_steps=None):
     """``sum_j log Phi(z_j)`` at ``points (B, P)`` for the rest items ``blocks`` (`_rest_blocks`): a loop over
     item blocks whose body adds their terms to a ``(B, P)`` accumulator, so XLA vectorises along the
     points and never holds a ``(B, P, n)`` array; the terms are `_log_phi_parts`, one ``log`` per
-    `_PRODUCT_GROUP` items. ``n_steps`` (a traced int) limits the loop to the first item blocks. Same
-    values as the accelerator form to float32 rounding (tests/test_lidu_estimators.py)."""
+    `_PRODUCT_GROUP` items. ``n_steps`` (a traced int; default all) limits the loop to the first item
+    blocks. Same values as the accelerator form to float32 rounding (tests/test_lidu_estimators.py)."""
+    inv, shift = blocks
 
-    def add(acc, inv_blk, shift_blk):
+    def step(j, acc):
+        inv_blk = jax.lax.dynamic_index_in_dim(inv, j, 0, False)
+        shift_blk = jax.lax.dynamic_index_in_dim(shift, j, 0, False)
         for g0 in range(0, _ITEM_BLOCK, _PRODUCT_GROUP):
             prod = None
             for i in range(g0, min(g0 + _PRODUCT_GROUP, _ITEM_BLOCK)):
@@ -323,19 +326,7 @@ def _rest_log_h_loop(points, blocks, n_steps=None):
             acc = acc + jnp.log(prod)
         return acc
 
-    if n_steps is None:
-        acc, _ = jax.lax.scan(lambda acc, xs: (add(acc, *xs), None), jnp.zeros_like(points), blocks)
-        return acc
-    inv, shift = blocks
-
-    def step(j, acc):
-        return add(
-            acc,
-            jax.lax.dynamic_index_in_dim(inv, j, 0, False),
-            jax.lax.dynamic_index_in_dim(shift, j, 0, False),
-        )
-
-    return jax.lax.fori_loop(0, n_steps, step, jnp.zeros_like(points))
+    return jax.lax.fori_loop(0, inv.shape[0] if n_steps is None else n_steps, step, jnp.zeros_like(points))
 
 
 def _group_ranks(group: jax.Array, n_groups: int) -> tuple[jax.Array, jax.Array]:
@@ -868,8 +859,8 @@ def lidu_chunked(
     Only one chunk is alive at a time, so peak memory does not grow with the number of users when the chunks
     are produced lazily (e.g. scored from a model chunk by chunk). Each chunk is validated, padded to
     ``pad_to`` users (one compilation for all full chunks) and pruned to a power-of-two item budget that
-    keeps every rest item not far below its user's list. On CPU, ``trim_cells`` leaves out the low grid
-    cells where ``H <= e^-30 P`` for every user of a tile (`_gaussian_core_tile`). Neither changes ``log P``
+    keeps every rest item not far below its user's list. On CPU, ``trim_cells`` leaves out each user's low
+    grid cells where ``H <= e^-30 P`` (`_gaussian_core_tile`). Neither changes ``log P``
     beyond float32 rounding. Inside a chunk the users are walked ``tile`` at a time (default
     `default_user_tile`: 256 on CPU, 128 elsewhere; 0 = the whole chunk at once).
 

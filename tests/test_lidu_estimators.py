@@ -183,8 +183,8 @@ def test_log_phi_forms_against_scipy():
 
 def test_per_user_stop_with_excluded_items_and_ragged_tiles():
     """The CPU walk that stops each user at its own floor, on inputs the catalogue-like test does not have:
-    excluded (training) items, a user count that fills neither its tiles nor its groups, every method that
-    uses the grid, and lists from the top of a noisy score (not ordered by mean, so some users have no
+    excluded (training) items, a user count that fills neither its tiles nor its groups, the exact and
+    sequential methods, and lists from the top of a noisy score (not ordered by mean, so some users have no
     bound and are walked to the bottom). Same values as with every cell computed."""
     rng = np.random.default_rng(23)
     b, n, k, g = 37, 203, 6, 128
