@@ -168,12 +168,15 @@ def test_straight_through_gradient_equals_gradient_wrt_masked_weight():
     g_dense = grad(lambda p: f(masked_params(p, masks)["block_0"]["fc"]["kernel"]))(params)
     w_masked = jnp.where(mk, w, 0.0)
     g_ref = grad(f)(w_masked)
-    chex.assert_trees_all_close(g_dense["block_0"]["fc"]["kernel"], g_ref, rtol=1e-6)
+    tol = 1e-6 * float(jnp.abs(g_ref).max())  # two compiled programs may sum in different orders
+    chex.assert_trees_all_close(g_dense["block_0"]["fc"]["kernel"], g_ref, rtol=1e-6, atol=tol)
     assert bool(jnp.any(jnp.where(mk, 0.0, g_ref) != 0))  # the masked positions really get gradient
     # Forward values are exactly the masked weights; the non-straight-through product zeroes those gradients.
     chex.assert_trees_all_equal(masked_params(params, masks)["block_0"]["fc"]["kernel"], w_masked)
     g_plain = grad(lambda p: f(apply_masks(p, masks)["block_0"]["fc"]["kernel"]))(params)
-    chex.assert_trees_all_close(g_plain["block_0"]["fc"]["kernel"], jnp.where(mk, g_ref, 0.0), rtol=1e-6)
+    chex.assert_trees_all_close(
+        g_plain["block_0"]["fc"]["kernel"], jnp.where(mk, g_ref, 0.0), rtol=1e-6, atol=tol
+    )
 
 
 class _TwoLayer(nn.Module):
@@ -191,10 +194,14 @@ def test_collect_input_norms_and_wanda_masks_match_numpy():
     filt = lambda path, leaf: path[-1] == "kernel"
     norms = collect_input_norms(model, params, [x1, x2], sparse_filter=filt)
     xs = np.concatenate([np.asarray(x1).reshape(-1, 4), np.asarray(x2).reshape(-1, 4)])
-    np.testing.assert_allclose(np.asarray(norms["block_0"]["kernel"]), np.linalg.norm(xs, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(norms["block_0"]["kernel"]), np.linalg.norm(xs, axis=0), rtol=1e-5, atol=1e-6
+    )
     w0, b0 = np.asarray(params["block_0"]["kernel"]), np.asarray(params["block_0"]["bias"])
     h = np.maximum(xs @ w0 + b0, 0)
-    np.testing.assert_allclose(np.asarray(norms["block_1"]["kernel"]), np.linalg.norm(h, axis=0), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(norms["block_1"]["kernel"]), np.linalg.norm(h, axis=0), rtol=1e-4, atol=1e-6
+    )
     assert norms["block_0"]["bias"] is None
     wm = wanda_masks(params, norms, sparse_filter=filt)
     w1 = np.asarray(params["block_1"]["kernel"])

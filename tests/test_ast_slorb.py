@@ -61,8 +61,12 @@ def test_fast_path_equals_explicit_projection_matmul(layer):
     k = 4
     s = slorb_init(jnp.asarray(w), jnp.asarray(mask), k)
     proj = block_projection_matrix(32, k)
+    # block sums cancel: an absolute floor at float32 rounding of the inputs' scale (BLAS-kernel independent)
     np.testing.assert_allclose(
-        np.asarray(block_project(jnp.asarray(x), k)), x @ np.asarray(proj).T, rtol=1e-5
+        np.asarray(block_project(jnp.asarray(x), k)),
+        x @ np.asarray(proj).T,
+        rtol=1e-5,
+        atol=1e-6 * float(np.abs(x).max()),
     )
     fast = slorb_delta(jnp.asarray(x), s)
     explicit = (jnp.asarray(x) @ proj.T) @ s
