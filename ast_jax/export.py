@@ -26,24 +26,45 @@ in ``[0, 1]`` is grid-searched to minimise ``||X W - X W_hat||_F^2`` on the cali
 ``alpha = 0`` is plain quantisation, so AWQ never does worse on the calibration set. ``c`` (float32,
 ``(in,)``) is stored too.
 
-On-disk layout (``save_compressed(path, model)``): a directory holding
+On-disk layout (``save_compressed(path, model)``), format ``"ast_jax.nm-export/2"``: a directory holding
 
-* ``manifest.json`` -- ``{"format": "ast_jax.nm-export/1", "leaves": [...]}``; each leaf has ``"path"``
-  (``/``-joined pytree keys), ``"kind"`` (``"nm"`` or ``"dense"``), ``"shape"``, ``"dtype"`` and, for ``"nm"``
-  leaves, ``"n"``, ``"m"``, ``"bits"`` (null = unquantised), ``"group_size"``, ``"index_bits"`` and
-  ``"arrays"`` mapping each stored part (``values``, ``indices``, ``scales``, ``awq_scale``) to its key in
-  ``tensors.npz``;
-* ``tensors.npz`` -- uncompressed NumPy arrays. Dtypes NumPy cannot store (bfloat16) are saved as their raw
-  ``uint16`` bits and viewed back on load using the manifest's ``"dtype"``.
+* ``tensors.npz`` -- uncompressed NumPy arrays, one zip member ``<key>.npy`` per stored part. Dtypes NumPy
+  cannot store (bfloat16) are saved as their raw ``uint16`` bits and viewed back using the leaf's ``"dtype"``.
+* ``manifest.json`` -- ``{"format", "tensors", "leaves", "manifest_sha256"}``:
+
+  - ``"tensors"``: ``{"size", "sha256"}`` of the whole ``tensors.npz`` file;
+  - ``"leaves"``: one object per param leaf, in pytree order, with ``"path"`` (``/``-joined pytree keys),
+    ``"kind"`` (``"nm"`` or ``"dense"``), ``"shape"`` and ``"dtype"`` of the dense param and ``"arrays"``,
+    mapping each stored part (``dense``; or ``values``, ``indices``, ``scales``, ``awq_scale``) to
+    ``{"key", "dtype", "shape", "sha256"}``: its member in ``tensors.npz``, the dtype and shape it is
+    stored with and the SHA-256 of its C-order bytes. ``"nm"`` leaves also hold ``"n"``, ``"m"``,
+    ``"bits"`` (null = unquantised), ``"group_size"``, ``"index_bits"`` and ``"scale_dtype"`` (null when
+    unquantised);
+  - ``"manifest_sha256"``: SHA-256 of the other three fields written as
+    ``json.dumps(obj, indent=1, ensure_ascii=True, allow_nan=False) + "\\n"``. The file itself is exactly
+    that serialisation of all four fields.
+
+Integrity: :func:`load_compressed` verifies every field, the manifest's form and checksum, the file's size
+and SHA-256, the zip's members and every array's dtype, shape and SHA-256 before it decodes anything, and
+raises :class:`ExportIntegrityError` (a ``ValueError``) naming the tensor's param path, or the file, and the
+problem. Format ``"ast_jax.nm-export/1"`` (before checksums) is refused with that error too: it cannot be
+verified, so it must be exported again. :func:`save_compressed` checks every leaf the same way before it
+writes anything and replaces an export without a moment where a mix of old and new loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import operator
 import os
-from collections.abc import Mapping
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -57,6 +78,7 @@ from ast_jax.sparsify import SparseFilter, default_sparse_filter, key_path, path
 __all__ = [
     "CompressedNM",
     "ExportConfig",
+    "ExportIntegrityError",
     "awq_output_error",
     "collect_dense_inputs",
     "compress_nm",
@@ -71,7 +93,8 @@ __all__ = [
     "unpack_bits",
 ]
 
-FORMAT = "ast_jax.nm-export/1"
+FORMAT = "ast_jax.nm-export/2"
+_MAX_M = 256  # positions are packed in at most 8 bits each (pack_bits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +122,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
             raise ValueError(f"ExportConfig: need integers 0 < n < m, got n={self.n}, m={self.m}")
+        if self.m > _MAX_M:
+            raise ValueError(f"ExportConfig: m={self.m} > {_MAX_M} (positions are stored in at most 8 bits)")
         if self.bits not in (None, 4, 8):
             raise ValueError(f"ExportConfig.bits must be None, 4 or 8, got {self.bits!r}")
         if not (isinstance(self.group_size, int) and self.group_size >= 1):
@@ -464,12 +489,66 @@ def decompress_params(model: Mapping[str, CompressedNM | np.ndarray]) -> dict[st
 # ---------------------------------------------------------------------------------------------------------
 # Save / load
 
+_MANIFEST = "manifest.json"
+_TENSORS = "tensors.npz"
+_HASH_FIELD = "manifest_sha256"
+_UNVERIFIABLE_FORMATS = ("ast_jax.nm-export/1",)
+_NM_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+_DENSE_DTYPES = _NM_DTYPES | frozenset(
+    {
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "complex64",
+        "complex128",
+    }
+)
+_SCALE_DTYPES = frozenset({"float16", "float32"})
+_TOP_FIELDS = frozenset({"format", "tensors", "leaves", _HASH_FIELD})
+_NM_FIELDS = frozenset(
+    {"path", "kind", "shape", "dtype", "n", "m", "bits", "group_size", "index_bits", "scale_dtype", "arrays"}
+)
+_DENSE_FIELDS = frozenset({"path", "kind", "shape", "dtype", "arrays"})
+_RECORD_FIELDS = frozenset({"key", "dtype", "shape", "sha256"})
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+_Fail = Callable[[str, str], Exception]
+
+
+class ExportIntegrityError(ValueError):
+    """An export directory that :func:`load_compressed` refuses: damaged, incomplete or inconsistent.
+
+    Attributes:
+      export: the export directory, as given.
+      where: the param path of the tensor at fault (``"block_0/attn/q/kernel"``), or the file
+        (``"manifest.json"``, ``"tensors.npz"``) when the fault belongs to no single tensor.
+      problem: what is wrong, in words.
+    """
+
+    def __init__(self, export: str | os.PathLike, where: str, problem: str) -> None:
+        self.export = str(export)
+        self.where = where
+        self.problem = problem
+        super().__init__(f"{self.export}: {where}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default reduce passes only the message back to __init__, which takes three arguments.
+        return (type(self), (self.export, self.where, self.problem))
+
+
+def _storable_dtype(dtype: str) -> str:
+    # np.savez cannot round-trip ml_dtypes (bfloat16): the raw bits are stored, the manifest keeps the dtype.
+    return "uint16" if dtype == "bfloat16" else dtype
+
 
 def _storable(a: np.ndarray) -> np.ndarray:
-    # np.savez cannot round-trip ml_dtypes (bfloat16): store the raw bits, the manifest keeps the dtype.
-    if a.dtype == ml_dtypes.bfloat16:
-        return a.view(np.uint16)
-    return a
+    return a.view(np.uint16) if a.dtype == ml_dtypes.bfloat16 else a
 
 
 def _restore_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -477,90 +556,456 @@ def _restore_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
     return a.view(target) if a.dtype != target else a
 
 
-def save_compressed(path: str | os.PathLike, model: Mapping[str, CompressedNM | np.ndarray]) -> Path:
-    """Write ``model`` (from :func:`compress_params`) to directory ``path`` as manifest.json + tensors.npz.
+def _index_bits(m: int) -> int:
+    return max(1, (m - 1).bit_length())  # ceil(log2 m) without float rounding
 
-    Files are written under temporary names and renamed, so a crash never leaves a half-written export that
-    looks complete.
-    """
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int  # JSON true/false load as bool, an int subclass: they must not pass as 1/0
+
+
+def _sha256_array(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _canonical(obj: Any) -> bytes:
+    # One fixed serialisation. Comparing the file with it byte for byte refuses edits that JSON reads as the
+    # same content (whitespace, escapes, a dropped final newline), which a content checksum lets through.
+    return (json.dumps(obj, indent=1, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
+
+
+def _record(key: str, a: np.ndarray) -> dict[str, Any]:
+    return {"key": key, "dtype": str(a.dtype), "shape": list(a.shape), "sha256": _sha256_array(a)}
+
+
+def _check_shape(v: Any, where: str, what: str, fail: _Fail) -> tuple[int, ...]:
+    if not (isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v)):
+        raise fail(where, f"{what} must be a list of non-negative ints, got {v!r}")
+    return tuple(v)
+
+
+_Expected = dict[str, tuple[str, tuple[int, ...]]]
+
+
+def _nm_expected(
+    leaf: dict[str, Any], p: str, shape: tuple[int, ...], fail: _Fail
+) -> tuple[_Expected, _Expected]:
+    """(required, optional) stored parts of an ``"nm"`` leaf: part -> (dtype, shape) they must have."""
+    n, m, bits, g, ib, sd = (leaf[f] for f in ("n", "m", "bits", "group_size", "index_bits", "scale_dtype"))
+    if not (_is_int(m) and 2 <= m <= _MAX_M):
+        raise fail(p, f"unsupported m={m!r} (need an int in [2, {_MAX_M}])")
+    if not (_is_int(n) and 0 < n < m):
+        raise fail(p, f"unsupported n={n!r} for m={m} (need an int with 0 < n < m)")
+    if not (bits is None or (_is_int(bits) and bits in (4, 8))):
+        raise fail(p, f"unsupported bits={bits!r} (need null, 4 or 8)")
+    if not (_is_int(g) and g >= 1):
+        raise fail(p, f"group_size={g!r} must be an int >= 1")
+    if not (_is_int(ib) and ib == _index_bits(m)):
+        raise fail(p, f"index_bits={ib!r}, but m={m} stores positions in {_index_bits(m)} bits")
+    if bits is None and sd is not None:
+        raise fail(p, f"scale_dtype={sd!r} on an unquantised kernel (must be null)")
+    if bits is not None and not (isinstance(sd, str) and sd in _SCALE_DTYPES):
+        raise fail(p, f"unsupported scale_dtype={sd!r} (need 'float16' or 'float32')")
+    if len(shape) < 2:
+        raise fail(p, f"shape {list(shape)}: an N:M kernel needs >= 2 dims (in, out...)")
+    k = shape[0]
+    if k % m:
+        raise fail(p, f"shape {list(shape)}: input dimension {k} is not a multiple of m={m}")
+    kk, out = k // m * n, math.prod(shape[1:])
+    if bits is None:
+        values = (_storable_dtype(leaf["dtype"]), (kk, out))
+    elif bits == 8:
+        values = ("int8", (kk, out))
+    else:
+        values = ("uint8", (_ceil_div(kk * out, 2),))
+    required = {"values": values, "indices": ("uint8", (_ceil_div(kk * out * ib, 8),))}
+    optional: _Expected = {}
+    if bits is not None:
+        required["scales"] = (sd, (_ceil_div(kk, g), out))
+        optional["awq_scale"] = ("float32", (k,))
+    return required, optional
+
+
+def _check_leaf(leaf: Any, index: int, fail: _Fail) -> None:
+    """Every field of one manifest leaf (types, ranges) and the dtype and shape each stored part must have."""
+    if not isinstance(leaf, dict) or not isinstance(leaf.get("path"), str):
+        raise fail(_MANIFEST, f"leaf {index} is not a JSON object with a string 'path'")
+    p, kind = leaf["path"], leaf.get("kind")
+    fields = {"nm": _NM_FIELDS, "dense": _DENSE_FIELDS}.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise fail(p, f"unknown kind {kind!r} (need 'nm' or 'dense')")
+    if set(leaf) != fields:
+        missing, extra = sorted(fields - set(leaf)), sorted(set(leaf) - fields)
+        raise fail(p, f"wrong manifest fields for a {kind!r} leaf (missing {missing}, unexpected {extra})")
+    shape = _check_shape(leaf["shape"], p, "shape", fail)
+    dtype = leaf["dtype"]
+    if not (isinstance(dtype, str) and dtype in (_NM_DTYPES if kind == "nm" else _DENSE_DTYPES)):
+        raise fail(p, f"unsupported dtype {dtype!r} for a {kind!r} leaf")
+    if kind == "nm":
+        required, optional = _nm_expected(leaf, p, shape, fail)
+        settings = f"{leaf['n']}:{leaf['m']}, bits={leaf['bits']}, group_size={leaf['group_size']}"
+        context = f"shape {list(shape)}, dtype {dtype}, {settings}"
+    else:
+        required, optional = {"dense": (_storable_dtype(dtype), shape)}, {}
+        context = f"shape {list(shape)}, dtype {dtype}"
+    arrays = leaf["arrays"]
+    if not isinstance(arrays, dict):
+        raise fail(p, "'arrays' must be a JSON object")
+    missing = sorted(set(required) - set(arrays))
+    extra = sorted(set(arrays) - set(required) - set(optional))
+    if missing or extra:
+        raise fail(p, f"stored parts missing {missing}, unexpected {extra} (manifest: {context})")
+    for part, rec in arrays.items():
+        if not (isinstance(rec, dict) and set(rec) == _RECORD_FIELDS):
+            raise fail(p, f"the record of {part} must have exactly the fields {sorted(_RECORD_FIELDS)}")
+        if not (isinstance(rec["key"], str) and rec["key"]):
+            raise fail(p, f"the record of {part} has no member key")
+        if not (isinstance(rec["sha256"], str) and _HEX64.fullmatch(rec["sha256"])):
+            raise fail(p, f"the SHA-256 of {part} is not 64 lowercase hex digits")
+        got_shape = _check_shape(rec["shape"], p, f"the shape of {part}", fail)
+        want_dtype, want_shape = {**required, **optional}[part]
+        if rec["dtype"] != want_dtype or got_shape != want_shape:
+            raise fail(
+                p,
+                f"manifest {context} needs {part} of {want_dtype} {want_shape}, "
+                f"but {part} is stored as {rec['dtype']} {got_shape}",
+            )
+
+
+def _check_paths(paths: list[str], fail: _Fail) -> None:
+    seen: set[str] = set()
+    for p in paths:
+        if p in seen:
+            raise fail(p, "appears twice in the manifest")
+        seen.add(p)
+    for p in paths:
+        parts = p.split("/")
+        for j in range(1, len(parts)):
+            if "/".join(parts[:j]) in seen:
+                # decompress_params would overwrite one with the other: not one params tree.
+                raise fail(p, f"nests under the leaf {'/'.join(parts[:j])!r}")
+
+
+def _check_decoded(c: CompressedNM, p: str, fail: _Fail) -> None:
+    """Positions that form a real N:M pattern (in range, strictly increasing per group); usable scales."""
+    k, out = c.shape[0], math.prod(c.shape[1:])
+    kk = k // c.m * c.n
+    pos = unpack_bits(c.indices, _index_bits(c.m), kk * out).reshape(k // c.m, c.n, out)
+    if (pos >= c.m).any():
+        raise fail(p, f"a stored position is >= m={c.m}")
+    if (np.diff(pos.astype(np.int16), axis=1) <= 0).any():
+        # Two kept values on one row would overwrite each other: fewer than n kept, silently.
+        raise fail(p, f"a group stores a position twice or out of order: not a {c.n}:{c.m} pattern")
+    for name, s in (("scales", c.scales), ("awq_scale", c.awq_scale)):
+        if s is not None and not np.all(np.isfinite(s) & (s > 0)):
+            raise fail(p, f"{name} must be finite and > 0")
+
+
+def _prepare(model: Mapping[str, CompressedNM | np.ndarray]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Manifest leaves and the arrays to store, every leaf checked as load_compressed will check it."""
+
+    def fail(where: str, problem: str) -> Exception:
+        return ValueError(f"save_compressed: {where}: {problem}")
+
+    leaves: list[dict[str, Any]] = []
     arrays: dict[str, np.ndarray] = {}
-    leaves = []
     for i, (p, leaf) in enumerate(model.items()):
+        if not isinstance(p, str):
+            raise fail(repr(p), "leaf paths must be strings")
         if isinstance(leaf, CompressedNM):
-            keys = {}
+            try:
+                n, m, g = (operator.index(v) for v in (leaf.n, leaf.m, leaf.group_size))
+                bits = None if leaf.bits is None else operator.index(leaf.bits)
+                shape = [operator.index(d) for d in leaf.shape]
+            except TypeError as e:
+                raise fail(p, f"n, m, bits, group_size and shape must be ints ({e})") from e
+            stored = {}
             for part in ("values", "indices", "scales", "awq_scale"):
                 val = getattr(leaf, part)
                 if val is not None:
-                    keys[part] = f"{i}.{part}"
-                    arrays[keys[part]] = _storable(np.asarray(val))
-            leaves.append(
-                {
-                    "path": p,
-                    "kind": "nm",
-                    "shape": list(leaf.shape),
-                    "dtype": leaf.dtype,
-                    "n": leaf.n,
-                    "m": leaf.m,
-                    "bits": leaf.bits,
-                    "group_size": leaf.group_size,
-                    "index_bits": leaf.index_bits,
-                    "scale_dtype": None if leaf.scales is None else str(leaf.scales.dtype),
-                    "values_dtype": str(np.asarray(leaf.values).dtype),
-                    "arrays": keys,
-                }
+                    stored[part] = _storable(np.asarray(val))
+                    arrays[f"{i}.{part}"] = stored[part]
+            entry = {
+                "path": p,
+                "kind": "nm",
+                "shape": shape,
+                "dtype": str(leaf.dtype),
+                "n": n,
+                "m": m,
+                "bits": bits,
+                "group_size": g,
+                "index_bits": _index_bits(m),
+                "scale_dtype": None if leaf.scales is None else str(stored["scales"].dtype),
+                "arrays": {part: _record(f"{i}.{part}", a) for part, a in stored.items()},
+            }
+            _check_leaf(entry, i, fail)
+            canon = leaf._replace(
+                n=n,
+                m=m,
+                bits=bits,
+                group_size=g,
+                shape=tuple(shape),
+                **{k: np.asarray(v) for k, v in stored.items()},
             )
+            _check_decoded(canon, p, fail)
         else:
-            a = np.asarray(leaf)
+            a = _as_numpy(leaf, p)
+            if not a.dtype.isnative:
+                a = a.astype(a.dtype.newbyteorder("="))
             arrays[f"{i}.dense"] = _storable(a)
-            leaves.append(
-                {
-                    "path": p,
-                    "kind": "dense",
-                    "shape": list(a.shape),
-                    "dtype": str(a.dtype),
-                    "arrays": {"dense": f"{i}.dense"},
-                }
-            )
-    tmp_npz = root / "tensors.npz.tmp"
-    with open(tmp_npz, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp_npz, root / "tensors.npz")
-    tmp_manifest = root / "manifest.json.tmp"
-    tmp_manifest.write_text(json.dumps({"format": FORMAT, "leaves": leaves}, indent=1))
-    os.replace(tmp_manifest, root / "manifest.json")
+            entry = {
+                "path": p,
+                "kind": "dense",
+                "shape": list(a.shape),
+                "dtype": str(a.dtype),
+                "arrays": {"dense": _record(f"{i}.dense", arrays[f"{i}.dense"])},
+            }
+            _check_leaf(entry, i, fail)
+        leaves.append(entry)
+    _check_paths([leaf["path"] for leaf in leaves], fail)
+    return leaves, arrays
+
+
+def _write_synced(path: Path, write: Callable[[Any], Any]) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a directory: the renames are still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_compressed(path: str | os.PathLike, model: Mapping[str, CompressedNM | np.ndarray]) -> Path:
+    """Write ``model`` (from :func:`compress_params`) to directory ``path`` as manifest.json + tensors.npz.
+
+    Every leaf is checked first, as :func:`load_compressed` will check it (an N:M leaf whose positions are not
+    a valid N:M pattern, an unsupported ``m``/``bits``/``group_size``/dtype, parts of the wrong shape), and
+    ``ValueError`` naming the leaf is raised before anything is written. ``NotADirectoryError`` if ``path``
+    exists and is not a directory. Other files in ``path`` are left alone.
+
+    Both files are written and synced in a temporary directory inside ``path``; then the old manifest is
+    removed, ``tensors.npz`` renamed into place and the new manifest renamed in last. A crash before that
+    leaves the previous export intact; a crash between the renames leaves no manifest, which
+    :func:`load_compressed` refuses. No crash leaves an export that loads with mixed or partial data.
+    """
+    root = Path(path)
+    leaves, arrays = _prepare(model)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"save_compressed: {root} exists and is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-tmp-", dir=root))
+    try:
+        _write_synced(tmp / _TENSORS, lambda f: np.savez(f, **arrays))
+        size, digest = _file_digest(tmp / _TENSORS)
+        body = {"format": FORMAT, "tensors": {"size": size, "sha256": digest}, "leaves": leaves}
+        manifest = {**body, _HASH_FIELD: hashlib.sha256(_canonical(body)).hexdigest()}
+        raw = _canonical(manifest)
+        _write_synced(tmp / _MANIFEST, lambda f: f.write(raw))
+        (root / _MANIFEST).unlink(missing_ok=True)
+        os.replace(tmp / _TENSORS, root / _TENSORS)
+        os.replace(tmp / _MANIFEST, root / _MANIFEST)
+        _fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
+def _parse_manifest(raw: bytes, fail: _Fail) -> dict[str, Any]:
+    """The manifest, after every field check, the canonical-form check and its self-checksum."""
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise fail(_MANIFEST, f"not valid JSON ({e})") from e
+    if not isinstance(manifest, dict):
+        raise fail(_MANIFEST, "the top level is not a JSON object")
+    fmt = manifest.get("format")
+    if fmt in _UNVERIFIABLE_FORMATS:
+        raise fail(
+            _MANIFEST,
+            f"format {fmt} records no checksums, so its data cannot be verified; export the params again "
+            f"with save_compressed (format {FORMAT})",
+        )
+    if fmt != FORMAT:
+        raise fail(_MANIFEST, f"unknown export format {fmt!r} (expected {FORMAT!r})")
+    if set(manifest) != _TOP_FIELDS:
+        raise fail(_MANIFEST, f"top-level fields {sorted(manifest)}, expected {sorted(_TOP_FIELDS)}")
+    tensors = manifest["tensors"]
+    if not (
+        isinstance(tensors, dict)
+        and set(tensors) == {"size", "sha256"}
+        and _is_int(tensors["size"])
+        and isinstance(tensors["sha256"], str)
+        and _HEX64.fullmatch(tensors["sha256"])
+    ):
+        raise fail(_MANIFEST, "'tensors' must be {'size': bytes, 'sha256': 64 lowercase hex digits}")
+    if not isinstance(manifest["leaves"], list):
+        raise fail(_MANIFEST, "'leaves' must be a JSON list")
+    keys: set[str] = set()
+    for i, leaf in enumerate(manifest["leaves"]):
+        _check_leaf(leaf, i, fail)
+        for part, rec in leaf["arrays"].items():
+            if rec["key"] in keys:
+                raise fail(leaf["path"], f"member {rec['key']!r} of {part} is claimed by another part too")
+            keys.add(rec["key"])
+    _check_paths([leaf["path"] for leaf in manifest["leaves"]], fail)
+    # After the field checks, so that an inconsistent field is reported with the tensor it belongs to.
+    if _canonical(manifest) != raw:
+        raise fail(_MANIFEST, "not byte-identical to what save_compressed writes (edited or corrupted)")
+    body = {k: v for k, v in manifest.items() if k != _HASH_FIELD}
+    if hashlib.sha256(_canonical(body)).hexdigest() != manifest[_HASH_FIELD]:
+        raise fail(_MANIFEST, f"{_HASH_FIELD} does not match the manifest's content (edited or corrupted)")
+    return manifest
+
+
+def _read_arrays(path: Path, manifest: dict[str, Any], fail: _Fail) -> dict[str, np.ndarray]:
+    """Every stored part by member key, each checked against its record (dtype, shape, SHA-256)."""
+    records = [
+        (leaf["path"], part, rec) for leaf in manifest["leaves"] for part, rec in leaf["arrays"].items()
+    ]
+    out: dict[str, np.ndarray] = {}
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise fail(_TENSORS, f"not a readable zip archive ({e})") from e
+    with zf:
+        names = zf.namelist()
+        if len(set(names)) != len(names):
+            raise fail(_TENSORS, "the archive holds two members of one name")
+        for p, part, rec in records:
+            if rec["key"] + ".npy" not in names:
+                raise fail(p, f"its stored {part!r} (member {rec['key']}.npy) is missing from {_TENSORS}")
+        extra = sorted(set(names) - {rec["key"] + ".npy" for _, _, rec in records})
+        if extra:
+            raise fail(_TENSORS, f"member(s) the manifest does not list: {extra[:5]}")
+        for p, part, rec in records:
+            try:
+                with zf.open(rec["key"] + ".npy") as f:
+                    a = np.lib.format.read_array(f, allow_pickle=False)
+            except Exception as e:  # CRC, npy header, short data: all mean a damaged member
+                raise fail(p, f"its stored {part!r} cannot be read ({type(e).__name__}: {e})") from e
+            if str(a.dtype) != rec["dtype"] or list(a.shape) != rec["shape"]:
+                raise fail(
+                    p,
+                    f"the manifest records {part} as {rec['dtype']} {tuple(rec['shape'])}, "
+                    f"{_TENSORS} holds {a.dtype} {a.shape}",
+                )
+            if _sha256_array(a) != rec["sha256"]:
+                raise fail(p, f"its stored {part!r} does not match its SHA-256 (corrupted or replaced)")
+            out[rec["key"]] = a
+    return out
+
+
+def _diagnose(path: Path, manifest: dict[str, Any], head: str, fail: _Fail) -> Exception:
+    """The most specific error for a tensors.npz whose size or SHA-256 (``head``) differs from its record."""
+    owner = {
+        rec["key"] + ".npy": (leaf["path"], part)
+        for leaf in manifest["leaves"]
+        for part, rec in leaf["arrays"].items()
+    }
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                # Every member through its CRC-32 before any .npy header is parsed: its shape may be damaged.
+                try:
+                    with zf.open(info) as f:
+                        while f.read(1 << 20):
+                            pass
+                except Exception as e:
+                    p, part = owner.get(info.filename, (_TENSORS, info.filename))
+                    return fail(p, f"{head}; its stored {part!r} is damaged ({type(e).__name__}: {e})")
+    except Exception as e:
+        return fail(_TENSORS, f"{head}, and it is not a readable zip archive ({type(e).__name__}: {e})")
+    try:
+        _read_arrays(path, manifest, fail)
+    except ExportIntegrityError as e:
+        return fail(e.where, f"{head}; {e.problem}")
+    except Exception as e:
+        return fail(_TENSORS, f"{head} ({type(e).__name__}: {e})")
+    return fail(_TENSORS, f"{head}, in its zip metadata (every tensor reads back intact)")
+
+
 def load_compressed(path: str | os.PathLike) -> dict[str, CompressedNM | np.ndarray]:
-    """Read a directory written by :func:`save_compressed` back into ``{path: CompressedNM | np.ndarray}``."""
+    """Read a directory written by :func:`save_compressed` back into ``{path: CompressedNM | np.ndarray}``.
+
+    Nothing is decoded before everything is verified: the manifest's fields (types; ``0 < n < m``,
+    ``2 <= m <= 256``, ``bits`` in ``{null, 4, 8}``, ``group_size >= 1``, supported dtypes; the dtype and
+    shape of every stored part as implied by the kernel's shape and settings), its canonical form and
+    self-checksum, the size and SHA-256 of tensors.npz, the exact set of zip members, then each stored
+    array's dtype, shape and SHA-256. Last, every N:M leaf's positions must form a valid N:M pattern.
+
+    Raises:
+      ExportIntegrityError: for any failed check (a flipped byte, a truncated or missing file, a missing or
+        extra member, a manifest disagreeing with the data, bad JSON, unsupported settings, an older format
+        without checksums). ``where`` names the tensor's param path, or the file when no single tensor is
+        at fault.
+    """
     root = Path(path)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file() or not (root / "tensors.npz").is_file():
-        raise ValueError(f"path: {root} is not an ast_jax export (manifest.json / tensors.npz missing)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"path: unknown export format {manifest.get('format')!r} (expected {FORMAT})")
+
+    def fail(where: str, problem: str) -> Exception:
+        return ExportIntegrityError(root, where, problem)
+
+    for name in (_MANIFEST, _TENSORS):
+        if not (root / name).is_file():
+            raise fail(name, f"not an ast_jax export ({name} is missing or not a file)")
+    manifest = _parse_manifest((root / _MANIFEST).read_bytes(), fail)
+    size, digest = _file_digest(root / _TENSORS)
+    if size != manifest["tensors"]["size"]:
+        head = f"{_TENSORS} is {size} bytes, the manifest records {manifest['tensors']['size']}"
+        raise _diagnose(root / _TENSORS, manifest, head, fail)
+    if digest != manifest["tensors"]["sha256"]:
+        raise _diagnose(
+            root / _TENSORS, manifest, f"{_TENSORS} differs from its SHA-256 in the manifest", fail
+        )
+    arrays = _read_arrays(root / _TENSORS, manifest, fail)
+
     model: dict[str, CompressedNM | np.ndarray] = {}
-    with np.load(root / "tensors.npz") as z:
-        for leaf in manifest["leaves"]:
-            keys = leaf["arrays"]
-            if leaf["kind"] == "dense":
-                model[leaf["path"]] = _restore_dtype(z[keys["dense"]], leaf["dtype"])
-                continue
-            model[leaf["path"]] = CompressedNM(
-                values=_restore_dtype(z[keys["values"]], leaf["values_dtype"]),
-                indices=z[keys["indices"]],
-                scales=z[keys["scales"]] if "scales" in keys else None,
-                awq_scale=z[keys["awq_scale"]] if "awq_scale" in keys else None,
-                shape=tuple(leaf["shape"]),
-                dtype=leaf["dtype"],
-                n=leaf["n"],
-                m=leaf["m"],
-                bits=leaf["bits"],
-                group_size=leaf["group_size"],
-            )
+    for leaf in manifest["leaves"]:
+        p, recs = leaf["path"], leaf["arrays"]
+
+        def part(name: str, recs: dict[str, Any] = recs) -> np.ndarray | None:
+            return arrays[recs[name]["key"]] if name in recs else None
+
+        if leaf["kind"] == "dense":
+            model[p] = _restore_dtype(part("dense"), leaf["dtype"])
+            continue
+        values = part("values")
+        c = CompressedNM(
+            values=_restore_dtype(values, leaf["dtype"]) if leaf["bits"] is None else values,
+            indices=part("indices"),
+            scales=part("scales"),
+            awq_scale=part("awq_scale"),
+            shape=tuple(leaf["shape"]),
+            dtype=leaf["dtype"],
+            n=leaf["n"],
+            m=leaf["m"],
+            bits=leaf["bits"],
+            group_size=leaf["group_size"],
+        )
+        _check_decoded(c, p, fail)
+        model[p] = c
     return model
 
 

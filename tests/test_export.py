@@ -197,7 +197,7 @@ def test_params_round_trip_save_load_and_forward(sparse_gpt2, tmp_path):
     assert {p for p, v in exported.items() if isinstance(v, CompressedNM)} == sparse
     save_compressed(tmp_path / "exp", exported)
     manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
-    assert manifest["format"] == "ast_jax.nm-export/1"
+    assert manifest["format"] == "ast_jax.nm-export/2"
     assert {leaf["path"] for leaf in manifest["leaves"] if leaf["kind"] == "nm"} == sparse
     loaded = load_compressed(tmp_path / "exp")
     restored = decompress_params(loaded)
@@ -209,8 +209,10 @@ def test_params_round_trip_save_load_and_forward(sparse_gpt2, tmp_path):
         assert pa == pb
         np.testing.assert_array_equal(np.asarray(a), b)
     tokens = jnp.arange(8, dtype=jnp.int32)[None] % 64
-    np.testing.assert_array_equal(
-        model.apply({"params": params}, tokens), model.apply({"params": restored}, tokens)
+    ref = np.asarray(model.apply({"params": params}, tokens))
+    # The params are bitwise equal (above), but the two forwards may be run by different BLAS kernels.
+    np.testing.assert_allclose(
+        model.apply({"params": restored}, tokens), ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max())
     )
     with pytest.raises(ValueError, match="not an ast_jax export"):
         load_compressed(tmp_path / "missing")
