@@ -25,7 +25,7 @@ import numpy as np
 from lidu_jax.estimators import lidu_chunked, sample_moments
 from lidu_jax.models.base import RecModel
 from lidu_jax.models.mf import bayesian_mf_moments
-from lidu_jax.training import bootstrap_weights, fit, flatten_snapshots, score_users
+from lidu_jax.training import bootstrap_weights, check_finite_scores, fit, flatten_snapshots, score_users
 
 PyTree = Any
 
@@ -125,6 +125,7 @@ def mc_dropout_samples(
 
     ``params`` is one model's parameters (no leading axis). The model must sample something given a key
     (e.g. `make_bpr_mf` with ``dropout > 0``); otherwise all passes are identical and a ValueError is raised.
+    NaN/inf scores (a diverged training run) are a `lidu_jax.training.TrainingFailedError`.
     """
     if n_samples < 2:
         raise ValueError(f"n_samples must be >= 2, got {n_samples}")
@@ -135,6 +136,7 @@ def mc_dropout_samples(
         u = jnp.asarray(users[start : start + chunk], jnp.int32)
         out.append(fn(params, u, jax.random.split(jax.random.fold_in(key, c), n_samples)))
     samples = jnp.concatenate(out, axis=1)
+    check_finite_scores(samples, model.name, unit="dropout pass")
     if bool(jnp.all(samples[0] == samples[1])):
         raise ValueError(f"model {model.name!r} gives identical scores for different keys (no dropout?)")
     return samples
@@ -142,7 +144,7 @@ def mc_dropout_samples(
 
 def bayesian_gaussian(params: PyTree, users: np.ndarray, *, chunk: int = 1024, min_std: float = 1e-6):
     """Analytic Gaussian score posterior of a Bayesian MF (one model): ``(mean, std)`` each ``(U,
-    n_items)``."""
+    n_items)``; NaN/inf moments (a diverged training run) are a `lidu_jax.training.TrainingFailedError`."""
     users = np.asarray(users)
     fn = jax.jit(bayesian_mf_moments)
     parts = [
@@ -150,6 +152,7 @@ def bayesian_gaussian(params: PyTree, users: np.ndarray, *, chunk: int = 1024, m
     ]
     mean = jnp.concatenate([p[0] for p in parts])
     std = jnp.maximum(jnp.concatenate([p[1] for p in parts]), min_std)
+    check_finite_scores((mean + std)[None], "Bayesian MF (posterior mean/std)")
     return mean, std
 
 
@@ -221,7 +224,9 @@ def lidu_from_model(
     def chunks() -> Iterator[tuple[jax.Array, jax.Array, jax.Array | None]]:
         for start in range(0, users.shape[0], chunk):
             u = users[start : start + chunk]
-            mean, std = sample_moments(fn(stacked_params, jnp.asarray(u, jnp.int32)), min_std)
+            scores = fn(stacked_params, jnp.asarray(u, jnp.int32))
+            check_finite_scores(scores, model.name)
+            mean, std = sample_moments(scores, min_std)
             yield mean, std, None if exclude is None else ~jnp.asarray(exclude(u), bool)
 
     return lidu_chunked(chunks(), k, pad_to=chunk if users.shape[0] > chunk else None, **lidu_kwargs)

@@ -30,7 +30,10 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
+import numbers
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +45,7 @@ import numpy as np
 from scipy import stats
 
 from lidu_jax import baselines, datasets, distributions, evaluation, metrics
-from lidu_jax._cli import config_parser
+from lidu_jax._cli import config_parser, option, run_cli
 from lidu_jax.estimators import lidu, sample_moments
 from lidu_jax.models.base import RecModel
 from lidu_jax.models.lightgcn import LightGCNConfig, make_lightgcn
@@ -50,7 +53,13 @@ from lidu_jax.models.mf import BayesianMFConfig, MFConfig, bayesian_mf_moments, 
 from lidu_jax.models.mlp import MLPConfig, make_mlp
 from lidu_jax.models.popularity import make_popularity
 from lidu_jax.models.sasrec import SASRecConfig, make_sasrec
-from lidu_jax.training import bootstrap_weights, fit, flatten_snapshots
+from lidu_jax.training import (
+    TrainingFailedError,
+    bootstrap_weights,
+    check_finite_scores,
+    fit,
+    flatten_snapshots,
+)
 from lidu_jax.types import InteractionSplit
 
 __all__ = [
@@ -70,88 +79,152 @@ DATASETS = ("ml-100k", "lastfm", "beauty")
 MODELS = ("bpr", "lightgcn", "mlp", "sasrec")
 SOURCES = ("ensemble", "bootstrap", "snapshot", "mc_dropout", "bayesian")
 LIDU_VARIANT_FLAGS = ("exact", "unordered", "top3", "sequential", "pairwise")
+SPLITS = ("leave_last_out", "random")
+_SEED_MAX = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
-    """Settings of one study run; each field is the command-line flag ``--field-name``.
+    """Settings of one study run; each field is the command-line flag ``--field-name`` (its help text says
+    what it is, its unit and its valid range). Values are checked on construction: an impossible value is a
+    ``ValueError`` naming the flag."""
 
-    Attributes:
-      data: ``ml-100k``, ``lastfm``, ``beauty`` or a path to any interaction file
-        (`datasets.read_interactions`).
-      model: ``bpr`` (BPR-MF), ``lightgcn``, ``mlp`` (NeuMF-style) or ``sasrec``.
-      source: ``ensemble``, ``bootstrap``, ``snapshot``, ``mc_dropout`` (bpr/mlp/sasrec) or ``bayesian``
-        (bpr only).
-      all: run the grid ``DATASETS x MODELS`` with ``source`` (plus dynamics and sweeps on BPR per dataset).
-      split: ``leave_last_out`` or ``random``; min_rating: implicit threshold (None = every interaction).
-      k_core: user/item k-core of the data.
-      n_models: ensemble / bootstrap / snapshot size (distinct seeds for the ensemble).
-      n_samples: MC-dropout passes. dropout: dropout rate of the MC-dropout model.
-      epochs: training epochs. dim, lr, batch_size: model overrides (0 = the model's default).
-      k: list length K of LiDu, NDCG@K and Recall@K. grid_size: cells of the exact estimator.
-      lidu_variants: comma-separated subset of exact, unordered, top3, sequential, pairwise.
-      max_eval_users: evaluate a seeded random subset of this many users (0 = all).
-      chunk: users per scoring/estimation chunk.
-      n_boot: bootstrap resamples over users.
-      dynamics: track mean LiDu and mean NDCG@K every ``dynamics_every`` epochs on ``dynamics_users`` users.
-      sweeps: LiDu for K in ``sweep_ks`` and for random candidate subsets of sizes ``sweep_candidates``.
-      seed: seed of training, sampling and the user subset.
-      out_dir: where tables, plots and JSON go. json: JSON path of a single run (default: in out_dir).
-      progress: progress bars.
-    """
+    data: str = option(
+        "ml-100k",
+        f"data set: one of {', '.join(DATASETS)} (located as in lidu_jax.datasets), or the path of an "
+        "interaction file (table 'user item [rating [timestamp]]' or one 'user item1 item2 ...' line per "
+        "user)",
+    )
+    model: str = option(
+        "bpr",
+        f"recommender: one of {', '.join(MODELS)} (bpr = BPR-MF, mlp = NeuMF-style, sasrec = sequential)",
+    )
+    source: str = option(
+        "ensemble",
+        f"where the per-item score distribution comes from: one of {', '.join(SOURCES)} (mc_dropout needs "
+        "bpr, mlp or sasrec; bayesian is Bayesian MF and needs --model bpr)",
+    )
+    all: bool = option(
+        False,
+        "run the whole grid (every data set x every model) with --source, BPR cells with --dynamics and "
+        "--sweeps; --data and --model are then ignored",
+    )
+    split: str = option(
+        "leave_last_out",
+        f"held-out items: one of {', '.join(SPLITS)} (leave_last_out = each user's latest interaction; "
+        "random = a seeded 20%% of each user's items)",
+    )
+    min_rating: float | None = option(
+        None, "implicit-feedback threshold: keep ratings >= this (none = every interaction is a positive)"
+    )
+    k_core: int = option(
+        5, "k-core filter: users and items with fewer interactions are dropped (>= 0; 0 = off)"
+    )
+    n_models: int = option(
+        5, "distribution size: ensemble members, bootstrap copies or last-epoch snapshots (>= 2)"
+    )
+    n_samples: int = option(10, "MC-dropout passes / Bayesian posterior draws (>= 2)")
+    dropout: float = option(0.2, "dropout rate of the mc_dropout model, in [0, 1)")
+    epochs: int = option(20, "training epochs (>= 1; >= --n-models for --source snapshot)")
+    dim: int = option(0, "embedding width of the model (>= 0; 0 = the model's default)")
+    lr: float = option(0.0, "Adam learning rate (finite, > 0; 0 = the model's default)")
+    batch_size: int = option(0, "training batch size (>= 0; 0 = the model's default)")
+    k: int = option(10, "list length K of LiDu, NDCG@K and Recall@K (>= 1, < the number of items)")
+    grid_size: int = option(256, "grid cells of the exact LiDu estimator (>= 8)")
+    lidu_variants: str = option(
+        "exact,unordered,top3,sequential,pairwise",
+        f"comma-separated LiDu variants besides the exact one, a subset of {','.join(LIDU_VARIANT_FLAGS)}",
+    )
+    max_eval_users: int = option(
+        0, "evaluate a seeded random subset of this many users (>= 0; 0 = every user with a held-out item)"
+    )
+    chunk: int = option(256, "users per scoring / estimation chunk; bounds memory (>= 1)")
+    n_boot: int = option(200, "bootstrap resamples over users for the 95%% intervals (>= 1)")
+    dynamics: bool = option(
+        False, "track mean LiDu and mean NDCG@K during training (needs --source ensemble or bootstrap)"
+    )
+    dynamics_every: int = option(2, "with --dynamics: log every this many epochs (>= 1)")
+    dynamics_users: int = option(500, "users scored for --dynamics and --sweeps (>= 1)")
+    sweeps: bool = option(False, "also compute LiDu for the list lengths --sweep-ks and candidate sizes")
+    sweep_ks: str = option("1,3,5,10,20", "with --sweeps: comma-separated list lengths K (each >= 1)")
+    sweep_candidates: str = option(
+        "100,300,1000,0",
+        "with --sweeps: comma-separated candidate-set sizes (each > --k; 0 = all non-training items)",
+    )
+    seed: int = option(0, f"seed of training, sampling and the user subset (0 .. {_SEED_MAX})")
+    out_dir: str = option("runs/lidu_study", "directory for the tables, plots and JSON (created if missing)")
+    json: str | None = option(
+        None, "JSON path of a single run (none = <out-dir>/<data>_<model>_<source>.json)"
+    )
+    progress: bool = option(True, "show progress bars")
 
-    data: str = "ml-100k"
-    model: str = "bpr"
-    source: str = "ensemble"
-    all: bool = False
-    split: str = "leave_last_out"
-    min_rating: float | None = None
-    k_core: int = 5
-    n_models: int = 5
-    n_samples: int = 10
-    dropout: float = 0.2
-    epochs: int = 20
-    dim: int = 0
-    lr: float = 0.0
-    batch_size: int = 0
-    k: int = 10
-    grid_size: int = 256
-    lidu_variants: str = "exact,unordered,top3,sequential,pairwise"
-    max_eval_users: int = 0
-    chunk: int = 256
-    n_boot: int = 200
-    dynamics: bool = False
-    dynamics_every: int = 2
-    dynamics_users: int = 500
-    sweeps: bool = False
-    sweep_ks: str = "1,3,5,10,20"
-    sweep_candidates: str = "100,300,1000,0"
-    seed: int = 0
-    out_dir: str = "runs/lidu_study"
-    json: str | None = None
-    progress: bool = True
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _int_list(config: StudyConfig, name: str) -> list[int]:
+    text = getattr(config, name)
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{_flag(name)} must be comma-separated integers, got {text!r}") from None
 
 
 def _check(config: StudyConfig) -> None:
-    if config.model not in MODELS:
-        raise ValueError(f"model must be one of {MODELS}, got {config.model!r}")
-    if config.source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {config.source!r}")
-    if config.source == "bayesian" and config.model != "bpr":
-        raise ValueError("source 'bayesian' is Bayesian MF: use it with --model bpr")
-    if config.source == "mc_dropout" and config.model == "lightgcn":
-        raise ValueError("source 'mc_dropout' needs a model with dropout (bpr, mlp, sasrec), not lightgcn")
-    if config.n_models < 2 or config.n_samples < 2:
-        raise ValueError(f"n_models and n_samples must be >= 2, got {config.n_models}, {config.n_samples}")
-    if config.source == "snapshot" and config.n_models > config.epochs:
-        raise ValueError(f"snapshot source: n_models={config.n_models} must be <= epochs={config.epochs}")
-    if config.epochs < 1 or config.k < 1 or config.chunk < 1 or config.n_boot < 1 or config.grid_size < 8:
-        raise ValueError(f"need epochs, k, chunk, n_boot >= 1 and grid_size >= 8, got {config}")
-    if not 0.0 <= config.dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
-    bad = {v.strip() for v in config.lidu_variants.split(",")} - set(LIDU_VARIANT_FLAGS) - {""}
+    """ValueError naming the flag of the first impossible setting of ``config``."""
+    c = config
+    for name, choices in (("model", MODELS), ("source", SOURCES), ("split", SPLITS)):
+        if getattr(c, name) not in choices:
+            raise ValueError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(c, name)!r}")
+    if not c.all and c.data not in DATASETS and not os.path.isfile(c.data):
+        raise ValueError(
+            f"--data must be one of {', '.join(DATASETS)} or an existing interaction file, got {c.data!r}"
+        )
+    if c.source == "bayesian" and c.model != "bpr":
+        raise ValueError("--source bayesian is Bayesian MF: use it with --model bpr")
+    if c.source == "mc_dropout" and c.model == "lightgcn":
+        raise ValueError("--source mc_dropout needs a model with dropout (bpr, mlp, sasrec), not lightgcn")
+    for name, low in (
+        ("k_core", 0), ("n_models", 2), ("n_samples", 2), ("epochs", 1), ("dim", 0), ("batch_size", 0),
+        ("k", 1), ("grid_size", 8), ("max_eval_users", 0), ("chunk", 1), ("n_boot", 1),
+        ("dynamics_every", 1), ("dynamics_users", 1),
+    ):  # fmt: skip
+        v = getattr(c, name)
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{_flag(name)} must be an integer >= {low}, got {v!r}")
+    if not (isinstance(c.seed, numbers.Integral) and 0 <= c.seed <= _SEED_MAX):
+        raise ValueError(f"--seed must be an integer in [0, {_SEED_MAX}], got {c.seed!r}")
+    if c.source == "snapshot" and c.n_models > c.epochs:
+        raise ValueError(f"--source snapshot: --n-models={c.n_models} must be <= --epochs={c.epochs}")
+    if not (math.isfinite(c.lr) and c.lr >= 0):
+        raise ValueError(f"--lr must be finite and > 0 (or 0 for the model's default), got {c.lr}")
+    if not 0.0 <= c.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {c.dropout}")
+    if c.min_rating is not None and not math.isfinite(c.min_rating):
+        raise ValueError(f"--min-rating must be finite (or none), got {c.min_rating}")
+    bad = {v.strip() for v in c.lidu_variants.split(",")} - set(LIDU_VARIANT_FLAGS) - {""}
     if bad:
-        raise ValueError(f"lidu_variants must be a subset of {LIDU_VARIANT_FLAGS}, got {sorted(bad)}")
+        raise ValueError(
+            f"--lidu-variants must be a subset of {','.join(LIDU_VARIANT_FLAGS)}, got {sorted(bad)}"
+        )
+    ks = _int_list(c, "sweep_ks")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--sweep-ks must be one or more list lengths >= 1, got {c.sweep_ks!r}")
+    sizes = _int_list(c, "sweep_candidates")
+    if (c.sweeps or c.all) and (not sizes or min(sizes) < 0 or any(0 < s <= c.k for s in sizes)):
+        raise ValueError(
+            f"--sweep-candidates must be sizes > --k={c.k} (or 0 = all items), got {c.sweep_candidates!r}"
+        )
+    if c.dynamics and c.source not in ("ensemble", "bootstrap"):
+        raise ValueError("--dynamics needs a stacked source: --source ensemble or bootstrap")
+    if not c.out_dir or (os.path.exists(c.out_dir) and not os.path.isdir(c.out_dir)):
+        raise ValueError(f"--out-dir must be a directory (it is created if missing), got {c.out_dir!r}")
+    if c.json is not None and (not c.json or os.path.isdir(c.json)):
+        raise ValueError(f"--json must be a file path, got {c.json!r}")
 
 
 # ------------------------------------------------------------------------------------------ data, models
@@ -211,9 +284,14 @@ def _jitted_scores(model: RecModel):
     return jax.jit(jax.vmap(lambda p, u: model.score(p, u, None), in_axes=(0, None)))
 
 
-def score_stacked(model: RecModel, params, users: np.ndarray, chunk: int) -> jax.Array:
+def score_stacked(
+    model: RecModel, params, users: np.ndarray, chunk: int, *, when: str = "after training"
+) -> jax.Array:
     """``(M, U, n_items)`` full-catalogue scores of stacked ``params`` for ``users (U,)``, ``chunk`` users
-    per call (the last chunk padded, so every call has the same shape and reuses one compilation)."""
+    per call (the last chunk padded, so every call has the same shape and reuses one compilation).
+
+    NaN/inf scores are a `TrainingFailedError` (``when`` says at which point of training, for its message).
+    """
     users = np.asarray(users)
     fn = _jitted_scores(model)
     out = []
@@ -222,7 +300,9 @@ def score_stacked(model: RecModel, params, users: np.ndarray, chunk: int) -> jax
         n_real = u.size
         if n_real < chunk and users.size > chunk:
             u = np.concatenate([u, np.full(chunk - n_real, u[-1], u.dtype)])
-        out.append(fn(params, jnp.asarray(u, jnp.int32))[:, :n_real])
+        s = fn(params, jnp.asarray(u, jnp.int32))[:, :n_real]
+        check_finite_scores(s, model.name, when=when)
+        out.append(s)
     return jnp.concatenate(out, axis=1)
 
 
@@ -283,6 +363,7 @@ def build_source(
 
     def scores(users):
         mean, sd = moments(one, jnp.asarray(users, jnp.int32))
+        check_finite_scores((mean + sd)[None], "Bayesian MF (posterior mean/std)")
         draws = distributions.mc_dropout_samples(
             model, one, users, config.n_samples, jax.random.fold_in(key, 13), chunk=config.chunk
         )
@@ -375,7 +456,7 @@ def _dynamics_callback(model: RecModel, split: InteractionSplit, config: StudyCo
     def callback(epoch: int, params, losses) -> None:
         if epoch % config.dynamics_every and epoch != config.epochs:
             return
-        s = score_stacked(model, params, users, users.size)
+        s = score_stacked(model, params, users, users.size, when=f"after epoch {epoch}")
         mean, std = sample_moments(s)
         val, _ = lidu(mean, std, config.k, candidates=cand, grid_size=config.grid_size, chunk_size=users.size)
         ndcg = metrics.ndcg_at_k(mean, rel, config.k, exclude=excl)
@@ -471,27 +552,41 @@ def run(config: StudyConfig = StudyConfig(), *, split: InteractionSplit | None =
     Returns the JSON payload: ``{"estimators": <-uncertainty vs NDCG@K>, "recall": {"estimators": ...},
     "mean_ndcg", "mean_recall", "dataset", "model", "source", "n_users", "seconds", ["dynamics"],
     ["sweeps"]}``.
+
+    Raises:
+      ValueError: missing or malformed data, or ``k`` not below the number of items.
+      lidu_jax.training.TrainingFailedError: the training diverged (NaN/inf parameters or scores); raised
+        before any estimator sees the scores, its message naming the cell, the seed and the learning rate.
     """
-    _check(config)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # the config was validated when it was built (StudyConfig.__post_init__)
     split = load_data(config) if split is None else split
     if config.model == "sasrec" and split.train_sequences is None:
         raise ValueError(f"model 'sasrec' needs time-ordered data; {split.name!r} has no order")
     if config.k >= split.n_items:
-        raise ValueError(f"k={config.k} must be < n_items={split.n_items}")
+        raise ValueError(f"--k={config.k} must be < the number of items ({split.n_items}) of {split.name}")
     key = jax.random.key(config.seed)
     users = _eval_users(split, config)
     dyn_log: list[dict[str, float]] = []
     dyn_users = users[: min(users.size, config.dynamics_users)]
     make_cb = None
     if config.dynamics:
-        if config.source not in ("ensemble", "bootstrap"):
-            raise ValueError("dynamics needs a stacked source (ensemble or bootstrap)")
         make_cb = lambda model: _dynamics_callback(model, split, config, dyn_users, dyn_log)
     t_train = time.perf_counter()
-    scorer, _, _ = build_source(split, config, jax.random.fold_in(key, 1), make_cb)
-    t_est = time.perf_counter()
-    unc, perf = estimate_all(scorer, split, users, config, jax.random.fold_in(key, 2))
+    try:  # training, and the scores the estimators get: a diverged run fails here, never in an estimator
+        scorer, _, _ = build_source(split, config, jax.random.fold_in(key, 1), make_cb)
+        t_est = time.perf_counter()
+        unc, perf = estimate_all(scorer, split, users, config, jax.random.fold_in(key, 2))
+    except TrainingFailedError as e:
+        lr = config.lr or "the model's default"
+        copies = ""
+        if config.source in ("ensemble", "bootstrap"):
+            copies = f"; copy m is the m-th of the --n-models {config.n_models} keys split from the seed"
+        raise TrainingFailedError(
+            f"{e} [study cell {_cell_name(config, split)}: --seed {config.seed}, --lr {lr}, "
+            f"--epochs {config.epochs}{copies}]",
+            model=e.model,
+            members=e.members,
+        ) from e
     t_eval = time.perf_counter()
     res_ndcg = evaluation.evaluate_estimators(
         unc, perf["ndcg"], n_boot=config.n_boot, seed=config.seed, reference="LiDu"
@@ -593,14 +688,15 @@ def run_all(config: StudyConfig = StudyConfig()) -> dict[str, Any]:
     for data in DATASETS:
         split = load_data(dataclasses.replace(config, data=data))
         for model in MODELS:
-            cfg = dataclasses.replace(config, data=data, model=model, all=False, json=None)
-            if model == "bpr":
-                cfg = dataclasses.replace(cfg, dynamics=True, sweeps=True)
-            if data == "beauty" and not cfg.max_eval_users:
-                cfg = dataclasses.replace(cfg, max_eval_users=2000)
-            try:
+            try:  # building the cell's config checks it: e.g. a source that this model cannot provide
+                cfg = dataclasses.replace(config, data=data, model=model, all=False, json=None)
+                if model == "bpr":
+                    stacked = config.source in ("ensemble", "bootstrap")  # what --dynamics needs
+                    cfg = dataclasses.replace(cfg, dynamics=stacked, sweeps=True)
+                if data == "beauty" and not cfg.max_eval_users:
+                    cfg = dataclasses.replace(cfg, max_eval_users=2000)
                 cells[f"{data}/{model}"] = run(cfg, split=split)
-            except ValueError as e:  # e.g. a source that this model cannot provide
+            except ValueError as e:
                 print(f"skip {data}/{model}: {e}")
     summary = summarise(cells, config)
     out = Path(config.out_dir)
@@ -661,14 +757,30 @@ def summarise(cells: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    return config_parser(StudyConfig, "python -m lidu_jax.study", __doc__.split("\n")[0])
+    return config_parser(
+        StudyConfig,
+        "python -m lidu_jax.study",
+        "The real-data LiDu study: one data set x recommender x score-distribution source (or --all for "
+        "the grid); per-user LiDu and label-free baselines against NDCG@K and Recall@K, with bootstrap "
+        "intervals.",
+    )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """CLI: flags -> `StudyConfig` -> `run` (or `run_all` with ``--all``)."""
-    config = StudyConfig(**vars(_parser().parse_args(argv)))
-    return run_all(config) if config.all else run(config)
+def _body(config: StudyConfig) -> None:
+    if config.all:
+        run_all(config)
+    else:
+        run(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: flags -> `StudyConfig` -> `run` (or `run_all` with ``--all``); returns the exit status.
+
+    A rejected flag value, a missing or malformed data file is one ``error:`` line on stderr and status 2; a
+    diverged training run (`TrainingFailedError`) is one line and status 3. Use `run` for the results.
+    """
+    return run_cli(_parser(), lambda values: StudyConfig(**values), _body, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

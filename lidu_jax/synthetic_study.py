@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,81 +27,120 @@ import jax.numpy as jnp
 import numpy as np
 
 from lidu_jax import baselines, distributions, evaluation, metrics
-from lidu_jax._cli import config_parser
+from lidu_jax._cli import config_parser, option, run_cli
 from lidu_jax.estimators import lidu, lidu_from_samples
 from lidu_jax.models.mf import BayesianMFConfig, MFConfig, make_bayesian_mf, make_bpr_mf
 from lidu_jax.synthetic import SyntheticConfig, generate
-from lidu_jax.training import fit
+from lidu_jax.training import TrainingFailedError, fit
 
 SOURCES = ("ensemble", "bootstrap", "snapshot", "dropout", "bayesian")
+PRNGS = ("threefry2x32", "rbg", "unsafe_rbg")
+_SEED_MAX = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
-    """Settings of the synthetic study; each field is the command-line flag ``--field-name``.
+    """Settings of the synthetic study; each field is the command-line flag ``--field-name`` (its help text
+    says what it is, its unit and its valid range). Values are checked on construction: an impossible value
+    is a ``ValueError`` naming the flag."""
 
-    Attributes:
-      n_users, n_items, true_dim, activity_median, activity_sigma, data_seed: the generator
-      (`SyntheticConfig`).
-      model_dim, epochs, lr, l2, batch_size: BPR-MF training.
-      n_models: ensemble / bootstrap size, number of snapshots, and (x4) MC-dropout passes.
-      dropout: user-factor dropout rate of the MC-dropout model.
-      sources: comma-separated subset of ensemble, bootstrap, snapshot, dropout, bayesian (the default two are
-        the sources that make LiDu informative here; all five take about twice as long).
-      k: list length K of LiDu and NDCG@K.
-      true_top: number of true-preference items that count as relevant.
-      grid_size: grid cells of the exact estimator; kde_grid_size: of the KDE variant (0 = skip KDE).
-      n_boot: bootstrap resamples over users for the intervals.
-      seed: training / sampling seed.
-      prng: JAX PRNG implementation of the keys ("threefry2x32", or "rbg" which compiles faster on CPU).
-      plot: PNG path of the binned "uncertainty vs NDCG" plot ("" = none).
-      json: optional JSON output path.
-      progress: show progress bars.
-    """
+    n_users: int = option(600, "generator: number of users (>= 2)")
+    n_items: int = option(400, "generator: number of items (>= 2, >= --max-activity + --true-top)")
+    true_dim: int = option(8, "generator: dimension of the true user/item preference factors (>= 1)")
+    activity_median: float = option(20.0, "generator: median interactions per user (> 0)")
+    activity_sigma: float = option(0.8, "generator: log-normal spread of the interactions per user (>= 0)")
+    min_activity: int = option(6, "generator: fewest interactions per user, train + test (>= 2)")
+    max_activity: int = option(150, "generator: most interactions per user (>= --min-activity)")
+    data_seed: int = option(0, f"generator seed (0 .. {_SEED_MAX})")
+    model_dim: int = option(16, "BPR-MF embedding width (>= 1)")
+    epochs: int = option(40, "training epochs (>= 1; >= --n-models with the snapshot source)")
+    lr: float = option(0.01, "Adam learning rate of BPR-MF (finite, > 0)")
+    l2: float = option(1e-4, "L2 weight of BPR-MF (finite, >= 0)")
+    batch_size: int = option(512, "training batch size in interactions (>= 1)")
+    n_models: int = option(
+        8, "ensemble / bootstrap size and number of snapshots (>= 2); MC dropout takes 4x this many passes"
+    )
+    dropout: float = option(0.2, "user-factor dropout rate of the dropout source, in (0, 1)")
+    sources: str = option(
+        "ensemble,bayesian",
+        f"comma-separated subset of {','.join(SOURCES)} (the first is the primary source; all five take "
+        "about twice as long as the default two)",
+    )
+    k: int = option(10, "list length K of LiDu and NDCG@K (1 .. --n-items - 1)")
+    true_top: int = option(20, "the true-preference top-N items that count as relevant (>= 1)")
+    grid_size: int = option(512, "grid cells of the exact LiDu estimator (>= 8)")
+    kde_grid_size: int = option(128, "grid cells of the KDE LiDu variant (>= 8; 0 = skip the KDE variant)")
+    n_boot: int = option(500, "bootstrap resamples over users for the 95%% intervals (>= 1)")
+    seed: int = option(0, f"training and sampling seed (0 .. {_SEED_MAX})")
+    prng: str = option(
+        "threefry2x32",
+        f"JAX PRNG implementation of the keys: one of {', '.join(PRNGS)} (rbg compiles faster on CPU)",
+    )
+    plot: str = option(
+        "lidu_synthetic.png", "PNG path of the binned 'uncertainty vs NDCG' plot ('' = no plot)"
+    )
+    json: str | None = option(None, "JSON output path (none = no JSON file)")
+    progress: bool = option(True, "show progress bars")
 
-    n_users: int = 600
-    n_items: int = 400
-    true_dim: int = 8
-    activity_median: float = 20.0
-    activity_sigma: float = 0.8
-    min_activity: int = 6
-    max_activity: int = 150
-    data_seed: int = 0
-    model_dim: int = 16
-    epochs: int = 40
-    lr: float = 0.01
-    l2: float = 1e-4
-    batch_size: int = 512
-    n_models: int = 8
-    dropout: float = 0.2
-    sources: str = "ensemble,bayesian"
-    k: int = 10
-    true_top: int = 20
-    grid_size: int = 512
-    kde_grid_size: int = 128
-    n_boot: int = 500
-    seed: int = 0
-    prng: str = "threefry2x32"
-    plot: str = "lidu_synthetic.png"
-    json: str | None = None
-    progress: bool = True
+    def __post_init__(self) -> None:
+        _check(self)
 
     def source_list(self) -> tuple[str, ...]:
+        """The ``sources`` field as a tuple of names, in the order given."""
         names = tuple(s.strip() for s in self.sources.split(",") if s.strip())
         bad = [s for s in names if s not in SOURCES]
         if bad or not names:
-            raise ValueError(f"sources must be a comma-separated subset of {SOURCES}, got {self.sources!r}")
+            raise ValueError(f"--sources must be a comma-separated subset of {SOURCES}, got {self.sources!r}")
         return names
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _check(config: StudyConfig) -> None:
-    config.source_list()
-    if config.k < 1 or config.k + 1 > config.n_items:
-        raise ValueError(f"k must be in [1, n_items - 1], got {config.k}")
-    if config.n_models < 2 or config.epochs < 1 or config.n_boot < 1:
-        raise ValueError(f"need n_models >= 2, epochs >= 1, n_boot >= 1, got {config}")
-    if config.n_models > config.epochs:
-        raise ValueError("n_models must be <= epochs (the snapshot source takes the last n_models epochs)")
+    """ValueError naming the flag of the first impossible setting of ``config``."""
+    c = config
+    for name, low in (
+        ("n_users", 2), ("n_items", 2), ("true_dim", 1), ("min_activity", 2), ("max_activity", 2),
+        ("model_dim", 1), ("epochs", 1), ("batch_size", 1), ("n_models", 2), ("k", 1), ("true_top", 1),
+        ("grid_size", 8), ("kde_grid_size", 0), ("n_boot", 1),
+    ):  # fmt: skip
+        v = getattr(c, name)
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{_flag(name)} must be an integer >= {low}, got {v!r}")
+    for name in ("seed", "data_seed"):
+        v = getattr(c, name)
+        if not (isinstance(v, numbers.Integral) and 0 <= v <= _SEED_MAX):
+            raise ValueError(f"{_flag(name)} must be an integer in [0, {_SEED_MAX}], got {v!r}")
+    for name, positive in (("lr", True), ("activity_median", True), ("activity_sigma", False), ("l2", False)):
+        v = getattr(c, name)
+        if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
+            raise ValueError(f"{_flag(name)} must be finite and {'> 0' if positive else '>= 0'}, got {v}")
+    sources = c.source_list()
+    if c.min_activity > c.max_activity:
+        raise ValueError(f"--min-activity={c.min_activity} must be <= --max-activity={c.max_activity}")
+    if c.max_activity + c.true_top > c.n_items:
+        raise ValueError(
+            f"--max-activity + --true-top ({c.max_activity} + {c.true_top}) must be <= --n-items={c.n_items}"
+        )
+    if c.k >= c.n_items:
+        raise ValueError(f"--k must be in [1, --n-items - 1 = {c.n_items - 1}], got {c.k}")
+    if 0 < c.kde_grid_size < 8:
+        raise ValueError(f"--kde-grid-size must be 0 (skip) or >= 8, got {c.kde_grid_size}")
+    if "snapshot" in sources and c.n_models > c.epochs:
+        raise ValueError(
+            f"--n-models={c.n_models} must be <= --epochs={c.epochs} "
+            "(the snapshot source takes the last --n-models epochs)"
+        )
+    if not (0.0 < c.dropout < 1.0 if "dropout" in sources else 0.0 <= c.dropout < 1.0):
+        raise ValueError(f"--dropout must be in (0, 1) (the dropout source needs some), got {c.dropout}")
+    if c.prng not in PRNGS:
+        raise ValueError(f"--prng must be one of {', '.join(PRNGS)}, got {c.prng!r}")
+    if c.plot and os.path.isdir(c.plot):
+        raise ValueError(f"--plot must be a PNG file path (or ''), got the directory {c.plot!r}")
+    if c.json is not None and (not c.json or os.path.isdir(c.json)):
+        raise ValueError(f"--json must be a file path (or none), got {c.json!r}")
 
 
 def _distribution(
@@ -173,8 +216,10 @@ def run(config: StudyConfig = StudyConfig()) -> dict[str, Any]:
     """Run the study and return ``{"estimators": <primary source, true-preference NDCG>, "sources": {...}}``.
 
     Prints a table per source and ground truth; writes the plot and (optionally) the JSON file.
+
+    Raises:
+      lidu_jax.training.TrainingFailedError: a model's training diverged (NaN/inf parameters or scores).
     """
-    _check(config)
     t0 = time.perf_counter()
     data = generate(
         SyntheticConfig(
@@ -198,7 +243,14 @@ def run(config: StudyConfig = StudyConfig()) -> dict[str, Any]:
     sources: dict[str, Any] = {}
     primary = None
     for name in config.source_list():
-        dist = _distribution(name, config, split, jax.random.fold_in(key, SOURCES.index(name)), users)
+        try:  # a diverged model fails here, before any estimator sees its scores
+            dist = _distribution(name, config, split, jax.random.fold_in(key, SOURCES.index(name)), users)
+        except TrainingFailedError as e:
+            raise TrainingFailedError(
+                f"{e} [source {name}: --seed {config.seed}, --lr {config.lr}, --epochs {config.epochs}]",
+                model=e.model,
+                members=e.members,
+            ) from e
         unc, _ = _estimators(dist, config, cand, split)
         ndcg_true = np.asarray(metrics.ndcg_at_k(dist.mean, data.true_relevant, config.k, exclude=train))
         ndcg_held = np.asarray(metrics.ndcg_at_k(dist.mean, test, config.k, exclude=train))
@@ -284,10 +336,26 @@ def _summary(sources: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    return config_parser(StudyConfig, "python -m lidu_jax", __doc__.split("\n")[0])
+    return config_parser(
+        StudyConfig,
+        "python -m lidu_jax",
+        "The synthetic LiDu study: does LiDu track per-user NDCG@K better than label-free baselines, for "
+        "which score-distribution source? (data with a known true preference; BPR-MF / Bayesian MF)",
+    )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """CLI entry point: parse flags into a `StudyConfig` and `run` it."""
-    args = _parser().parse_args(argv)
-    return run(StudyConfig(**vars(args)))
+def _body(config: StudyConfig) -> None:
+    run(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: flags -> `StudyConfig` -> `run`; returns the exit status.
+
+    A rejected flag value is one ``error:`` line on stderr and status 2; a diverged training run
+    (`lidu_jax.training.TrainingFailedError`) is one line and status 3. Use `run` for the results.
+    """
+    return run_cli(_parser(), lambda values: StudyConfig(**values), _body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

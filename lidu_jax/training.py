@@ -2,6 +2,9 @@
 
 An ensemble over seeds is ``fit(model, keys, ones)``; a bootstrap is ``fit(model, keys, multinomial_counts)``;
 a snapshot ensemble is ``fit(model, keys[:1], ones[:1], epochs, snapshot_epochs=(...))``.
+
+A run that diverges (NaN/inf parameters or scores, e.g. a learning rate far too large) is a
+`TrainingFailedError` raised here, so it is never passed on as if it were a trained model's output.
 """
 
 from __future__ import annotations
@@ -18,6 +21,95 @@ from tqdm.auto import tqdm
 from lidu_jax.models.base import RecModel
 
 PyTree = Any
+
+__all__ = [
+    "TrainingFailedError",
+    "bootstrap_weights",
+    "check_finite_scores",
+    "fit",
+    "flatten_snapshots",
+    "score_users",
+]
+
+
+class TrainingFailedError(RuntimeError):
+    """Training diverged: a copy's parameters or scores are NaN/inf.
+
+    Attributes:
+      exit_code: 3, the exit status the command lines give this failure (2 is a bad flag or input).
+      model: the `RecModel` name.
+      members: indices of the failed copies (along the stacked ``M`` axis, i.e. ``keys[m]``).
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, model: str = "", members: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.model = model
+        self.members = tuple(int(m) for m in members)
+
+
+_ADVICE = "lower the learning rate (the model config's lr; --lr on the command line)"
+
+
+def _listing(members: Sequence[int], limit: int = 8) -> str:
+    shown = ", ".join(str(m) for m in members[:limit])
+    return shown + (f", ... ({len(members)} in all)" if len(members) > limit else "")
+
+
+@jax.jit
+def _finite_members(stacked: PyTree) -> jax.Array:
+    """``(M,)`` bool: every float leaf of copy m is finite."""
+    flags = [
+        jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+        for x in jax.tree.leaves(stacked)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    if not flags:  # e.g. integer counts only: nothing can be NaN
+        return jnp.ones(jax.tree.leaves(stacked)[0].shape[0], bool)
+    return jnp.stack(flags).all(axis=0)
+
+
+@jax.jit
+def _note_nonfinite(first_bad: jax.Array, losses: jax.Array, epoch: jax.Array) -> jax.Array:
+    return jnp.where((first_bad == 0) & ~jnp.isfinite(losses), epoch, first_bad)
+
+
+def _check_trained(model: RecModel, params: PyTree, first_bad_loss: jax.Array, what: str) -> None:
+    if not jax.tree.leaves(params):
+        return
+    ok = np.asarray(_finite_members(params))
+    if ok.all():
+        return
+    bad = np.flatnonzero(~ok).tolist()
+    epochs = np.asarray(first_bad_loss)
+    seen = sorted({int(epochs[m]) for m in bad if epochs[m] > 0})
+    loss = f"; the loss first became NaN/inf at epoch {seen[0]}" if seen else ""
+    who = model.name if ok.size == 1 else f"{model.name} copy {_listing(bad)} of {ok.size} (keys[m] of fit)"
+    raise TrainingFailedError(
+        f"training failed: {who} has NaN/inf {what}{loss}: the training diverged; {_ADVICE}",
+        model=model.name,
+        members=bad,
+    )
+
+
+def check_finite_scores(
+    scores: jax.Array, model_name: str, *, unit: str = "copy", when: str = "after training"
+) -> None:
+    """Raises `TrainingFailedError` when the scores ``(M, ...)`` of M copies (ensemble members, snapshots;
+    ``unit`` names them, e.g. "dropout pass") hold NaN or inf: weights that overflow mean the training
+    diverged, and such scores must not reach an estimator as if they were a model's output."""
+    scores = jnp.asarray(scores)
+    ok = np.asarray(jnp.isfinite(scores).reshape(scores.shape[0], -1).all(axis=1))
+    if ok.all():
+        return
+    bad = np.flatnonzero(~ok).tolist()
+    who = model_name if ok.size == 1 else f"{model_name} {unit} {_listing(bad)} of {ok.size}"
+    raise TrainingFailedError(
+        f"training failed: {who} gives NaN/inf scores {when}: the training diverged; {_ADVICE}",
+        model=model_name,
+        members=bad,
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -64,6 +156,11 @@ def fit(
     Returns:
       ``(params, snapshots)``: the final parameters stacked with a leading ``M`` axis, and the snapshots
       stacked as ``(len(snapshot_epochs), M, ...)`` in the order given (``None`` when no snapshot epochs).
+
+    Raises:
+      ValueError: bad weights, epochs or snapshot epochs.
+      TrainingFailedError: a copy's final (or snapshot) parameters are NaN/inf; the message names the
+        model, the copies (index m of ``keys``) and the epoch where the loss first went non-finite.
     """
     keys = jnp.asarray(keys)
     weights = jnp.asarray(weights, jnp.float32)
@@ -83,9 +180,11 @@ def fit(
     state = init(init_keys)
 
     snapshots: dict[int, PyTree] = {}
+    first_bad_loss = jnp.zeros((m,), jnp.int32)  # on device, so tracking it costs no sync per epoch
     bar = tqdm(range(1, epochs + 1), desc=f"train {model.name} x{m}", disable=not progress, leave=False)
     for epoch in bar:
         state, losses = step(state, _fold_all(run_keys, jnp.asarray(epoch, jnp.uint32)), weights)
+        first_bad_loss = _note_nonfinite(first_bad_loss, losses, jnp.asarray(epoch, jnp.int32))
         if progress:
             bar.set_postfix(loss=f"{float(jnp.mean(losses)):.4f}")
         if epoch in snaps_wanted or callback is not None:
@@ -96,6 +195,9 @@ def fit(
                 callback(epoch, params, losses)
     bar.close()
     final = get_params(state)
+    _check_trained(model, final, first_bad_loss, "parameters after the last epoch")
+    for e in snaps_wanted:
+        _check_trained(model, snapshots[e], first_bad_loss, f"parameters in the snapshot of epoch {e}")
     stacked = None
     if snaps_wanted:
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[snapshots[e] for e in snaps_wanted])
@@ -136,6 +238,9 @@ def score_users(
 
     Returns:
       ``(M, U, n_items)`` float32 scores (training items NOT masked).
+
+    Raises:
+      TrainingFailedError: a copy's scores are NaN/inf (its weights overflow: the training diverged).
     """
     users = np.asarray(users)
     if users.ndim != 1:
@@ -160,4 +265,6 @@ def score_users(
             ck = jax.random.fold_in(key, c)
             s = fn(stacked_params, u, jax.vmap(lambda i, ck=ck: jax.random.fold_in(ck, i))(jnp.arange(m)))
         out.append(s[:, :n_real])
-    return jnp.concatenate(out, axis=1)
+    scores = jnp.concatenate(out, axis=1)
+    check_finite_scores(scores, model.name)
+    return scores

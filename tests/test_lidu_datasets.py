@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import re
 import zipfile
 from pathlib import Path
 
@@ -92,6 +93,66 @@ def test_sequence_format(tmp_path):
 def test_malformed_files_name_file_and_line(tmp_path, name, text, fmt, match):
     with pytest.raises(ValueError, match=match):
         D.read_interactions(_write(tmp_path, name, text), fmt=fmt)
+
+
+BAD_FILES = [
+    # Bytes that are not UTF-8 text: a Latin-1 export, a binary file.
+    ("latin1.tsv", b"1\t2\t5\t100\n\xe9\t3\t4\t101\n", r":2: not UTF-8 text \(byte 0xe9 at column 1\)"),
+    ("binary.dat", b"1 2 3 4\n" + bytes(range(256)), r":2: NUL byte at column 1"),
+    ("nul.tsv", b"user\titem\n\x00\x01\x02\x03\n", r":2: NUL byte at column 1 in b'\\x00\\x01\\x02\\x03'"),
+    ("late.txt", b"1 5 6 7 8\n" * 3 + b"4 5 \xff\xfe 7\n", r":4: not UTF-8 .* in b'4 5 \\xff\\xfe 7'"),
+    # Ids that do not fit in int64 (a 23-digit id), in a table and in a sequence file.
+    ("big.tsv", b"1\t2\n12345678901234567890123\t3\n", r":2: user id '12345678901234567890123' does not fit"),
+    ("bigseq.txt", b"1 5 6 7 8\n2 5 99999999999999999999999 7\n", r":2: item id '9{23}' does not fit"),
+    ("neg.tsv", b"1\t2\n-9223372036854775809\t3\n", r":2: user id '-9223372036854775809' does not fit"),
+    # nan / empty ids and bad values on the first line: data, not an unrecognisable header.
+    ("nan_first.tsv", b"nan\t3\t4\t101\n1\t2\t5\t100\n", r":1: user id 'nan' is not an integer id"),
+    ("nan_seq.txt", b"nan 5 6 7 8\n2 5 6 7\n", r":1: user id 'nan' is not an integer id"),
+    ("empty_first.tsv", b"\t3\t4\t101\n1\t2\t5\t100\n", r":1: user id is empty"),
+    ("empty_id.tsv", b"1\t2\n\t3\n", r":2: user id is empty"),
+    ("rating_first.tsv", b"1\t2\tfive\t100\n", r":1: rating 'five' is not a number"),
+    ("time_first.tsv", b"1\t2\t5\tnan\n", r":1: timestamp 'nan' is not finite"),
+    # A row shorter than the header: the count the header asks for, and the row itself.
+    ("short.inter", b"user_id:token\titem_id:token\n1\n", r":2: expected 2 columns, got 1: '1'"),
+    # Line numbers count blank lines and CRLF ends like an editor does.
+    ("crlf.tsv", b"1\t2\r\n\r\n3\tx\r\n", r":3: item id 'x' is not an integer id"),
+]
+
+
+@pytest.mark.parametrize("name, content, match", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_bad_bytes_ids_and_values_name_file_line_and_value(tmp_path, name, content, match):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(name) + match) as exc:
+        D.read_interactions(p)
+    assert type(exc.value) is ValueError  # not a UnicodeDecodeError / OverflowError passing for one
+    assert len(str(exc.value)) < 400  # an excerpt of the line, not the line
+
+
+def test_a_huge_bad_line_is_shown_as_an_excerpt(tmp_path):
+    p = tmp_path / "huge.tsv"
+    p.write_bytes(b"1\t2\n" + b"7" * 100_000 + b"\t3\n")
+    with pytest.raises(ValueError, match=r"huge.tsv:2: user id '7{40}'\.\.\. does not fit") as exc:
+        D.read_interactions(p)
+    assert len(str(exc.value)) < 400
+
+
+def test_byte_order_mark_is_not_part_of_the_header(tmp_path):
+    p = tmp_path / "bom.inter"
+    p.write_bytes(b"\xef\xbb\xbfuser_id:token\titem_id:token\n10\t7\n11\t8\n")
+    d = D.read_interactions(p)
+    np.testing.assert_array_equal(d.users, [10, 11])
+
+
+def test_to_implicit_keeps_distinct_pairs_with_negative_or_huge_ids():
+    # Raw ids are only labels: pairs must not be merged because user * (max_item + 1) + item collides
+    # (a negative item) or wraps around int64 (4 * 2**62 == 0 mod 2**64).
+    neg = D.Interactions(np.array([0, 1]), np.array([5, -1]))
+    assert len(D.to_implicit(neg)) == 2
+    huge = D.Interactions(np.array([0, 4, 0]), np.array([0, 0, 2**62 - 1]))
+    assert len(D.to_implicit(huge)) == 3
+    dup = D.Interactions(np.array([-3, -3, 2**62]), np.array([-7, -7, 2**62]))
+    assert len(D.to_implicit(dup)) == 2  # the repeated pair still collapses
 
 
 def test_missing_file_and_bad_args(tmp_path):

@@ -45,7 +45,7 @@ def test_cli_end_to_end_tiny(tmp_path, capsys):
         "--sources", "ensemble", "--k", "3", "--grid-size", "64", "--kde-grid-size", "0",
         "--n-boot", "20", "--plot", str(plot), "--json", str(out), "--no-progress", "--prng", "rbg",
     ]  # fmt: skip
-    res = synthetic_study.main(argv)
+    assert synthetic_study.main(argv) == 0
     text = capsys.readouterr().out
     assert "LiDu" in text and "user activity" in text and "summary" in text
     loaded = json.loads(out.read_text())
@@ -55,6 +55,6 @@ def test_cli_end_to_end_tiny(tmp_path, capsys):
     assert set(loaded["sources"]) == {"ensemble"}
     assert loaded["config"]["n_users"] == 60
     assert plot.read_bytes()[:4] == b"\x89PNG"
-    assert res["primary_source"] == "ensemble"
-    with pytest.raises(ValueError, match="sources"):
-        synthetic_study.run(synthetic_study.StudyConfig(sources="magic"))
+    assert loaded["primary_source"] == "ensemble"
+    with pytest.raises(ValueError, match="--sources"):
+        synthetic_study.StudyConfig(sources="magic")

@@ -6,6 +6,7 @@ bootstrap is `jax.vmap` over per-interaction weights, and snapshots are just the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,3 +36,10 @@ class RecModel(NamedTuple):
     params: Callable[[PyTree], PyTree]
     score: Callable[[PyTree, jax.Array, jax.Array | None], jax.Array]
     name: str
+
+
+def check_lr(lr: float) -> None:
+    """ValueError unless the learning rate ``lr`` is finite and > 0 (a NaN or negative rate would train to
+    garbage without any error)."""
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"config.lr must be finite and > 0, got {lr!r}")

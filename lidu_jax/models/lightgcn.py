@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from lidu_jax.models._bpr import TrainState, bpr_pair_loss, make_bpr_epoch
-from lidu_jax.models.base import RecModel
+from lidu_jax.models.base import RecModel, check_lr
 from lidu_jax.types import InteractionSplit
 
 __all__ = ["LightGCN", "LightGCNConfig", "edge_norm", "make_lightgcn"]
@@ -97,6 +97,7 @@ def make_lightgcn(split: InteractionSplit, config: LightGCNConfig = LightGCNConf
     """
     if config.dim < 1 or config.n_layers < 0:
         raise ValueError(f"config: dim must be >= 1 and n_layers >= 0, got {config.dim}, {config.n_layers}")
+    check_lr(config.lr)
     module = LightGCN(split.n_users, split.n_items, config.dim, config.n_layers, config.init_scale)
     edge_u = jnp.asarray(split.train_users, jnp.int32)
     edge_i = jnp.asarray(split.train_items, jnp.int32)

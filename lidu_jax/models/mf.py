@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lidu_jax.models.base import RecModel
+from lidu_jax.models.base import RecModel, check_lr
 from lidu_jax.types import InteractionSplit
 
 PyTree = Any
@@ -135,6 +135,7 @@ def make_bpr_mf(split: InteractionSplit, config: MFConfig = MFConfig()) -> RecMo
     """
     if config.dim < 1 or config.batch_size < 1 or not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"config: need dim >= 1, batch_size >= 1 and 0 <= dropout < 1, got {config}")
+    check_lr(config.lr)
     train_u, train_i = _check_split(split)
     n_train, n_users, n_items = int(train_u.shape[0]), split.n_users, split.n_items
     batch_size = min(config.batch_size, n_train)
@@ -193,6 +194,7 @@ def make_bayesian_mf(split: InteractionSplit, config: BayesianMFConfig = Bayesia
     """
     if config.dim < 1 or config.batch_size < 1 or config.prior_std <= 0 or config.init_std <= 0:
         raise ValueError(f"config: need dim, batch_size >= 1 and prior_std, init_std > 0, got {config}")
+    check_lr(config.lr)
     train_u, train_i = _check_split(split)
     n_train, n_users, n_items = int(train_u.shape[0]), split.n_users, split.n_items
     batch_size = min(config.batch_size, n_train)

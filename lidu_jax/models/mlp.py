@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from lidu_jax.models._bpr import TrainState, bpr_pair_loss, make_bpr_epoch
-from lidu_jax.models.base import RecModel
+from lidu_jax.models.base import RecModel, check_lr
 from lidu_jax.types import InteractionSplit
 
 __all__ = ["MLPConfig", "NeuMF", "make_mlp"]
@@ -106,6 +106,7 @@ def make_mlp(split: InteractionSplit, config: MLPConfig = MLPConfig()) -> RecMod
         raise ValueError(f"config: dim and hidden sizes must be >= 1, got {config.dim}, {config.hidden}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"config.dropout must be in [0, 1), got {config.dropout}")
+    check_lr(config.lr)
     module = NeuMF(
         split.n_users, split.n_items, config.dim, tuple(config.hidden), config.dropout, config.init_scale
     )

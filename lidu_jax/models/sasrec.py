@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from lidu_jax.models._bpr import TrainState, make_negative_sampler
-from lidu_jax.models.base import RecModel
+from lidu_jax.models.base import RecModel, check_lr
 from lidu_jax.types import InteractionSplit
 
 __all__ = ["SASRec", "SASRecConfig", "make_sasrec"]
@@ -141,14 +141,15 @@ def _sequence_arrays(split: InteractionSplit, max_len: int) -> tuple[np.ndarray,
 
 def make_sasrec(split: InteractionSplit, config: SASRecConfig = SASRecConfig()) -> RecModel:
     """SASRec on ``split`` (needs ``split.train_sequences``); see the module docstring for the equations."""
-    if config.dim % config.n_heads:
-        raise ValueError(f"config.n_heads={config.n_heads} must divide config.dim={config.dim}")
+    if config.n_heads < 1 or config.dim % config.n_heads:
+        raise ValueError(f"config.n_heads={config.n_heads} must be >= 1 and divide config.dim={config.dim}")
     if config.max_len < 2 or config.batch_size < 1:
         raise ValueError(
             f"config: need max_len >= 2 and batch_size >= 1, got {config.max_len}, {config.batch_size}"
         )
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"config.dropout must be in [0, 1), got {config.dropout}")
+    check_lr(config.lr)
     inputs, targets, rows, score_in = _sequence_arrays(split, config.max_len)
     module = SASRec(
         split.n_items, config.max_len, config.dim, config.n_blocks, config.n_heads, config.dropout
