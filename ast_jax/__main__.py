@@ -9,6 +9,8 @@
    λ(t)); ``--json PATH`` writes the numbers.
 
 Every flag maps one-to-one onto a field of :class:`MainConfig` (``--teacher-steps`` -> ``teacher_steps``).
+Exit statuses: 0 done; 2 a user error (impossible flag value, missing or unwritable file: one line on stderr);
+3 a training loss became non-finite.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ast_jax._cli import config_parser
+from ast_jax._cli import config_parser, option, run_cli
 from ast_jax.data import BatchIterator, eval_batches, load_text_data
 from ast_jax.distill import LossConfig
 from ast_jax.models.gpt2 import GPT2, GPT2Config
@@ -41,7 +43,13 @@ from ast_jax.sparsify import (
     count_params,
     is_strict_nm,
 )
-from ast_jax.step import evaluate_perplexity, final_params, init_train_state, make_train_step
+from ast_jax.step import (
+    TrainingDivergedError,
+    evaluate_perplexity,
+    final_params,
+    init_train_state,
+    make_train_step,
+)
 
 REQUIRED_VARIANTS = ("fixed_mask_ce", "ast_naive", "ast_boosted")
 OPTIONAL_VARIANTS = ("fixed_mask_kl", "static_srste", "ste_kl")
@@ -49,53 +57,83 @@ OPTIONAL_VARIANTS = ("fixed_mask_kl", "static_srste", "ste_kl")
 
 @dataclasses.dataclass(frozen=True)
 class MainConfig:
-    """Settings of the main job (defaults: the measured run of ``docs/results-ast-main.md``)."""
+    """Settings of the main job (defaults: the measured run of ``docs/results-ast-main.md``); impossible
+    values raise ``ValueError`` naming the flag."""
 
-    text: str | None = None  # UTF-8 text file to train on instead of the built-in corpus
-    json: str | None = None  # write the results here
-    out_dir: str = "outputs/ast_main"  # plots go here
-    no_plots: bool = False
-    seed: int = 0
-    max_bytes: int | None = None  # truncate the corpus (quick runs)
+    text: str | None = option(None, "UTF-8 text file to train on instead of the built-in docstring corpus")
+    json: str | None = option(
+        None, "write the results (perplexities, flip rates, histories) to this JSON file"
+    )
+    out_dir: str = option("outputs/ast_main", "directory for the plots (created if missing)")
+    no_plots: bool = option(False, "skip the loss / flip-rate / lambda plots")
+    seed: int = option(0, "seed of the initialisation and the batch order (>= 0)")
+    max_bytes: int | None = option(None, "truncate the corpus to this many bytes, for quick runs (>= 1)")
     # model (GPT-2-style, byte vocabulary)
-    n_layer: int = 2
-    d_model: int = 128
-    n_head: int = 4
-    seq_len: int = 64
-    batch_size: int = 32
+    n_layer: int = option(2, "transformer blocks (>= 1)")
+    d_model: int = option(128, "model width; a multiple of --n-head, --m and --slorb-k")
+    n_head: int = option(4, "attention heads (>= 1)")
+    seq_len: int = option(64, "tokens (bytes) per training window (>= 1)")
+    batch_size: int = option(32, "sequences per training batch (>= 1)")
     # dense teacher: stop when the held-out loss improves by less than teacher_flat_tol (relative) twice
-    teacher_steps: int = 3000
-    teacher_lr: float = 3e-3
-    teacher_eval_every: int = 100
-    teacher_flat_tol: float = 0.005
+    teacher_steps: int = option(3000, "most dense teacher training steps (>= 1)")
+    teacher_lr: float = option(3e-3, "teacher peak learning rate (finite, > 0)")
+    teacher_eval_every: int = option(100, "held-out evaluation interval of the teacher, in steps (>= 1)")
+    teacher_flat_tol: float = option(
+        0.005,
+        "the teacher stops after two evaluations improving the held-out loss by less than this fraction "
+        "(finite, >= 0)",
+    )
     # retraining, identical budget for every variant
-    steps: int = 300
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    n: int = 2
-    m: int = 4
-    mask_every: int = 10
-    max_decay: float = 0.1  # λ_max for a few-hundred-step budget (AST.md lesson 1; measured in the docs)
-    ramp_steps: int = 100  # T0
-    w_kl: float = 0.67
-    w_ce: float = 0.33
-    temperature: float = 2.0
-    slorb_k: int = 16
-    extra_variants: str = ""  # comma-separated subset of fixed_mask_kl,static_srste,ste_kl
-    eval_windows: int = 512  # held-out windows of seq_len tokens for the final perplexities
-    progress: bool = True
-    fast_compile: bool = False  # XLA backend optimisation level 0: for smoke runs where compiling dominates
+    steps: int = option(300, "retraining steps of every sparse variant (>= 1)")
+    lr: float = option(1e-3, "peak retraining learning rate, warm-up then cosine to lr/10 (finite, > 0)")
+    weight_decay: float = option(0.1, "decoupled weight decay of the matrices (finite, >= 0)")
+    n: int = option(2, "kept weights per group (N of N:M, 0 < N < M)")
+    m: int = option(4, "group size along a kernel's input (M of N:M, >= 2)")
+    mask_every: int = option(10, "mask refresh interval of the adaptive variants, in steps (>= 1)")
+    # λ_max for a few-hundred-step budget (AST.md lesson 1; measured in the docs)
+    max_decay: float = option(0.1, "lambda_max of Annealing SR-STE (finite, >= 0)")
+    ramp_steps: int = option(100, "T0: steps over which lambda ramps up to lambda_max (>= 0)")
+    w_kl: float = option(0.67, "weight of the KL distillation loss (finite, >= 0)")
+    w_ce: float = option(0.33, "weight of the cross-entropy loss (finite, >= 0; w_kl + w_ce > 0)")
+    temperature: float = option(2.0, "distillation temperature (finite, > 0)")
+    slorb_k: int = option(16, "SLoRB block size k of AST-Boosted; divides --d-model (>= 1)")
+    extra_variants: str = option(
+        "", f"comma-separated extra variants to run, from {', '.join(OPTIONAL_VARIANTS)} (default: none)"
+    )
+    eval_windows: int = option(512, "held-out windows of --seq-len tokens for the final perplexities (>= 1)")
+    progress: bool = option(True, "show progress bars")
+    fast_compile: bool = option(
+        False, "XLA backend optimisation level 0: for smoke runs where compiling dominates"
+    )
 
     def __post_init__(self) -> None:
+        def bad(name: str, need: str) -> ValueError:
+            return ValueError(f"--{name.replace('_', '-')} must be {need}, got {getattr(self, name)!r}")
+
         positive = ("n_layer", "d_model", "n_head", "seq_len", "batch_size", "teacher_steps", "steps")
-        for name in positive:
+        for name in (*positive, "teacher_eval_every", "eval_windows", "mask_every", "slorb_k"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.teacher_eval_every < 1 or self.eval_windows < 1 or self.mask_every < 1:
-            raise ValueError("--teacher-eval-every, --eval-windows and --mask-every must be >= 1")
+                raise bad(name, ">= 1")
+        for name in ("seed", "ramp_steps"):
+            if getattr(self, name) < 0:
+                raise bad(name, ">= 0")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise bad("max_bytes", ">= 1 or none")
+        for name in ("lr", "teacher_lr", "temperature"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise bad(name, "a finite number > 0")
+        for name in ("weight_decay", "max_decay", "w_kl", "w_ce", "teacher_flat_tol"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, "a finite number >= 0")
+        if self.w_kl + self.w_ce == 0:
+            raise ValueError("--w-kl and --w-ce are both 0: the loss would be zero")
+        if not 0 < self.n < self.m:
+            raise ValueError(f"--n and --m need 0 < n < m, got n={self.n}, m={self.m}")
         for v in self.extras:
             if v not in OPTIONAL_VARIANTS:
                 raise ValueError(f"--extra-variants: unknown variant {v!r}; choose from {OPTIONAL_VARIANTS}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"--d-model {self.d_model} is not divisible by --n-head {self.n_head}")
         if self.d_model % self.m or (4 * self.d_model) % self.m:
             raise ValueError(
                 f"--d-model {self.d_model} must make every layer's input a multiple of m={self.m}"
@@ -113,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> MainConfig:
-    """Flags -> :class:`MainConfig` (one flag per field)."""
+    """Flags -> :class:`MainConfig` (one flag per field; ``ValueError`` for impossible values)."""
     return MainConfig(**vars(_parser().parse_args(argv)))
 
 
@@ -177,7 +215,7 @@ def train_teacher(cfg: MainConfig, model: GPT2, data) -> tuple[Any, dict[str, An
             hist["eval_loss"].append(ev)
             bar.set_postfix(heldout_loss=f"{ev:.3f}")
             if not np.isfinite(float(met["loss"])):
-                raise FloatingPointError(f"teacher loss is not finite at step {i + 1}")
+                raise TrainingDivergedError(f"teacher loss is not finite at step {i + 1}; lower --teacher-lr")
             flat = flat + 1 if prev is not None and (prev - ev) < cfg.teacher_flat_tol * prev else 0
             if flat >= 2:
                 break
@@ -221,7 +259,8 @@ def retrain(
         hist["decay"].append(met["decay"])
     hist = {k: [float(x) for x in v] for k, v in hist.items()}
     if not all(np.isfinite(hist["loss"])):
-        raise FloatingPointError(f"{name}: the training loss became non-finite")
+        step = int(np.argmin(np.isfinite(hist["loss"]))) + 1
+        raise TrainingDivergedError(f"{name}: the training loss became non-finite at step {step}; lower --lr")
     secs = time.perf_counter() - t0
     model_params, slorb_params = _jit(cfg, final_params)(state)
     masks = get_masks(state.opt_state)["model"]
@@ -289,12 +328,36 @@ def _plots(cfg: MainConfig, teacher_hist: dict, runs: dict[str, dict], out: path
     return paths
 
 
+def _check_outputs(cfg: MainConfig) -> None:
+    """Fail before any training when ``--json`` or the plot directory cannot be written."""
+    from ast_jax.checkpoint import ensure_writable_dir
+
+    if cfg.json:
+        if pathlib.Path(cfg.json).is_dir():
+            raise ValueError(f"--json {cfg.json!r} is a directory, not a file")
+        try:
+            ensure_writable_dir(pathlib.Path(cfg.json).absolute().parent)
+        except ValueError as e:
+            raise ValueError(f"--json {cfg.json!r}: {e}") from None
+    if not cfg.no_plots:
+        try:
+            ensure_writable_dir(cfg.out_dir)
+        except ValueError as e:
+            raise ValueError(f"--out-dir {cfg.out_dir!r}: {e}") from None
+
+
 def run(cfg: MainConfig) -> dict[str, Any]:
-    """The whole job; returns the results dict that ``--json`` writes."""
+    """The whole job; returns the results dict that ``--json`` writes.
+
+    Raises ``ValueError`` before any training for unusable inputs or outputs (text too short or missing,
+    ``--json``/``--out-dir`` not writable) and :class:`ast_jax.step.TrainingDivergedError` when a loss becomes
+    non-finite.
+    """
     t_start = time.perf_counter()
     data = load_text_data(cfg.text, max_bytes=cfg.max_bytes)
     if len(data.heldout) < cfg.seq_len + 1 or len(data.train) < cfg.seq_len + 1:
         raise ValueError(f"the text is too short for --seq-len {cfg.seq_len} (need several KB)")
+    _check_outputs(cfg)
     mcfg = GPT2Config(
         vocab_size=data.vocab_size,
         max_len=cfg.seq_len,
@@ -370,7 +433,11 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    """``python -m ast_jax``: returns the exit status (0 done, 2 user error, 3 diverged)."""
+    return run_cli(_parser(), lambda values: MainConfig(**values), _main_body, argv)
+
+
+def _main_body(cfg: MainConfig) -> int:
     results = run(cfg)
     print(format_table(results))
     print(
@@ -384,7 +451,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("plots:", ", ".join(results["plots"]))
     if cfg.json:
         path = pathlib.Path(cfg.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2))
         print("wrote", path)
     return 0

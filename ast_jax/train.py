@@ -16,10 +16,23 @@ What a run does:
    optimizer state, masks, step, RNG and data position; on restart the newest intact checkpoint is resumed
    and the run continues bit-for-bit as if never interrupted;
 6. SIGTERM / SIGINT: finish the current step, save, exit with status 128 + signal number;
-7. a NaN/inf loss: stop with :class:`TrainingDivergedError` (exit status 3) without saving, so the last
-   checkpoint on disk is the last good state;
+7. divergence -- a NaN/inf loss or gradient, a loss spike (``--loss-spike``), or params / optimizer state
+   that are not finite or give such a loss -- stops the run with :class:`TrainingDivergedError` before that
+   state is saved, so every checkpoint on disk is a good state;
 8. optionally: held-out perplexity, a strict N:M check, a compressed export (:mod:`ast_jax.export`) and a
    JSON summary.
+
+Resuming compares the settings saved with the newest intact checkpoint with the current ones *before* reading
+any array: a difference stops the run (nothing on disk is touched) unless it is one of the optimizer settings
+that keep every array shape (``--lr``, ``--warmup-steps``, ``--weight-decay``, ``--max-decay``,
+``--ramp-steps``, ``--mask-every``) and ``--allow-optimizer-change`` is given; such a change is recorded in
+the checkpoints and the JSON summary (``optimizer_changes``). A directory whose checkpoints all fail their
+integrity check stops the run unless ``--restart`` is given. The checkpoint directory, ``--json`` and
+``--export-dir`` are checked for being writable before any training step.
+
+Exit statuses of the command line: 0 done; 2 a user error (bad flag value, settings that differ from the
+checkpoint's, an unusable path); 3 training diverged; 4 no usable checkpoint (see ``--restart``);
+128 + N stopped by signal N after saving.
 """
 
 from __future__ import annotations
@@ -31,9 +44,10 @@ import json
 import logging
 import math
 import signal
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,18 +57,26 @@ import numpy as np
 import optax
 
 from ast_jax import sharding as shd
-from ast_jax._cli import config_parser
-from ast_jax.checkpoint import CheckpointStore, abstract_like
+from ast_jax._cli import config_parser, option, run_cli
+from ast_jax.checkpoint import CheckpointMismatchError, CheckpointStore, abstract_like, ensure_writable_dir
 from ast_jax.data import batch_at, eval_batches, load_text_data
-from ast_jax.distill import LossConfig
+from ast_jax.distill import LossConfig, distill_loss
 from ast_jax.models.gpt2 import GPT2, GPT2Config
 from ast_jax.optim import VARIANTS, get_masks, sparse_adamw
-from ast_jax.slorb import slorb_init_tree
+from ast_jax.slorb import apply_with_slorb, slorb_init_tree
 from ast_jax.sparsify import apply_masks, compute_masks, is_strict_nm
-from ast_jax.step import TrainState, evaluate_perplexity, init_train_state, make_train_step
+from ast_jax.step import (
+    TrainingDivergedError,
+    TrainState,
+    evaluate_perplexity,
+    init_train_state,
+    make_train_step,
+)
 
 __all__ = [
+    "OPTIMIZER_SETTINGS",
     "RunResult",
+    "SettingsMismatchError",
     "TrainConfig",
     "TrainingDivergedError",
     "build_model",
@@ -68,68 +90,99 @@ __all__ = [
 _log = logging.getLogger("ast_jax.train")
 
 
-def _f(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """All settings of one run (one field = one ``--flag``)."""
+    """All settings of one run (one field = one ``--flag``); impossible values raise ``ValueError`` naming
+    the flag when the config is built."""
 
     # parallelism
-    mesh: str = _f("data=-1,fsdp=1", "device mesh 'data=D,fsdp=F' (one axis may be -1 = the rest)")
-    coordinator_address: str | None = _f(None, "jax.distributed coordinator host:port (multi-host)")
-    num_processes: int | None = _f(None, "number of processes (multi-host)")
-    process_id: int | None = _f(None, "this process's index (multi-host)")
-    min_shard_size: int = _f(2**14, "leaves with fewer elements are replicated instead of FSDP-sharded")
+    mesh: str = option("data=-1,fsdp=1", "device mesh 'data=D,fsdp=F' (one axis may be -1 = the rest)")
+    coordinator_address: str | None = option(None, "jax.distributed coordinator host:port (multi-host)")
+    num_processes: int | None = option(None, "number of processes of a multi-host run (>= 1)")
+    process_id: int | None = option(None, "this process's index in a multi-host run (0 .. num-processes - 1)")
+    min_shard_size: int = option(2**14, "leaves with fewer elements are replicated instead of FSDP-sharded")
     # run length and data
-    steps: int = _f(200, "sparse retraining steps")
-    batch_size: int = _f(32, "global batch size in sequences (split over data*fsdp devices)")
-    seq_len: int = _f(64, "tokens per sequence")
-    seed: int = _f(0, "seed of init, data order and RNG")
-    text: str | None = _f(None, "UTF-8 training text (default: the built-in stdlib docstring corpus)")
-    max_bytes: int | None = _f(None, "truncate the corpus to this many bytes")
+    steps: int = option(200, "sparse retraining steps (>= 1)")
+    batch_size: int = option(32, "global batch size in sequences, split over data*fsdp devices (>= 1)")
+    seq_len: int = option(64, "tokens per sequence (>= 2)")
+    seed: int = option(0, "seed of init, data order and RNG (>= 0)")
+    text: str | None = option(None, "UTF-8 training text (default: the built-in stdlib docstring corpus)")
+    max_bytes: int | None = option(None, "truncate the corpus to this many bytes (>= 1; none = all)")
     # model
-    n_layer: int = _f(2, "transformer blocks")
-    d_model: int = _f(128, "model width")
-    n_head: int = _f(4, "attention heads")
-    d_mlp: int | None = _f(None, "MLP width (default 4*d_model)")
-    remat: bool = _f(False, "gradient checkpointing of each block")
+    n_layer: int = option(2, "transformer blocks (>= 1)")
+    d_model: int = option(128, "model width; a multiple of --n-head and of --m (>= 1)")
+    n_head: int = option(4, "attention heads (>= 1)")
+    d_mlp: int | None = option(None, "MLP width, a multiple of --m (default 4*d_model)")
+    remat: bool = option(False, "gradient checkpointing of each block (less memory, more compute)")
     # teacher
-    teacher_steps: int = _f(200, "dense CE training steps of the teacher (0 = use the random init)")
-    teacher_lr: float = _f(3e-3, "teacher learning rate")
+    teacher_steps: int = option(200, "dense CE training steps of the teacher (0 = use the random init)")
+    teacher_lr: float = option(3e-3, "teacher peak learning rate (finite, > 0)")
     # sparse retraining
-    n: int = _f(2, "kept weights per group (N of N:M)")
-    m: int = _f(4, "group size (M of N:M)")
-    variant: str = _f("annealing", f"sparse optimizer variant, one of {VARIANTS}")
-    lr: float = _f(1e-3, "peak learning rate (warm-up then cosine to lr/10)")
-    warmup_steps: int = _f(10, "learning-rate warm-up steps")
-    weight_decay: float = _f(0.0, "decoupled weight decay")
-    max_decay: float = _f(1e-2, "lambda_max of Annealing SR-STE (large for short runs; see docs/AST.md)")
-    ramp_steps: int = _f(100, "T0: steps over which lambda ramps up to lambda_max")
-    mask_every: int = _f(10, "mask refresh interval in steps")
-    w_kl: float = _f(0.67, "weight of the KL distillation loss")
-    w_ce: float = _f(0.33, "weight of the cross-entropy loss")
-    temperature: float = _f(2.0, "distillation temperature")
-    slorb_k: int = _f(0, "SLoRB block size k (0 = off; 16 in the paper)")
-    # checkpoints
-    checkpoint_dir: str | None = _f(None, "directory of orbax checkpoints (none = no checkpoints)")
-    save_every: int = _f(100, "checkpoint every this many steps (and at the end)")
-    keep: int = _f(3, "checkpoints kept")
+    n: int = option(2, "kept weights per group (N of N:M, 0 < N < M)")
+    m: int = option(4, "group size (M of N:M, >= 2)")
+    variant: str = option("annealing", f"sparse optimizer variant, one of {', '.join(VARIANTS)}")
+    lr: float = option(1e-3, "peak learning rate, warm-up then cosine to lr/10 (finite, > 0)")
+    warmup_steps: int = option(10, "learning-rate warm-up steps (>= 0)")
+    weight_decay: float = option(0.0, "decoupled weight decay of the matrices (finite, >= 0)")
+    max_decay: float = option(
+        1e-2, "lambda_max of Annealing SR-STE (finite, >= 0; large for short runs; see docs/AST.md)"
+    )
+    ramp_steps: int = option(100, "T0: steps over which lambda ramps up to lambda_max (>= 0)")
+    mask_every: int = option(10, "mask refresh interval in steps (>= 1)")
+    w_kl: float = option(0.67, "weight of the KL distillation loss (finite, >= 0)")
+    w_ce: float = option(0.33, "weight of the cross-entropy loss (finite, >= 0; w_kl + w_ce > 0)")
+    temperature: float = option(2.0, "distillation temperature (finite, > 0)")
+    slorb_k: int = option(
+        0, "SLoRB block size k, dividing every sparse layer's input (0 = off; 16 in the paper)"
+    )
+    # checkpoints and failure handling
+    checkpoint_dir: str | None = option(None, "directory of orbax checkpoints (none = no checkpoints)")
+    save_every: int = option(100, "checkpoint every this many steps, and at the end (>= 1)")
+    keep: int = option(3, "checkpoints kept (>= 1)")
+    restart: bool = option(
+        False,
+        "when no checkpoint in --checkpoint-dir passes its integrity check, move them all to _corrupted/ and "
+        "start from step 0 (without this flag such a run stops with exit status 4); no effect when an intact "
+        "checkpoint exists",
+    )
+    allow_optimizer_change: bool = option(
+        False,
+        "resume a checkpoint although --lr, --warmup-steps, --weight-decay, --max-decay, --ramp-steps or "
+        "--mask-every differ from the run that wrote it (the change is recorded in the checkpoints and "
+        "--json); settings that change array shapes or the loss can never change on resume",
+    )
+    loss_spike: float = option(
+        10.0,
+        "divergence rule: stop (saving nothing newer) when a loss exceeds this many times the median of the "
+        "last 16 losses (and this many nats); 0 = only NaN/inf stop the run (else finite, > 1)",
+    )
     # reporting and export
-    log_every: int = _f(10, "print a progress line every this many steps")
-    eval_windows: int = _f(64, "held-out windows for perplexity at the end (0 = skip)")
-    export_dir: str | None = _f(None, "write the compressed N:M export of the final student here")
-    export_bits: int | None = _f(None, "quantise exported kept values to 4 or 8 bits (none = exact)")
-    json: str | None = _f(None, "write a JSON summary of the run here")
+    log_every: int = option(10, "print a progress line every this many steps (>= 1)")
+    eval_windows: int = option(64, "held-out windows for perplexity at the end (0 = skip)")
+    export_dir: str | None = option(None, "write the compressed N:M export of the final student here")
+    export_bits: int | None = option(None, "quantise exported kept values to 4 or 8 bits (none = exact)")
+    json: str | None = option(None, "write a JSON summary of the run to this file")
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "n_layer", "d_model", "n_head", "save_every", "keep", "log_every")
-        for name in positive:
+        def bad(name: str, need: str) -> ValueError:
+            return ValueError(f"--{name.replace('_', '-')} must be {need}, got {getattr(self, name)!r}")
+
+        for name in (
+            "steps",
+            "batch_size",
+            "n_layer",
+            "d_model",
+            "n_head",
+            "save_every",
+            "keep",
+            "log_every",
+        ):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise bad(name, ">= 1")
+        if self.mask_every < 1:
+            raise bad("mask_every", ">= 1")
         if self.seq_len < 2:
-            raise ValueError(f"TrainConfig.seq_len must be >= 2, got {self.seq_len}")
+            raise bad("seq_len", ">= 2")
         for name in (
             "teacher_steps",
             "warmup_steps",
@@ -139,31 +192,66 @@ class TrainConfig:
             "min_shard_size",
         ):
             if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"TrainConfig: d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        if not 0 < self.n < self.m:
-            raise ValueError(f"TrainConfig: need 0 < n < m, got n={self.n}, m={self.m}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"TrainConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+                raise bad(name, ">= 0")
+        if self.seed < 0:
+            raise bad("seed", ">= 0")
+        for name in ("max_bytes", "d_mlp", "num_processes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise bad(name, ">= 1 or none")
+        if self.process_id is not None and self.process_id < 0:
+            raise bad("process_id", ">= 0 or none")
         for name in ("lr", "teacher_lr", "temperature"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"TrainConfig.{name} must be a finite number > 0, got {getattr(self, name)}")
+                raise bad(name, "a finite number > 0")
+        for name in ("weight_decay", "max_decay", "w_kl", "w_ce"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, "a finite number >= 0")
+        if self.w_kl + self.w_ce == 0:
+            raise ValueError("--w-kl and --w-ce are both 0: the loss would be zero")
+        if not (self.loss_spike == 0 or (math.isfinite(self.loss_spike) and self.loss_spike > 1)):
+            raise bad("loss_spike", "0 (off) or a finite number > 1")
+        if self.d_model % self.n_head:
+            raise ValueError(f"--d-model {self.d_model} is not divisible by --n-head {self.n_head}")
+        if not 0 < self.n < self.m:
+            raise ValueError(f"--n and --m need 0 < n < m, got n={self.n}, m={self.m}")
+        d_mlp = 4 * self.d_model if self.d_mlp is None else self.d_mlp
+        for name, width in (("d_model", self.d_model), ("d_mlp", d_mlp)):
+            # every sparse kernel's input is d_model or d_mlp wide, cut into groups of m (and k for SLoRB)
+            if width % self.m:
+                raise ValueError(f"--{name.replace('_', '-')} {width} is not a multiple of --m {self.m}")
+            if self.slorb_k and width % self.slorb_k:
+                raise ValueError(
+                    f"--slorb-k {self.slorb_k} does not divide --{name.replace('_', '-')} {width}"
+                )
+        if self.variant not in VARIANTS:
+            raise ValueError(f"--variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.export_bits not in (None, 4, 8):
-            raise ValueError(f"TrainConfig.export_bits must be none, 4 or 8, got {self.export_bits}")
-        shd.parse_mesh(self.mesh)  # syntax check before any device work
+            raise bad("export_bits", "none, 4 or 8")
+        try:
+            shd.parse_mesh(self.mesh)  # syntax check before any device work
+        except ValueError as e:
+            raise ValueError(f"--mesh {self.mesh!r}: {e}") from None
 
 
 # Fields that do not change the numbers of a run: they may differ between a run and its resumption.
 _RUN_CONTROL = {
     "mesh", "coordinator_address", "num_processes", "process_id", "min_shard_size", "steps",
-    "checkpoint_dir", "save_every",
-    "keep", "log_every", "eval_windows", "export_dir", "export_bits", "json",
+    "checkpoint_dir", "save_every", "keep", "restart", "allow_optimizer_change", "loss_spike",
+    "log_every", "eval_windows", "export_dir", "export_bits", "json",
 }  # fmt: skip
 
+# Optimizer settings that keep every array shape: with --allow-optimizer-change a resumed run may change them.
+OPTIMIZER_SETTINGS = ("lr", "warmup_steps", "weight_decay", "max_decay", "ramp_steps", "mask_every")
 
-class TrainingDivergedError(FloatingPointError):
-    """The loss or gradient became NaN/inf; no checkpoint was written after the last good one."""
+# Settings that fix array shapes (named as such in the message when they differ).
+_SHAPE_SETTINGS = ("n_layer", "d_model", "n_head", "d_mlp", "seq_len", "slorb_k", "n", "m")
+
+# What the teacher checkpoint depends on (its step number, --teacher-steps, is compared separately).
+_TEACHER_SETTINGS = (*_SHAPE_SETTINGS[:5], "remat", "batch_size", "seed", "text", "max_bytes", "teacher_lr")
+
+
+class SettingsMismatchError(CheckpointMismatchError):
+    """The checkpoint to resume was written with other settings; nothing on disk was touched (exit 2)."""
 
 
 class RunResult(NamedTuple):
@@ -309,15 +397,49 @@ def _init_distributed(cfg: TrainConfig) -> None:
         shd.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
 
 
-def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+def _settings_check(
+    cfg: TrainConfig, fields: Sequence[str], changes: dict[str, Any], *, required: bool, directory: Path
+) -> Callable[[int, dict[str, Any]], None]:
+    """``check_meta`` for :meth:`CheckpointStore.restore_latest`: compare the settings saved in a checkpoint's
+    meta with ``cfg`` on ``fields``, before any array is read.
+
+    A difference raises :class:`SettingsMismatchError` naming every differing setting, except the
+    :data:`OPTIMIZER_SETTINGS` when ``--allow-optimizer-change`` is given: those are accepted and written into
+    ``changes`` as ``{name: {"checkpoint": saved, "now": current}}``. ``required``: a checkpoint without saved
+    settings is refused (else only the array shapes are compared, by the store).
+    """
     now = dataclasses.asdict(cfg)
-    diff = {k: (saved.get(k), now[k]) for k in now if k not in _RUN_CONTROL and saved.get(k) != now[k]}
-    if diff:
-        listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(
-            f"checkpoint_dir {cfg.checkpoint_dir!r} holds a run with different settings ({listing}); "
-            "use the same settings to resume or a fresh --checkpoint-dir"
-        )
+    allowed = set(OPTIMIZER_SETTINGS) if cfg.allow_optimizer_change else set()
+
+    def check(step: int, meta: dict[str, Any]) -> None:
+        saved = meta.get("config")
+        where = f"checkpoint step {step} in {directory}"
+        if not isinstance(saved, dict):
+            if required:
+                raise SettingsMismatchError(
+                    f"{where} records no settings (not written by ast_jax.train); nothing was changed on "
+                    "disk. Use a fresh --checkpoint-dir"
+                )
+            return
+        diffs = {k: (saved.get(k), now[k]) for k in fields if saved.get(k) != now[k]}
+        refused = {k: v for k, v in diffs.items() if k not in allowed}
+        if refused:
+            items = []
+            for k, (old, new) in sorted(refused.items()):
+                why = ""
+                if k in _SHAPE_SETTINGS:
+                    why = ", changes array shapes"
+                elif k in OPTIMIZER_SETTINGS:
+                    why = ", may change with --allow-optimizer-change"
+                items.append(f"--{k.replace('_', '-')} {old!r} (now {new!r}{why})")
+            raise SettingsMismatchError(
+                f"{where} was written with other settings: {'; '.join(items)}. Nothing was changed on disk; "
+                "resume with the saved values, or use a fresh --checkpoint-dir"
+            )
+        changes.clear()  # an older step may be checked after a newer one failed to restore
+        changes.update({k: {"checkpoint": old, "now": new} for k, (old, new) in diffs.items()})
+
+    return check
 
 
 def _teacher_tx(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -331,8 +453,15 @@ def _teacher_tx(cfg: TrainConfig) -> optax.GradientTransformation:
 # Settings that never reach a compiled program: runs differing only in these share compilations.
 _NOT_COMPILED = (
     "mesh", "coordinator_address", "num_processes", "process_id", "text", "max_bytes", "checkpoint_dir",
-    "save_every", "keep", "log_every", "eval_windows", "export_dir", "export_bits", "json",
+    "save_every", "keep", "restart", "allow_optimizer_change", "loss_spike", "log_every", "eval_windows",
+    "export_dir", "export_bits", "json",
 )  # fmt: skip
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """One boolean: no float leaf of ``tree`` holds NaN or inf (integer and bool leaves always pass)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
 class _Programs(NamedTuple):
@@ -345,9 +474,10 @@ class _Programs(NamedTuple):
     init: Any  # key -> params
     make_state: Any  # teacher params -> student TrainState
     step: Any  # (state, batch, teacher params) -> (state, metrics)
+    probe: Any  # (state, batch, teacher params) -> (params and opt state finite, loss of the state's params)
     teacher_state: Any  # params -> teacher TrainState (None without teacher training)
     teacher_step: Any  # (state, batch) -> (state, metrics)
-    teacher_params: Any  # teacher TrainState -> params
+    teacher_params: Any  # teacher TrainState -> (params, params finite)
 
 
 def _programs(cfg: TrainConfig, mesh: Any) -> _Programs:
@@ -357,17 +487,11 @@ def _programs(cfg: TrainConfig, mesh: Any) -> _Programs:
     return _build_programs(key, mesh)
 
 
-@functools.lru_cache(maxsize=4)
-def _build_programs(cfg: TrainConfig, mesh: Any) -> _Programs:
+def _student_parts(cfg: TrainConfig) -> tuple[GPT2, Any, optax.GradientTransformation, Any, Any]:
+    """``(model, init_fn, tx, make_state, abstract_params)`` of a run: plain functions, nothing compiled."""
     model = build_model(cfg)
-    rule = functools.partial(shd.param_shardings, mesh=mesh, min_shard_size=cfg.min_shard_size)
-    bsh = shd.batch_sharding(mesh)
-    rep = shd.replicated(mesh)
     dummy = jnp.zeros((1, cfg.seq_len), jnp.int32)
     init_fn = lambda key: model.init(key, dummy)["params"]
-    abstract_params = jax.eval_shape(init_fn, jax.random.key(0))
-    psh = rule(abstract_params)
-
     tx = _student_tx(cfg)
 
     def make_state(teacher_params: Any) -> TrainState:
@@ -377,6 +501,25 @@ def _build_programs(cfg: TrainConfig, mesh: Any) -> _Programs:
             slorb = slorb_init_tree(teacher_params, masks, cfg.slorb_k)
         return init_train_state(teacher_params, tx, slorb_params=slorb, seed=cfg.seed)
 
+    return model, init_fn, tx, make_state, jax.eval_shape(init_fn, jax.random.key(0))
+
+
+def _checkpoint_target(cfg: TrainConfig, mesh: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` pytree (with shardings) of ``checkpoint_tree`` of the student state: the
+    restore target, built by tracing only (a refused resume compiles nothing)."""
+    _, _, _, make_state, abstract_params = _student_parts(cfg)
+    shapes = jax.eval_shape(lambda p: checkpoint_tree(make_state(p)), abstract_params)
+    shardings = shd.param_shardings(shapes, mesh, min_shard_size=cfg.min_shard_size)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
+@functools.lru_cache(maxsize=4)
+def _build_programs(cfg: TrainConfig, mesh: Any) -> _Programs:
+    model, init_fn, tx, make_state, abstract_params = _student_parts(cfg)
+    rule = functools.partial(shd.param_shardings, mesh=mesh, min_shard_size=cfg.min_shard_size)
+    bsh = shd.batch_sharding(mesh)
+    rep = shd.replicated(mesh)
+    psh = rule(abstract_params)
     ssh = rule(jax.eval_shape(make_state, abstract_params))
     loss_cfg = LossConfig(w_kl=cfg.w_kl, w_ce=cfg.w_ce, temperature=cfg.temperature)
     step = jax.jit(
@@ -385,6 +528,18 @@ def _build_programs(cfg: TrainConfig, mesh: Any) -> _Programs:
         out_shardings=(ssh, rep),
         donate_argnums=0,
     )
+
+    def probe(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any) -> tuple[Any, Any]:
+        # The step reports the loss of the params it started from; a save needs the loss of the params it
+        # writes, so an update that exploded (finite but huge weights) is caught before it reaches the disk.
+        fwd = apply_masks(state.params, get_masks(state.opt_state))
+        logits = apply_with_slorb(model, fwd["model"], fwd.get("slorb"), batch["inputs"])
+        t_logits = (
+            model.apply({"params": teacher_params}, batch["inputs"]) if loss_cfg.needs_teacher else None
+        )
+        loss, _ = distill_loss(logits, batch["targets"], loss_cfg, t_logits)
+        return _all_finite((state.params, state.opt_state)), loss
+
     teacher_state = teacher_step = teacher_params = None
     if cfg.teacher_steps:
         ttx = _teacher_tx(cfg)
@@ -397,7 +552,11 @@ def _build_programs(cfg: TrainConfig, mesh: Any) -> _Programs:
             out_shardings=(tsh, rep),
             donate_argnums=0,
         )
-        teacher_params = jax.jit(lambda st: st.params["model"], in_shardings=(tsh,), out_shardings=psh)
+        teacher_params = jax.jit(
+            lambda st: (st.params["model"], _all_finite(st.params)),
+            in_shardings=(tsh,),
+            out_shardings=(psh, rep),
+        )
     return _Programs(
         model=model,
         psh=psh,
@@ -406,9 +565,57 @@ def _build_programs(cfg: TrainConfig, mesh: Any) -> _Programs:
         init=jax.jit(init_fn, out_shardings=psh),
         make_state=jax.jit(make_state, in_shardings=(psh,), out_shardings=ssh),
         step=step,
+        probe=jax.jit(probe, in_shardings=(ssh, bsh, psh), out_shardings=(rep, rep)),
         teacher_state=teacher_state,
         teacher_step=teacher_step,
         teacher_params=teacher_params,
+    )
+
+
+class _LossWatch:
+    """The loss-based divergence rule: a loss must be finite and, with ``spike > 0``, at most ``spike`` times
+    the median of the last 16 accepted losses (and at most ``spike`` nats, so that the noise of a tiny loss
+    never counts as a spike). ``prior`` stands in for the median before any loss was accepted."""
+
+    def __init__(self, spike: float, prior: float | None = None) -> None:
+        self.spike = spike
+        self.prior = prior
+        self.history: list[float] = []
+
+    def problem(self, loss: float) -> str | None:
+        """Why ``loss`` means divergence, or ``None``."""
+        if not math.isfinite(loss):
+            return f"non-finite loss ({loss})"
+        recent = self.history[-16:]
+        ref = statistics.median(recent) if recent else self.prior
+        if self.spike and ref is not None and loss > self.spike * max(ref, 1.0):
+            basis = f"the median of the previous {len(recent)} losses" if recent else "a uniform guess"
+            return f"loss spike: {loss:.4g} is more than {self.spike:g}x {basis} ({ref:.4g}; --loss-spike)"
+        return None
+
+    def accept(self, loss: float) -> None:
+        self.history.append(loss)
+
+
+def _diverged(
+    what: str, step: int, store: CheckpointStore | None, cfg: TrainConfig, lr_flag: str = "--lr"
+) -> TrainingDivergedError:
+    """The :class:`TrainingDivergedError` for ``what`` at ``step``, with advice the user can follow."""
+    last = None if store is None else store.latest_step()
+    others = ", ".join("--" + s.replace("_", "-") for s in OPTIMIZER_SETTINGS[1:])
+    lower = f"{(cfg.teacher_lr if lr_flag == '--teacher-lr' else cfg.lr) / 10:g}"
+    if lr_flag == "--teacher-lr":
+        advice = f"Rerun with a lower --teacher-lr (e.g. {lower}); the teacher is not checkpointed part-way."
+    elif last is None:
+        advice = f"No checkpoint was written; rerun with a lower --lr (e.g. {lower})."
+    else:
+        advice = (
+            f"Last good checkpoint: step {last} in {store.directory}. To continue from it with a lower "
+            f"learning rate, rerun the same command with a lower --lr (e.g. --lr {lower}) and "
+            f"--allow-optimizer-change (the other settings {others} may change the same way)."
+        )
+    return TrainingDivergedError(
+        f"training diverged at step {step}: {what}; that state was not saved. {advice}"
     )
 
 
@@ -417,14 +624,16 @@ def _train_teacher(cfg, progs: _Programs, tokens, params, teacher_store, signals
 
     ``params`` is ``None`` when a signal stopped the teacher phase (it is not checkpointed part-way).
     """
+    if cfg.teacher_steps == 0:
+        return params, None
     if teacher_store is not None:
-        found = teacher_store.restore_latest(abstract_like(params))
+        check = _settings_check(cfg, _TEACHER_SETTINGS, {}, required=False, directory=teacher_store.directory)
+        found = teacher_store.restore_latest(abstract_like(params), check_meta=check, restart=cfg.restart)
         if found is not None and found.step == cfg.teacher_steps:
             _say(f"teacher: restored from {teacher_store.directory} (step {found.step})")
             return found.state, found.meta.get("final_loss")
-    if cfg.teacher_steps == 0:
-        return params, None
     state = progs.teacher_state(params)
+    watch = _LossWatch(cfg.loss_spike, prior=math.log(256))  # a uniform guess over the byte vocabulary
     loss = float("nan")
     for i in range(cfg.teacher_steps):
         if _any_process(signals.received is not None):
@@ -432,105 +641,161 @@ def _train_teacher(cfg, progs: _Programs, tokens, params, teacher_store, signals
         state, metrics = progs.teacher_step(state, _global_batch(tokens, i, cfg, 7919, progs.bsh))
         if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.teacher_steps:
             loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                raise TrainingDivergedError(f"teacher loss is {loss} at step {i + 1}; lower --teacher-lr")
+            problem = watch.problem(loss)
+            if problem is not None:
+                raise _diverged(f"teacher {problem}", i + 1, None, cfg, "--teacher-lr")
+            watch.accept(loss)
             _say(f"teacher step {i + 1}/{cfg.teacher_steps} loss {loss:.4f}")
-    teacher = progs.teacher_params(state)
+    teacher, finite = progs.teacher_params(state)
+    if not bool(finite):
+        raise _diverged("the teacher's params hold NaN/inf", cfg.teacher_steps, None, cfg, "--teacher-lr")
     if teacher_store is not None:
-        teacher_store.save(cfg.teacher_steps, teacher, {"final_loss": loss})
+        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k in _TEACHER_SETTINGS}
+        teacher_store.save(cfg.teacher_steps, teacher, {"final_loss": loss, "config": config})
     return teacher, loss
+
+
+def _check_outputs(cfg: TrainConfig) -> tuple[CheckpointStore | None, CheckpointStore | None]:
+    """Open the checkpoint stores and check ``--json`` / ``--export-dir``: every output path is known to be
+    writable before the first training step. Returns ``(teacher_store, store)``."""
+    if jax.process_index() == 0:  # only process 0 writes these
+        if cfg.json:
+            path = Path(cfg.json)
+            if path.is_dir():
+                raise ValueError(f"--json {cfg.json!r} is a directory, not a file")
+            try:
+                ensure_writable_dir(path.absolute().parent)
+            except ValueError as e:
+                raise ValueError(f"--json {cfg.json!r}: {e}") from None
+        if cfg.export_dir:
+            try:
+                ensure_writable_dir(cfg.export_dir)
+            except ValueError as e:
+                raise ValueError(f"--export-dir {cfg.export_dir!r}: {e}") from None
+    if cfg.checkpoint_dir is None:
+        return None, None
+    ckdir = Path(cfg.checkpoint_dir)
+    try:
+        store = CheckpointStore(ckdir, keep=cfg.keep)
+        teacher_store = CheckpointStore(ckdir / "teacher", keep=1)
+    except ValueError as e:
+        raise ValueError(f"--checkpoint-dir {cfg.checkpoint_dir!r}: {e}") from None
+    return teacher_store, store
 
 
 def run(config: TrainConfig, *, devices: Sequence[Any] | None = None) -> RunResult:
     """Run (or resume) the sharded AST retraining described by ``config``; see the module docstring.
 
-    ``devices`` restricts the mesh to these devices (default: all devices of all processes). Raises
-    ``ValueError`` for settings that cannot work (before any compilation) and :class:`TrainingDivergedError`
-    on a non-finite loss. SIGTERM/SIGINT are caught for the whole call (in the main thread): the retraining
-    loop then saves and returns with ``stopped_by`` set; during teacher training it returns at once.
+    ``devices`` restricts the mesh to these devices (default: all devices of all processes). Raises, before
+    any training step: ``ValueError`` for settings or paths that cannot work,
+    :class:`SettingsMismatchError` when the checkpoint to resume was written with other settings, and
+    :class:`ast_jax.checkpoint.NoUsableCheckpointError` when every checkpoint is damaged (unless
+    ``restart``); during training, :class:`TrainingDivergedError` (nothing diverged is saved).
+    SIGTERM/SIGINT are caught for the whole call (in the main thread): the retraining loop then saves and
+    returns with ``stopped_by`` set; during teacher training it returns at once.
     """
     with _SignalCatcher() as signals:
-        return _run(config, devices, signals)
+        teacher_store = store = None
+        try:
+            _init_distributed(config)
+            mesh = shd.make_mesh(config.mesh, devices)
+            n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+            if config.batch_size % n_shards:
+                raise ValueError(
+                    f"--batch-size {config.batch_size} must be divisible by data*fsdp={n_shards} "
+                    f"(mesh {dict(mesh.shape)})"
+                )
+            teacher_store, store = _check_outputs(config)
+            return _run(config, mesh, signals, teacher_store, store)
+        finally:
+            for s in (teacher_store, store):
+                if s is not None:
+                    s.close()
 
 
-def _run(cfg: TrainConfig, devices: Sequence[Any] | None, signals: _SignalCatcher) -> RunResult:
-    _init_distributed(cfg)
-    mesh = shd.make_mesh(cfg.mesh, devices)
-    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % n_shards:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} must be divisible by data*fsdp={n_shards} (mesh {dict(mesh.shape)})"
-        )
+def _run(cfg: TrainConfig, mesh, signals: _SignalCatcher, teacher_store, store) -> RunResult:
     data = load_text_data(cfg.text, max_bytes=cfg.max_bytes)
     if len(data.train) < cfg.seq_len + 1:
         raise ValueError(
-            f"text: only {len(data.train)} training tokens, need more than seq_len={cfg.seq_len}"
+            f"--text: only {len(data.train)} training tokens, need more than --seq-len {cfg.seq_len}"
         )
-    progs = _programs(cfg, mesh)
-    model, bsh = progs.model, progs.bsh
     _say(
         f"ast_jax.train: {jax.process_count()} process(es), mesh {dict(mesh.shape)} on "
         f"{mesh.devices.size} {jax.devices()[0].platform} device(s), corpus {data.source} "
         f"({len(data.train):,} training bytes)"
     )
 
+    # -- resume: settings compared before any array is read, before any training --------------------------
+    found = None
+    changes: dict[str, Any] = {}
+    if store is not None:
+        fields = [f for f in dataclasses.asdict(cfg) if f not in _RUN_CONTROL]
+        check = _settings_check(cfg, fields, changes, required=True, directory=store.directory)
+        target = _checkpoint_target(cfg, mesh)
+        found = store.restore_latest(target, check_meta=check, restart=cfg.restart)
+    resumed_from = None if found is None else found.step
+    skipped = [] if found is None else found.skipped
+    optimizer_changes = [] if found is None else list(found.meta.get("optimizer_changes", []))
+    if found is not None:
+        for msg in skipped:
+            _say(f"WARNING: skipped bad checkpoint: {msg}")
+        if changes:
+            optimizer_changes.append({"resumed_from": found.step, "changes": changes})
+            listing = ", ".join(
+                f"--{k.replace('_', '-')} {v['checkpoint']} -> {v['now']}" for k, v in changes.items()
+            )
+            _say(f"optimizer settings changed on resume (--allow-optimizer-change): {listing}")
+        _say(f"resuming from checkpoint step {found.step} (data position {found.meta['data_position']})")
+
     # -- teacher (dense), sharded like any params tree ---------------------------------------------------
+    progs = _programs(cfg, mesh)
+    model, bsh = progs.model, progs.bsh
     params0 = progs.init(jax.random.key(cfg.seed))
-    ckdir = None if cfg.checkpoint_dir is None else Path(cfg.checkpoint_dir)
-    teacher_store = None if ckdir is None else CheckpointStore(ckdir / "teacher", keep=1)
     t0 = time.perf_counter()
     teacher, teacher_loss = _train_teacher(cfg, progs, data.train, params0, teacher_store, signals)
     teacher_seconds = time.perf_counter() - t0
     if teacher is None:
         _say(f"received {signals.received} during teacher training: stopping (the teacher is not saved)")
-        if teacher_store is not None:
-            teacher_store.close()
         return RunResult(None, 0, [], None, signals.received, {"stopped_by": signals.received})
 
-    # -- student state: starts from the teacher's weights ---------------------------------------------------
-    state = progs.make_state(teacher)
-    store = None if ckdir is None else CheckpointStore(ckdir, keep=cfg.keep)
-    resumed_from = None
-    found = None
-    skipped: list[str] = []
-    if store is not None:
-        shapes = jax.eval_shape(checkpoint_tree, state)
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            shapes,
-            shd.param_shardings(shapes, mesh, min_shard_size=cfg.min_shard_size),
-        )
-        found = store.restore_latest(target)
-        if found is not None:
-            _check_resume_config(found.meta.get("config", {}), cfg)
-            state = state_from_checkpoint_tree(found.state)
-            resumed_from = found.step
-            skipped = found.skipped
-            for msg in skipped:
-                _say(f"WARNING: skipped bad checkpoint: {msg}")
-            _say(f"resuming from checkpoint step {found.step} (data position {found.meta['data_position']})")
+    # -- student state: the checkpoint's, or a fresh one from the teacher's weights ------------------------
+    state = progs.make_state(teacher) if found is None else state_from_checkpoint_tree(found.state)
     start = resumed_from or 0
     # The data position is also inside the state (as an array); the JSON copy avoids a device round trip.
-    position = int(found.meta["data_position"]) if resumed_from is not None else 0
+    position = int(found.meta["data_position"]) if found is not None else 0
     step_fn = progs.step
 
     config_meta = dataclasses.asdict(cfg)
-
-    def save(done: int, st: TrainState) -> None:
-        if store is not None:
-            meta = {"step": done, "data_position": position, "config": config_meta}
-            store.save(done, checkpoint_tree(st), meta)
+    watch = _LossWatch(cfg.loss_spike)
 
     def check(done: int, metrics: dict[str, Any]) -> float:
         loss = float(metrics["loss"])
-        if not bool(metrics["finite"]) or not math.isfinite(loss):
-            last = None if store is None else store.latest_step()
-            raise TrainingDivergedError(
-                f"non-finite loss ({loss}) or gradient at step {done}; stopped without saving. "
-                + (f"Last good checkpoint: step {last} in {store.directory}." if last is not None else "")
-                + " Lower --lr or check the data."
-            )
+        if not bool(metrics["finite"]):
+            raise _diverged(f"non-finite loss ({loss}) or gradient", done, store, cfg)
+        problem = watch.problem(loss)
+        if problem is not None:
+            raise _diverged(problem, done, store, cfg)
+        watch.accept(loss)
         return loss
+
+    def check_state(done: int, st: TrainState) -> None:
+        finite, loss = progs.probe(st, _global_batch(data.train, position, cfg, 0, bsh), teacher)
+        if not bool(finite):
+            raise _diverged("the updated params or optimizer state hold NaN/inf", done, store, cfg)
+        problem = watch.problem(float(loss))
+        if problem is not None:
+            raise _diverged(f"the updated params give a {problem}", done, store, cfg)
+
+    def save(done: int, st: TrainState) -> None:
+        check_state(done, st)  # also without a store: a diverged state must not reach the export either
+        if store is not None:
+            meta = {
+                "step": done,
+                "data_position": position,
+                "config": config_meta,
+                "optimizer_changes": optimizer_changes,
+            }
+            store.save(done, checkpoint_tree(st), meta)
 
     losses: list[tuple[int, float]] = []
     stopped_by = None
@@ -580,6 +845,7 @@ def _run(cfg: TrainConfig, devices: Sequence[Any] | None, signals: _SignalCatche
         "step": done,
         "resumed_from": resumed_from,
         "skipped_checkpoints": skipped,
+        "optimizer_changes": optimizer_changes,
         "stopped_by": stopped_by,
         "final_loss": losses[-1][1] if losses else None,
         "losses": losses,
@@ -590,10 +856,6 @@ def _run(cfg: TrainConfig, devices: Sequence[Any] | None, signals: _SignalCatche
     }
     if stopped_by is None:
         _finish(cfg, model, mesh, data, teacher, state, summary)
-    if teacher_store is not None:
-        teacher_store.close()
-    if store is not None:
-        store.close()
     if cfg.json and jax.process_index() == 0:
         Path(cfg.json).write_text(json.dumps(summary, indent=1, default=float))
     return RunResult(state, done, losses, resumed_from, stopped_by, summary)
@@ -651,23 +913,16 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ast_jax.train``: returns the exit status (see the module docstring for their meaning)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = parse_args(argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
+
+    def body(cfg: TrainConfig) -> int:
         result = run(cfg)
-    except TrainingDivergedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if result.stopped_by in ("SIGTERM", "SIGINT"):
-        return 128 + int(signal.Signals[result.stopped_by])
-    return 0
+        if result.stopped_by in ("SIGTERM", "SIGINT"):
+            return 128 + int(signal.Signals[result.stopped_by])
+        return 0
+
+    return run_cli(_parser(), lambda values: TrainConfig(**values), body, argv)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def test_three_steps_match_numpy_reference(variant):
         np.testing.assert_allclose(np.asarray(got[name]), ref_p[name], rtol=2e-5, atol=2e-6, err_msg=name)
     np.testing.assert_array_equal(np.asarray(state.masks["block_0"]["fc"]["kernel"]), ref_masks["k"])
     assert state.masks["wte"]["embedding"] is None
-    np.testing.assert_allclose(lams, [lam for lam, _ in log], rtol=1e-6)
+    np.testing.assert_allclose(lams, [lam for lam, _ in log], rtol=1e-6, atol=1e-9)
     if variant != "fixed":  # refresh after step 2 of 3
         assert int(state.refreshes) == 1
         assert (int(state.flips_prev), int(state.flips_init)) == log[1][1]
@@ -158,6 +158,7 @@ def test_annealing_decay_values():
         np.asarray(annealing_decay(jnp.asarray([0, 50, 100, 250]), 1e-4, 100)),
         [0, 5e-5, 1e-4, 1e-4],
         rtol=1e-6,
+        atol=1e-12,
     )
     assert float(annealing_decay(7, 0.3, 0)) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="max_decay"):
@@ -208,7 +209,9 @@ def test_composes_with_chain_inject_hyperparams_and_schedules():
             p = optax.apply_updates(p, u)
         outs.append((p, get_masks(s)))
         assert get_sparse_state(s) is not None
-    chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-6)
+    # The chained clip computes a global norm (a reduction) and XLA may fuse the two programs differently:
+    # near-zero weights need an absolute tolerance, not only a relative one.
+    chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
     # inject_hyperparams stores b1, b2, eps... as float32 arrays, so (1 - b1) etc. round differently (the
     # decoupled u/sqrt(v) amplifies that slightly where m and λW nearly cancel).
     chex.assert_trees_all_close(outs[0], outs[2], rtol=1e-4, atol=1e-5)
@@ -231,11 +234,21 @@ def test_initial_masks_seed_the_state_and_are_validated():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"variant": "magic"}, "variant"), ({"mask_every": 0}, "mask_every"), ({"n": 4, "m": 4}, "0 < n < m")],
+    [
+        ({"variant": "magic"}, "variant"),
+        ({"mask_every": 0}, "mask_every"),
+        ({"n": 4, "m": 4}, "0 < n < m"),
+        ({"learning_rate": -1e-3}, "learning_rate must be a finite number >= 0"),
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"max_decay": float("inf")}, "max_decay"),
+        ({"ramp_steps": -1}, "ramp_steps"),
+        ({"b2": float("nan")}, "b2"),
+    ],
 )
 def test_bad_settings(kwargs, match):
+    kwargs = {"learning_rate": 1e-3, **kwargs}
     with pytest.raises(ValueError, match=match):
-        sparse_adamw(1e-3, **kwargs)
+        sparse_adamw(**kwargs)
 
 
 def test_gpt2_recipe_schedule():

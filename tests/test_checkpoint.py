@@ -101,7 +101,7 @@ def test_damaged_latest_checkpoint_is_reported_and_skipped(tmp_path, damage, cap
         from ast_jax.checkpoint import _tree_files
 
         (tmp_path / "2" / INTEGRITY_FILE).write_text(json.dumps({"files": _tree_files(tmp_path / "2")}))
-        expected = "could not restore"
+        expected = "orbax could not"
     reopened = CheckpointStore(tmp_path, keep=3)
     with caplog.at_level("WARNING", logger="ast_jax.checkpoint"):
         found = reopened.restore_latest(abstract_like(states[1]))
@@ -115,12 +115,19 @@ def test_damaged_latest_checkpoint_is_reported_and_skipped(tmp_path, damage, cap
     assert reopened.verify(2) is None
 
 
-def test_no_good_checkpoint_returns_none(tmp_path):
+def test_empty_directory_returns_none_and_a_damaged_only_checkpoint_is_refused(tmp_path):
+    from ast_jax.checkpoint import NoUsableCheckpointError
+
     store = CheckpointStore(tmp_path)
     assert store.restore_latest(abstract_like(_state(0))) is None
     store.save(5, _state(0))
     (tmp_path / "5" / INTEGRITY_FILE).unlink()
-    assert CheckpointStore(tmp_path).restore_latest(abstract_like(_state(0))) is None
+    # A damaged checkpoint is never a silent fresh start: refused unless the caller asks to restart.
+    with pytest.raises(NoUsableCheckpointError, match=r"step 5: no integrity\.json"):
+        CheckpointStore(tmp_path).restore_latest(abstract_like(_state(0)))
+    assert CheckpointStore(tmp_path).all_steps() == [5]
+    assert CheckpointStore(tmp_path).restore_latest(abstract_like(_state(0)), restart=True) is None
+    assert CheckpointStore(tmp_path).all_steps() == []
     with pytest.raises(ValueError, match="keep"):
         CheckpointStore(tmp_path, keep=0)
 
@@ -253,4 +260,4 @@ def test_cli_exit_statuses(monkeypatch, capsys):
     assert main(["--steps", "5"]) == 3
     assert "error: non-finite loss" in capsys.readouterr().err
     assert main(["--steps", "0"]) == 2  # bad settings: ValueError before any work
-    assert "TrainConfig.steps must be >= 1" in capsys.readouterr().err
+    assert capsys.readouterr().err == "python -m ast_jax.train: error: --steps must be >= 1, got 0\n"
