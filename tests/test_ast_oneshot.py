@@ -81,7 +81,7 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_correlated_inputs(seed):
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
     # the closed form used in reports agrees with the direct computation
     rec = float(reconstruction_error(jnp.asarray(w), results["sparsegpt"][0], jnp.asarray(hess, jnp.float32)))
-    np.testing.assert_allclose(rec, errors["sparsegpt"], rtol=1e-3)
+    np.testing.assert_allclose(rec, errors["sparsegpt"], rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,7 @@ def test_two_processes_agree_with_single_process(tmp_path, tiny_reference, jax_s
     # Against the same run in one process on one device (tiny_reference): same losses and final params.
     ref = tiny_reference["result"]
     multi_losses = [loss for _, loss in summary["losses"]]
-    np.testing.assert_allclose(multi_losses, [loss for _, loss in ref.losses], rtol=1e-5)
+    np.testing.assert_allclose(multi_losses, [loss for _, loss in ref.losses], rtol=1e-5, atol=1e-6)
 
     # Final params written jointly by both processes (each saves its own shards).
     store = CheckpointStore(tmp_path / "multi")

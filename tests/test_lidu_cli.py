@@ -10,7 +10,6 @@ Most checks call ``main(argv)`` in this process (no JAX start-up per case); two 
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import os
 import subprocess
@@ -250,34 +249,3 @@ def test_processes_exit_with_status_and_one_stderr_line(tiny_file, tmp_path):
     r = _run("lidu_jax", *SYNTH_TINY, "--lr", "-1")  # (status 3 of a diverged run: tested in-process above)
     assert r.returncode == 2, r.stderr
     assert "--lr must be finite and > 0" in _one_error_line(r.stderr, "python -m lidu_jax")
-
-
-# ------------------------------------------------------------------------------------------ item 14
-
-LIDU_TEST_FILES = (
-    "test_lidu_cli.py",
-    "test_lidu_datasets.py",
-    "test_lidu_distributions.py",
-    "test_lidu_models.py",
-    "test_lidu_study.py",
-    "test_lidu_synthetic.py",
-)
-
-
-def test_float_comparisons_state_an_absolute_tolerance():
-    """`np.testing.assert_allclose` and `chex.assert_trees_all_close` default to ``atol=0``: a purely relative
-    test of a float32 reduction (a dot product, a sum, a std) fails wherever the value is near 0 as soon as a
-    BLAS kernel sums in another order. Every such call in the lidu tests states its absolute tolerance."""
-    missing = []
-    for name in LIDU_TEST_FILES:
-        tree = ast.parse((REPO / "tests" / name).read_text())
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.Call):
-                continue
-            fn = node.func
-            called = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", None)
-            if called in ("assert_allclose", "assert_trees_all_close") and not any(
-                k.arg == "atol" for k in node.keywords
-            ):
-                missing.append(f"tests/{name}:{node.lineno}")
-    assert not missing, f"float comparisons with the default atol=0: {missing}"
