@@ -11,6 +11,8 @@ Data flows one way: data (`lidu_jax.synthetic`, `lidu_jax.types`) -> models (`li
 
 from lidu_jax import baselines, metrics
 from lidu_jax.estimators import (
+    checked_lidu,
+    checked_list_log_prob,
     lidu,
     lidu_chunked,
     lidu_from_samples,
@@ -23,6 +25,8 @@ from lidu_jax.types import InteractionSplit
 __all__ = [
     "InteractionSplit",
     "baselines",
+    "checked_lidu",
+    "checked_list_log_prob",
     "lidu",
     "lidu_chunked",
     "lidu_from_samples",

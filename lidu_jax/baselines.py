@@ -4,7 +4,11 @@
 Every function returns one value per user, ``(U,)`` float32, with the convention **higher = more uncertain**
 (so a confidence-like quantity is negated). Inputs: ``mean`` / ``std`` ``(U, n_items)`` score moments,
 ``samples`` ``(S, U, n_items)`` score draws, ``candidates`` ``(U, n_items)`` bool (False = excluded, e.g.
-training items), ``rankings`` ``(U, K)`` the recommended lists.
+training items), ``rankings`` ``(U, K)`` the recommended lists (item ids in ``[0, n_items)``).
+
+Concrete inputs are checked (NaN/inf scores or stds, item ids out of range: ``ValueError``), since a bad input
+would otherwise give a plausible number (an out-of-range id is silently clamped by a gather). Under
+`jax.jit` the users concerned get NaN instead.
 """
 
 from __future__ import annotations
@@ -26,16 +30,45 @@ __all__ = [
 ]
 
 
-def _masked(mean: jax.Array, candidates: jax.Array | None) -> jax.Array:
+def _is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
+
+
+def _finite_rows(name: str, x: jax.Array, axes) -> jax.Array:
+    """``(U,)`` bool: the users whose ``x`` is finite; raises ``ValueError`` on concrete inputs."""
+    ok = jnp.all(jnp.isfinite(x), axis=axes)
+    if _is_concrete(x) and not bool(jnp.all(ok)):
+        raise ValueError(f"{name} contains NaN or inf for {int(jnp.sum(~ok))} user(s)")
+    return ok
+
+
+def _check_rankings(rankings: jax.Array, n_items: int) -> jax.Array:
+    """``(U,)`` bool: the users whose list holds only item ids in ``[0, n_items)``; a concrete list with
+    another id raises ``ValueError`` (a gather would clamp it to a real item)."""
+    if not jnp.issubdtype(rankings.dtype, jnp.integer):
+        raise ValueError(f"rankings must be integer item ids, got dtype {rankings.dtype}")
+    ok = jnp.all((rankings >= 0) & (rankings < n_items), axis=-1)
+    if _is_concrete(rankings) and not bool(jnp.all(ok)):
+        raise ValueError(f"rankings hold item ids outside [0, {n_items}) for {int(jnp.sum(~ok))} user(s)")
+    return ok
+
+
+def _masked(mean: jax.Array, candidates: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``(scores (U, n), ok (U,))``: candidates' means, ``-inf`` elsewhere; ok = finite means."""
     mean = jnp.asarray(mean, jnp.float32)
     if mean.ndim != 2:
         raise ValueError(f"mean must be (n_users, n_items), got {mean.shape}")
     if candidates is None:
-        return mean
+        return mean, _finite_rows("mean", mean, 1)
     candidates = jnp.asarray(candidates, bool)
     if candidates.shape != mean.shape:
         raise ValueError(f"candidates must have shape {mean.shape}, got {candidates.shape}")
-    return jnp.where(candidates, mean, -jnp.inf)
+    # a training item's score is never ranked, so only candidates must be finite
+    return jnp.where(candidates, mean, -jnp.inf), _finite_rows("mean", jnp.where(candidates, mean, 0.0), 1)
+
+
+def _nan_unless(ok: jax.Array, value: jax.Array) -> jax.Array:
+    return jnp.where(ok, value, jnp.nan)
 
 
 def _check_k(k: int, n: int, extra: int = 0) -> None:
@@ -45,18 +78,18 @@ def _check_k(k: int, n: int, extra: int = 0) -> None:
 
 def mean_top_k_score(mean: jax.Array, k: int, candidates: jax.Array | None = None) -> jax.Array:
     """``-(1/K) sum_{r<=K} s_(r)``: the negated mean of the K highest candidate scores."""
-    m = _masked(mean, candidates)
+    m, ok = _masked(mean, candidates)
     _check_k(k, m.shape[1])
-    return -jnp.mean(jax.lax.top_k(m, k)[0], axis=1)
+    return _nan_unless(ok, -jnp.mean(jax.lax.top_k(m, k)[0], axis=1))
 
 
 def score_margin(mean: jax.Array, k: int, candidates: jax.Array | None = None) -> jax.Array:
     """``-(s_(K) - s_(K+1))``: a small gap between the last recommended and the first left-out item =
     uncertain."""
-    m = _masked(mean, candidates)
+    m, ok = _masked(mean, candidates)
     _check_k(k, m.shape[1], extra=1)
     top = jax.lax.top_k(m, k + 1)[0]
-    return -(top[:, k - 1] - top[:, k])
+    return _nan_unless(ok, -(top[:, k - 1] - top[:, k]))
 
 
 def softmax_entropy(
@@ -65,9 +98,10 @@ def softmax_entropy(
     """Shannon entropy ``-sum_i p_i log p_i`` of ``p = softmax(s / temperature)`` over the candidates."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    m = _masked(mean, candidates) / temperature
+    m, ok = _masked(mean, candidates)
+    m = m / temperature
     logp = jax.nn.log_softmax(m, axis=1)
-    return -jnp.sum(jnp.where(jnp.isfinite(m), jnp.exp(logp) * logp, 0.0), axis=1)
+    return _nan_unless(ok, -jnp.sum(jnp.where(jnp.isfinite(m), jnp.exp(logp) * logp, 0.0), axis=1))
 
 
 def top_k_std(std: jax.Array, rankings: jax.Array) -> jax.Array:
@@ -76,7 +110,10 @@ def top_k_std(std: jax.Array, rankings: jax.Array) -> jax.Array:
     rankings = jnp.asarray(rankings)
     if std.ndim != 2 or rankings.ndim != 2 or rankings.shape[0] != std.shape[0]:
         raise ValueError(f"std (U, n) and rankings (U, K) must agree, got {std.shape} and {rankings.shape}")
-    return jnp.mean(jnp.take_along_axis(std, rankings, axis=1), axis=1)
+    ok = _check_rankings(rankings, std.shape[1])
+    picked = jnp.take_along_axis(std, jnp.clip(rankings, 0, std.shape[1] - 1), axis=1)
+    ok = ok & _finite_rows("std", picked, 1)
+    return _nan_unless(ok, jnp.mean(picked, axis=1))
 
 
 def plackett_luce_entropy(
@@ -95,7 +132,8 @@ def plackett_luce_entropy(
     """
     if n_samples < 1 or temperature <= 0:
         raise ValueError(f"need n_samples >= 1 and temperature > 0, got {n_samples}, {temperature}")
-    m = _masked(mean, candidates) / temperature
+    m, ok = _masked(mean, candidates)
+    m = m / temperature
     _check_k(k, m.shape[1])
     g = jax.random.gumbel(key, (n_samples, *m.shape))
     lists = jax.lax.top_k(m[None] + g, k)[1]  # (S, U, K)
@@ -109,7 +147,7 @@ def plackett_luce_entropy(
         rest = total + jnp.log1p(-jnp.minimum(jnp.exp(cum_placed - total), 1.0 - 1e-7))
         return jnp.sum(chosen - rest, axis=1)
 
-    return -jnp.mean(jax.vmap(one)(lists), axis=0)
+    return _nan_unless(ok, -jnp.mean(jax.vmap(one)(lists), axis=0))
 
 
 def list_instability(
@@ -122,19 +160,24 @@ def list_instability(
         raise ValueError(
             f"samples (S, U, n) and rankings (U, K) must agree, got {samples.shape}, {rankings.shape}"
         )
+    ok = _check_rankings(rankings, samples.shape[2])
     if candidates is not None:
-        samples = jnp.where(jnp.asarray(candidates, bool)[None], samples, -jnp.inf)
+        cand = jnp.asarray(candidates, bool)[None]
+        ok = ok & _finite_rows("samples", jnp.where(cand, samples, 0.0), (0, 2))
+        samples = jnp.where(cand, samples, -jnp.inf)
+    else:
+        ok = ok & _finite_rows("samples", samples, (0, 2))
     k = rankings.shape[1]
     tops = jax.lax.top_k(samples, k)[1]  # (S, U, K)
     overlap = jnp.sum(tops[..., :, None] == rankings[None, :, None, :], axis=(-1, -2))
-    return 1.0 - jnp.mean(overlap, axis=0) / k
+    return _nan_unless(ok, 1.0 - jnp.mean(overlap, axis=0) / k)
 
 
 def user_activity(n_interactions: np.ndarray) -> np.ndarray:
     """``-log(1 + n_u)``: users with a longer training history are presumed better served."""
     a = np.asarray(n_interactions, np.float64)
-    if a.ndim != 1 or np.any(a < 0):
-        raise ValueError("n_interactions must be a 1-D array of non-negative counts")
+    if a.ndim != 1 or not np.all(a >= 0) or not np.all(np.isfinite(a)):
+        raise ValueError("n_interactions must be a 1-D array of finite non-negative counts")
     return (-np.log1p(a)).astype(np.float32)
 
 
@@ -146,7 +189,11 @@ def recommended_popularity(rankings: jax.Array, item_popularity: jax.Array) -> j
         raise ValueError(
             f"item_popularity (n,) and rankings (U, K) expected, got {pop.shape}, {rankings.shape}"
         )
-    return -jnp.mean(jnp.log1p(pop[rankings]), axis=1)
+    if _is_concrete(pop) and not bool(jnp.all(jnp.isfinite(pop) & (pop >= 0))):
+        raise ValueError("item_popularity must be finite and >= 0")
+    ok = _check_rankings(rankings, pop.shape[0])
+    picked = pop[jnp.clip(rankings, 0, pop.shape[0] - 1)]
+    return _nan_unless(ok, -jnp.mean(jnp.log1p(picked), axis=1))
 
 
 def all_baselines(

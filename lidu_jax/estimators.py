@@ -25,6 +25,20 @@ integral on the same grid (it ignores that the factors share the list items' sco
 
 ``ordered=False`` gives the unordered top-K set probability ``Pr[min_{i in L} S_i > max_{j in C \\ L} S_j]``.
 
+Scale and offset. ``P(L)`` does not change when one user's scores go through ``x -> a x + b`` (``a > 0``:
+``mean -> a mean + b``, ``std -> a std``, samples and KDE bandwidths alike). Every estimator therefore first
+maps each user's scores to the frame of its list's grid (`_standardise`): subtract the top of the grid and
+divide by a power of two within a factor 2 of its width, the offset removed in the input's own precision
+(a concrete float64 input in NumPy float64, before anything is float32). The grid then sees the same O(1)
+float32 numbers at any scale (tested over ``a`` in ``1e-12..1e12`` and offsets up to ``1e9``). Degenerate
+inputs get a defined answer, never NaN: a standardised std below ``2^-40`` of the grid's width (e.g. std
+``1e-20`` with O(1) means; below float32 resolution of the grid, so the item is a point mass either way) is
+raised to ``2^-40``, and the grid reaches at least ``2^-20`` beyond every list item, so a point-mass list
+ordered by well-separated means gets LiDu 0. A std that is 0, negative, NaN/inf or subnormal (XLA flushes
+subnormals to 0) is invalid: ``ValueError`` on concrete inputs, NaN for that user under `jax.jit`
+(`checked_lidu` / `checked_list_log_prob` raise the eager messages under `jax.jit`, via
+`jax.experimental.checkify`).
+
 Rest items "far below the list" (``F_j >= Phi(6)`` over the whole grid, so ``log F_j > -1e-9``) may be
 skipped;
 `lidu` and `lidu_chunked` do so per chunk of users, choosing a static item budget that provably keeps every
@@ -33,6 +47,7 @@ needed item, so pruning never changes the result beyond ``n_items * 1e-9`` in ``
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from functools import partial
@@ -44,6 +59,8 @@ from jax.scipy.special import logsumexp
 
 __all__ = [
     "DEFAULT_GRID_SIZE",
+    "checked_lidu",
+    "checked_list_log_prob",
     "lidu",
     "lidu_chunked",
     "lidu_from_samples",
@@ -94,30 +111,82 @@ def _check_shapes(mean, std, ranking, candidates) -> None:
         raise ValueError(f"candidates must have the shape of mean {mean.shape}, got {candidates.shape}")
 
 
-def _check_values(mean, std, ranking, candidates, k: int | None = None) -> None:
-    """Value checks on concrete inputs (skipped under tracing, where they cannot run)."""
-    mean_np, std_np = np.asarray(mean), np.asarray(std)
-    if not np.all(np.isfinite(mean_np)):
-        raise ValueError("mean contains NaN or inf")
-    if not np.all(np.isfinite(std_np)) or np.any(std_np <= 0):
-        raise ValueError("std must be finite and > 0 everywhere")
-    n = mean_np.shape[-1]
-    cand = None if candidates is None else np.asarray(candidates).astype(bool)
-    n_cand = np.full(mean_np.shape[:-1], n) if cand is None else cand.sum(-1)
+_MSG_MEAN = "mean contains NaN or inf"
+_MSG_K = "K={} is larger than the number of candidates ({}) for some user"
+_MSG_DUPLICATE = "ranking contains a duplicate item for some user"
+_MSG_EXCLUDED = "ranking contains an item excluded by candidates"
+
+
+def _msg_std(dtype) -> str:
+    tiny = float(jnp.finfo(dtype).tiny)
+    return (
+        f"std must be finite and > 0 everywhere (a {np.dtype(dtype).name} std below {tiny:.3g}, a subnormal, "
+        "counts as 0: XLA flushes subnormals to zero)"
+    )
+
+
+def _value_checks(xp, mean, std, ranking, candidates, k: int | None = None):
+    """The value checks of the Gaussian estimators as ``[(ok, message, args)]``, ``ok`` a per-user bool
+    ``(...)``: eager mode raises ``ValueError(message.format(*args))`` for the first failing one,
+    `checked_lidu` / `checked_list_log_prob` make them `jax.experimental.checkify` checks, and the traced
+    estimators turn the rows where one fails into NaN. ``xp`` is `numpy` (concrete inputs) or `jax.numpy`.
+
+    A std below the smallest normal number of its dtype counts as 0: XLA on CPU flushes subnormals to zero,
+    so such an std would reach the computation as 0."""
+    n = mean.shape[-1]
+    tiny = jnp.finfo(std.dtype).tiny if jnp.issubdtype(std.dtype, jnp.floating) else 0
+    checks = [
+        (xp.all(xp.isfinite(mean), axis=-1), _MSG_MEAN, ()),
+        (xp.all(xp.isfinite(std) & (std >= tiny), axis=-1), _msg_std(std.dtype), ()),
+    ]
+    cand = None if candidates is None else candidates.astype(bool)
+    n_cand = xp.full(mean.shape[:-1], n) if cand is None else xp.sum(cand, axis=-1)
     kk = k if ranking is None else ranking.shape[-1]
-    if np.any(kk > n_cand):
-        raise ValueError(
-            f"K={kk} is larger than the number of candidates ({int(np.min(n_cand))}) for some user"
-        )
+    fewest = xp.min(n_cand, initial=n)
+    checks.append((n_cand >= kk, _MSG_K, (kk, fewest)))
     if ranking is not None:
-        r = np.asarray(ranking)
-        if np.any(r < 0) or np.any(r >= n):
-            raise ValueError(f"ranking holds item ids outside [0, {n})")
-        srt = np.sort(r, axis=-1)
-        if np.any(srt[..., 1:] == srt[..., :-1]):
-            raise ValueError("ranking contains a duplicate item for some user")
-        if cand is not None and not np.all(np.take_along_axis(cand, r, axis=-1)):
-            raise ValueError("ranking contains an item excluded by candidates")
+        checks.append(
+            (xp.all((ranking >= 0) & (ranking < n), axis=-1), f"ranking holds item ids outside [0, {n})", ())
+        )
+        srt = xp.sort(ranking, axis=-1)
+        checks.append((~xp.any(srt[..., 1:] == srt[..., :-1], axis=-1), _MSG_DUPLICATE, ()))
+        if cand is not None:
+            picked = xp.take_along_axis(cand, xp.clip(ranking, 0, n - 1), axis=-1)
+            checks.append((xp.all(picked, axis=-1), _MSG_EXCLUDED, ()))
+    return checks
+
+
+def _check_values(mean, std, ranking, candidates, k: int | None = None) -> None:
+    """Value checks on concrete inputs (`_value_checks`; under tracing they become NaN rows instead)."""
+    mean, std = np.asarray(mean), np.asarray(std)
+    ranking = None if ranking is None else np.asarray(ranking)
+    candidates = None if candidates is None else np.asarray(candidates)
+    for ok, message, args in _value_checks(np, mean, std, ranking, candidates, k):
+        if not np.all(ok):
+            raise ValueError(message.format(*(int(a) for a in args)))
+
+
+def _rows_ok(mean, std, ranking, candidates, k: int | None = None) -> jax.Array:
+    """``(...)`` bool: the users whose inputs pass every check of `_value_checks` (traced inputs)."""
+    ok = True
+    for row_ok, _, _ in _value_checks(jnp, mean, std, ranking, candidates, k):
+        ok = ok & row_ok
+    return jnp.broadcast_to(ok, mean.shape[:-1])
+
+
+def _checkify_values(mean, std, ranking, candidates, k: int | None = None) -> None:
+    """`_value_checks` as `jax.experimental.checkify` checks, with the messages of eager mode."""
+    from jax.experimental import checkify
+
+    for ok, message, args in _value_checks(jnp, mean, std, ranking, candidates, k):
+        checkify.check(jnp.all(ok), message, *(jnp.asarray(a) for a in args))
+
+
+def _raise_checkify_error(err) -> None:
+    """Raise the first failed check of a `checkify` error as the ``ValueError`` that eager mode raises."""
+    exc = err.get_exception()
+    if exc is not None:
+        raise ValueError(exc.fmt_string.format(*exc.args, **exc.kwargs)) from None
 
 
 def _check_k(k: int, n_items: int) -> None:
@@ -180,6 +249,110 @@ def _log_mass_from_log_sf(log_sf_edges: jax.Array) -> jax.Array:
     """Cell masses ``S(e_g) - S(e_{g+1})`` in log space from log survival values at ``G + 1`` edges."""
     a, b = log_sf_edges[..., :-1], log_sf_edges[..., 1:]
     return a + _log1mexp(jnp.minimum(b - a, 0.0))
+
+
+# ------------------------------------------------------------------------------------------ standardisation
+
+# LiDu is invariant to a common increasing affine map of one user's scores (``P`` is the probability of an
+# ordering of them), so every estimator first maps each user's scores to a frame where the list's grid is
+# ``[-w, 0]`` with ``w`` in ``[1/2, 1)``. Absolute constants in the grid code (the grid's minimum width, the
+# sentinels of the log H loop, the clamp of `_log_phi_parts`) and float32 range then see O(1) numbers at any
+# input scale, and an offset is removed in the input's own precision (float64 stays float64 until then).
+STD_FLOOR = 2.0**-40  # standardised stds below this (below float32 resolution of the grid) are raised to it
+STD_CEIL = 2.0**40  # larger standardised stds are lowered to it, their mean scaled to keep (x - mu) / std
+MEAN_FLOOR = -(2.0**80)  # lower standardised means: the item's log CDF is 0 on the whole grid either way
+GRID_MIN_MARGIN = 2.0**-20  # the grid reaches at least this far (8 float32 ulps of 1) beyond a list item
+_DEGENERATE_WIDTH = 2.0**-100  # a grid narrower than this (relative) has only tied, point-mass list items
+
+
+def _host_float64(*xs) -> bool:
+    """Whether the inputs are concrete float64 (standardised in NumPy float64 before the float32 kernels)."""
+    return _is_concrete(*xs) and any(getattr(x, "dtype", None) == np.float64 for x in xs if x is not None)
+
+
+def _as_float(x):
+    """A concrete float64 array as float64 NumPy, a traced float64 one (x64 mode) as it is, else float32."""
+    if _is_concrete(x) and getattr(x, "dtype", None) == np.float64:
+        return np.asarray(x, np.float64)
+    x = jnp.asarray(x)
+    return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
+
+
+def _pow2(n: jax.Array, dtype) -> jax.Array:
+    """Exactly ``2**n`` for an int array ``n`` inside the normal exponent range of ``dtype``."""
+    if dtype == jnp.float64:
+        return jax.lax.bitcast_convert_type((n.astype(jnp.int64) + 1023) << 52, jnp.float64)
+    return jax.lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, jnp.float32)
+
+
+def _times_pow2(xp, x, e):
+    """``x * 2**-e`` without rounding (unless the result is subnormal): a power of two in two factors, each
+    inside the normal range (``e`` spans the whole exponent range of the dtype)."""
+    if xp is np:
+        return np.ldexp(x, -e)
+    h = e // 2
+    return x * _pow2(-h, x.dtype) * _pow2(h - e, x.dtype)
+
+
+def _locate(xp, mean, std, cand):
+    """Stage 1 of the standardisation, in the input's precision: per user, ``m1 = (mean - max_C mean) / 2^e``
+    and ``s1 = std / 2^e`` with ``2^e`` the power of two at or above ``max_C max(|mean|, std)`` over the
+    candidates ``C``. The scaling is exact, so only the subtraction rounds; candidates end up in
+    ``[-2, 0] x [0, 1]`` (nothing overflows later) and non-candidates at ``(-1, 1)``. Applying it to its own
+    float32 output only multiplies by a power of two (exactly)."""
+    big = xp.max(xp.where(cand, xp.maximum(xp.abs(mean), std), 0.0), axis=-1, keepdims=True)
+    _, e = xp.frexp(big)
+    m, s = _times_pow2(xp, mean, e), _times_pow2(xp, std, e)
+    top = xp.max(xp.where(cand, m, -xp.inf), axis=-1, keepdims=True)
+    m = m - xp.where(xp.isfinite(top), top, 0.0)
+    return xp.where(cand, m, -1.0), xp.where(cand, s, 1.0)
+
+
+def _host_locate(mean, std, cand):
+    """`_locate` in NumPy float64 for concrete float64 inputs, returned as float32."""
+    cand = np.ones(np.shape(mean), bool) if cand is None else np.asarray(cand, bool)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        m, s = _locate(np, np.asarray(mean, np.float64), np.asarray(std, np.float64), cand)
+    return m.astype(np.float32), s.astype(np.float32)
+
+
+def _frame(m, s, ranking, cand):
+    """``(top (B,), e (B,))``: the grid of user ``b`` spans ``[top - w, top]`` with ``2^(e-1) <= w < 2^e``
+    (`_grid_bounds` on ``m, s (B, n)``). A grid of zero width (every list item a point mass, all tied) falls
+    back to the spread of the candidates' means, then to 1."""
+    mu_l = jnp.take_along_axis(m, ranking, axis=1)
+    sd_l = jnp.take_along_axis(s, ranking, axis=1)
+    lo, hi = _grid_bounds(m, mu_l, sd_l, ranking, cand, margin=0.0)
+    spread = jnp.max(jnp.where(cand, m, -jnp.inf), axis=1) - jnp.min(jnp.where(cand, m, jnp.inf), axis=1)
+    width = hi - lo
+    width = jnp.where(width > _DEGENERATE_WIDTH, width, jnp.where(spread > _DEGENERATE_WIDTH, spread, 1.0))
+    return hi, jnp.frexp(width)[1]
+
+
+@jax.jit
+def _standardise(mean, std, ranking, cand):
+    """Per user, the float32 scores in the frame of its list's grid: ``m' = (mean - a) / c``, ``s' = std / c``
+    with ``a`` the top of the grid and ``c`` a power of two at most twice the grid's width (`_locate`,
+    `_frame`); ``(B, n)`` each. Then stds are kept within ``[STD_FLOOR, STD_CEIL]`` and means above
+    `MEAN_FLOOR` (module constants): this leaves every finite log CDF value the float32 kernels can resolve
+    unchanged and keeps every intermediate finite."""
+    m, s = _locate(jnp, mean, std, cand)
+    m, s = m.astype(jnp.float32), s.astype(jnp.float32)
+    top, e = _frame(m, s, ranking, cand)
+    m = _times_pow2(jnp, m - top[:, None], e[:, None])
+    s = _times_pow2(jnp, s, e[:, None])
+    m = jnp.where(s > STD_CEIL, m * (STD_CEIL / s), m)  # keeps (x - m) / s for x in the grid, to 2^-40
+    s = jnp.clip(s, STD_FLOOR, STD_CEIL)
+    m = jnp.maximum(m, MEAN_FLOOR)
+    return jnp.where(cand, m, -1.0), jnp.where(cand, s, 1.0)
+
+
+def _standardised(mean, std, ranking, cand):
+    """`_standardise` for ``(B, n)`` inputs of any float dtype: a concrete float64 input is located in NumPy
+    float64 first (`_host_locate`), so an offset far above the spread is removed before float32."""
+    if _host_float64(mean, std):
+        mean, std = _host_locate(mean, std, cand)
+    return _standardise(mean, std, ranking, cand)
 
 
 # ---------------------------------------------------------------------------------------------- grid pieces
@@ -644,11 +817,14 @@ def _gaussian_core_tile(mean, std, ranking, cand, *, method, grid_size, n_keep, 
     return _combine(method, ordered, log_mass, log_f_mid, log_sf_edges, log_h)
 
 
-def _grid_bounds(mean, mu_l, sd_l, ranking, cand):
-    """``(lo, hi)`` each ``(B,)``: the grid spans ``mean ± GRID_HALF_WIDTH std`` of every list item and
-    reaches the highest rest mean (`_highest_rest_mean`)."""
-    lo = jnp.min(mu_l - GRID_HALF_WIDTH * sd_l, axis=1)
-    hi = jnp.maximum(jnp.max(mu_l + GRID_HALF_WIDTH * sd_l, axis=1), _highest_rest_mean(mean, ranking, cand))
+def _grid_bounds(mean, mu_l, sd_l, ranking, cand, margin: float = GRID_MIN_MARGIN):
+    """``(lo, hi)`` each ``(B,)``: the grid spans ``mean ± max(GRID_HALF_WIDTH std, margin)`` of every list
+    item and reaches the highest rest mean (`_highest_rest_mean`). On standardised scores (`_standardise`)
+    the margin only matters for a list item whose ``7 std`` is below float32 resolution of the grid: without
+    it the grid's end would round onto that item's mean and cut its mass in half."""
+    half = jnp.maximum(GRID_HALF_WIDTH * sd_l, margin)
+    lo = jnp.min(mu_l - half, axis=1)
+    hi = jnp.maximum(jnp.max(mu_l + half, axis=1), _highest_rest_mean(mean, ranking, cand))
     return lo, hi
 
 
@@ -705,6 +881,14 @@ def _flatten(x, n_batch_dims):
     return None if x is None else x.reshape((-1, *x.shape[n_batch_dims:]))
 
 
+def _check_count(name: str, value, *, allow_none: bool = True) -> None:
+    """``value`` must be an int >= 1 (or None where allowed); the ValueError names the argument."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def list_log_prob(
     mean: jax.Array,
     std: jax.Array,
@@ -718,40 +902,49 @@ def list_log_prob(
 ) -> jax.Array:
     """``log P(L)`` of each user's ranked list under independent Gaussian item scores ``N(mean, std^2)``.
 
+    ``log P(L) = log Pr[S_{l_1} > ... > S_{l_K} > max_{j in C \\ L} S_j]`` (module docstring). It does not
+    change under ``mean -> a mean + b``, ``std -> a std`` for ``a > 0`` (per user): each user's scores are
+    first mapped to the frame of its list's grid (`_standardise`; in float64 where the input is a concrete
+    float64 array), so the same float32 numbers reach the grid at any scale and offset.
+
     Jittable and vmappable (``method``, ``grid_size``, ``ordered``, ``max_items`` are static). On concrete
-    inputs
-    bad values raise ``ValueError`` before any computation; under `jax.jit` only shapes can be checked.
+    inputs bad values raise ``ValueError`` before any computation; under `jax.jit` the users whose inputs
+    fail a check (NaN/inf mean, std not > 0, bad or duplicate ids, ...) get NaN. `checked_list_log_prob`
+    raises eager mode's ``ValueError`` under `jax.jit` instead.
 
     Args:
       mean: ``(..., n_items)`` finite score means; leading dims are batch (users).
-      std: ``(..., n_items)`` score stds, > 0.
+      std: ``(..., n_items)`` score stds, > 0 (a subnormal std counts as 0).
       ranking: ``(..., K)`` int item ids, the list from rank 1 to rank K (distinct candidates).
       candidates: optional ``(..., n_items)`` bool; False items (e.g. training items) are ignored.
       method: ``"exact"``, ``"sequential"`` or ``"pairwise"`` (module docstring).
       grid_size: number of grid cells ``G`` for the grid methods.
       ordered: False gives the unordered set probability ``Pr[min_L S > max_rest S]``.
-      max_items: if set, only the ``max_items`` rest items with the highest ``mean + 6 std`` enter ``H``.
-        Exact (to ``n_items * 1e-9`` in log P) when every other rest item lies far below the list; `lidu`
-        picks it safely per chunk.
+      max_items: if set (>= 1), only the ``max_items`` rest items with the highest ``mean + 6 std`` enter
+        ``H``. Exact (to ``n_items * 1e-9`` in log P) when every other rest item lies far below the list;
+        `lidu` picks it safely per chunk.
 
     Returns:
-      ``(...)`` float32 log-probabilities (<= 0).
+      ``(...)`` float32 log-probabilities (<= 0); ``(0,)`` for zero users.
     """
     _check_method(method, METHODS)
     _check_grid(grid_size)
-    mean, std, ranking = jnp.asarray(mean), jnp.asarray(std), jnp.asarray(ranking)
+    _check_count("max_items", max_items)
+    mean, std, ranking = _as_float(mean), _as_float(std), jnp.asarray(ranking)
     candidates = None if candidates is None else jnp.asarray(candidates)
     _check_shapes(mean, std, ranking, candidates)
-    if _is_concrete(mean, std, ranking, candidates):
+    concrete = _is_concrete(mean, std, ranking, candidates)
+    if concrete:
         _check_values(mean, std, ranking, candidates)
     batch = mean.shape[:-1]
     nb = len(batch)
-    m, s = _flatten(mean.astype(jnp.float32), nb), _flatten(std.astype(jnp.float32), nb)
+    m, s = _flatten(mean, nb), _flatten(std, nb)
     r = _flatten(ranking.astype(jnp.int32), nb)
     c = jnp.ones(m.shape, bool) if candidates is None else _flatten(candidates.astype(bool), nb)
+    if m.shape[0] == 0:
+        return jnp.zeros(batch, jnp.float32)
     out = _gaussian_core(
-        m,
-        s,
+        *_standardised(m, s, r, c),
         r,
         c,
         method=method,
@@ -760,14 +953,27 @@ def list_log_prob(
         ordered=ordered,
         tile=default_user_tile(),
     )
+    if not concrete:
+        out = jnp.where(_rows_ok(m, s, r, c), out, jnp.nan)
     return out.reshape(batch)
 
 
 def top_k_rankings(mean: jax.Array, k: int, candidates: jax.Array | None = None) -> jax.Array:
-    """``(..., k)`` int32: each user's top-k candidates by ``mean`` (ties to the lower id)."""
-    mean = jnp.asarray(mean, jnp.float32)
-    if candidates is not None:
-        mean = jnp.where(jnp.asarray(candidates, bool), mean, -jnp.inf)
+    """``(..., k)`` int32: each user's top-k candidates by ``mean`` (ties to the lower id).
+
+    A float64 ``mean`` is ranked after its per-user offset is removed in float64 (`_locate`), so an offset
+    far above the spread of the means (``1e7 + N(0, 1)``) does not merge them in float32."""
+    mean = _as_float(mean)
+    cand = None if candidates is None else jnp.asarray(candidates, bool)
+    if isinstance(mean, np.ndarray):
+        mean = jnp.asarray(
+            _host_locate(mean, np.zeros_like(mean), None if cand is None else np.asarray(cand))[0]
+        )
+    elif mean.dtype == jnp.float64:
+        c = jnp.ones(mean.shape, bool) if cand is None else cand
+        mean = _locate(jnp, mean, jnp.zeros_like(mean), c)[0].astype(jnp.float32)
+    if cand is not None:
+        mean = jnp.where(cand, mean, -jnp.inf)
     return jax.lax.top_k(mean, k)[1].astype(jnp.int32)
 
 
@@ -789,11 +995,12 @@ def lidu(
     chunk_size: int = 1024,
 ) -> tuple[jax.Array, jax.Array]:
     """LiDu of each user's own top-k list: ``LiDu_u = -log P_u(L_u)`` with ``L_u`` the top-k candidates by
-    mean.
+    mean; unchanged by ``mean -> a mean + b``, ``std -> a std`` (``a > 0``, per user; `list_log_prob`).
 
     On concrete inputs the users are processed ``chunk_size`` at a time (bounded memory) and, for the grid
     methods, rest items far below the list are pruned per chunk without changing the result (module
-    docstring). Under `jax.jit` / `jax.vmap` everything runs as one traced computation without pruning.
+    docstring). Under `jax.jit` / `jax.vmap` everything runs as one traced computation without pruning, and
+    users with invalid inputs get NaN (`checked_lidu` raises eager mode's ``ValueError`` instead).
 
     Args:
       mean, std: ``(..., n_items)``; see `list_log_prob`.
@@ -801,19 +1008,18 @@ def lidu(
       candidates: optional ``(..., n_items)`` bool.
       method, grid_size, ordered: see `list_log_prob`.
       per_position: divide by k (``-log P / K``).
-      chunk_size: users per jitted call.
+      chunk_size: users per jitted call (>= 1).
 
     Returns:
-      ``(lidu (...), rankings (..., k) int32)``; higher LiDu = more uncertain.
+      ``(lidu (...), rankings (..., k) int32)``; higher LiDu = more uncertain. Zero users give empty arrays.
     """
     _check_method(method, METHODS)
     _check_grid(grid_size)
-    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    _check_count("chunk_size", chunk_size, allow_none=False)
+    mean, std = _as_float(mean), _as_float(std)
     candidates = None if candidates is None else jnp.asarray(candidates, bool)
     _check_shapes(mean, std, None, candidates)
     _check_k(k, mean.shape[-1])
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not _is_concrete(mean, std, candidates):
         rankings = top_k_rankings(mean, k, candidates)
         log_p = list_log_prob(
@@ -835,10 +1041,117 @@ def lidu(
         grid_size=grid_size,
         ordered=ordered,
         per_position=per_position,
-        pad_to=min(chunk_size, m.shape[0]),
+        pad_to=max(1, min(chunk_size, m.shape[0])),
         n_items=n,
     )
     return jnp.asarray(values).reshape(batch), jnp.asarray(ranks).reshape((*batch, k))
+
+
+def _lidu_validated(
+    mean, std, k: int, cand, *, method: str, grid_size: int, ordered: bool, per_position: bool
+):
+    """Traced `lidu` on ``(B, n)`` float32 inputs already validated on the host (`lidu_jax.sharding`): the
+    same computation without the per-user validity flags (`_rows_ok`), which could only be all True."""
+    rankings = top_k_rankings(mean, k, cand)
+    log_p = _gaussian_core(
+        *_standardise(mean, std, rankings, cand),
+        rankings,
+        cand,
+        method=method,
+        grid_size=grid_size,
+        n_keep=None,
+        ordered=ordered,
+        tile=default_user_tile(),
+    )
+    return _finish(log_p, k, per_position), rankings
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_fn(kind: str, statics: tuple):
+    """A jitted `jax.experimental.checkify` function: the value checks of `_value_checks`, then the
+    estimator."""
+    from jax.experimental import checkify
+
+    if kind == "lidu":
+        k, method, grid_size, ordered, per_position = statics
+
+        def fn(mean, std, cand):
+            _checkify_values(mean, std, None, cand, k)
+            kw = dict(method=method, grid_size=grid_size, ordered=ordered, per_position=per_position)
+            return lidu(mean, std, k, candidates=cand, **kw)
+
+    else:
+        method, grid_size, ordered, max_items = statics
+
+        def fn(mean, std, ranking, cand):
+            _checkify_values(mean, std, ranking, cand)
+            kw = dict(method=method, grid_size=grid_size, ordered=ordered, max_items=max_items)
+            return list_log_prob(mean, std, ranking, candidates=cand, **kw)
+
+    return jax.jit(checkify.checkify(fn))
+
+
+def _checked_inputs(mean, std, ranking, candidates, k):
+    """Inputs of a checked estimator: shapes checked; a concrete float64 input is checked eagerly (same
+    messages) and located in float64 (`_host_locate`) before it enters the float32 jit."""
+    mean, std = _as_float(mean), _as_float(std)
+    candidates = None if candidates is None else jnp.asarray(candidates, bool)
+    _check_shapes(mean, std, ranking, candidates)
+    if _host_float64(mean, std):
+        _check_values(mean, std, ranking, candidates, k)
+        mean, std = _host_locate(mean, std, candidates)
+    return jnp.asarray(mean), jnp.asarray(std), candidates
+
+
+def checked_lidu(
+    mean: jax.Array,
+    std: jax.Array,
+    k: int,
+    *,
+    candidates: jax.Array | None = None,
+    method: str = "exact",
+    grid_size: int = DEFAULT_GRID_SIZE,
+    ordered: bool = True,
+    per_position: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """`lidu` as one `jax.jit` computation whose value checks are `jax.experimental.checkify` checks: bad
+    values raise the ``ValueError`` (same message) that eager `lidu` raises, where plain `lidu` under
+    `jax.jit` can only return NaN for the users concerned.
+
+    Args and returns: as `lidu` (``mean, std (..., n_items)``; ``(lidu (...), rankings (..., k))``).
+    """
+    _check_method(method, METHODS)
+    _check_grid(grid_size)
+    mean, std, cand = _checked_inputs(mean, std, None, candidates, k)
+    _check_k(k, mean.shape[-1])
+    err, out = _checked_fn("lidu", (int(k), method, grid_size, bool(ordered), bool(per_position)))(
+        mean, std, cand
+    )
+    _raise_checkify_error(err)
+    return out
+
+
+def checked_list_log_prob(
+    mean: jax.Array,
+    std: jax.Array,
+    ranking: jax.Array,
+    *,
+    candidates: jax.Array | None = None,
+    method: str = "exact",
+    grid_size: int = DEFAULT_GRID_SIZE,
+    ordered: bool = True,
+    max_items: int | None = None,
+) -> jax.Array:
+    """`list_log_prob` as one `jax.jit` computation with `jax.experimental.checkify` value checks: bad values
+    raise eager mode's ``ValueError`` (same message). Args and returns: as `list_log_prob`."""
+    _check_method(method, METHODS)
+    _check_grid(grid_size)
+    _check_count("max_items", max_items)
+    ranking = jnp.asarray(ranking)
+    mean, std, cand = _checked_inputs(mean, std, ranking, candidates, None)
+    err, out = _checked_fn("list", (method, grid_size, bool(ordered), max_items))(mean, std, ranking, cand)
+    _raise_checkify_error(err)
+    return out
 
 
 def lidu_chunked(
@@ -857,21 +1170,31 @@ def lidu_chunked(
     """LiDu over a stream of user chunks ``(mean (B, n), std (B, n), candidates (B, n) or None)``.
 
     Only one chunk is alive at a time, so peak memory does not grow with the number of users when the chunks
-    are produced lazily (e.g. scored from a model chunk by chunk). Each chunk is validated, padded to
-    ``pad_to`` users (one compilation for all full chunks) and pruned to a power-of-two item budget that
-    keeps every rest item not far below its user's list. On CPU, ``trim_cells`` leaves out each user's low
-    grid cells where ``H <= e^-30 P`` (`_gaussian_core_tile`). Neither changes ``log P``
-    beyond float32 rounding. Inside a chunk the users are walked ``tile`` at a time (default
-    `default_user_tile`: 256 on CPU, 128 elsewhere; 0 = the whole chunk at once).
+    are produced lazily (e.g. scored from a model chunk by chunk). Each chunk is validated, standardised per
+    user (`_standardise`; a float64 chunk is located in float64 first), padded to ``pad_to`` users (one
+    compilation for all full chunks) and pruned to a power-of-two item budget that keeps every rest item not
+    far below its user's list. On CPU, ``trim_cells`` leaves out each user's low grid cells where
+    ``H <= e^-30 P`` (`_gaussian_core_tile`). Neither changes ``log P`` beyond float32 rounding. Inside a
+    chunk the users are walked ``tile`` at a time (default `default_user_tile`: 256 on CPU, 128 elsewhere; a
+    tile at least the chunk's size walks the whole chunk at once).
+
+    Args:
+      chunks: iterable of ``(mean, std, candidates)``; chunks of zero users are skipped.
+      k, method, grid_size, ordered, per_position: as `lidu`.
+      pad_to, n_items, tile: None or an int >= 1 (users per padded chunk, items per chunk, users per tile).
+      trim_cells: see above (CPU only).
 
     Returns:
-      ``(lidu (U,), rankings (U, k))`` as NumPy arrays.
+      ``(lidu (U,), rankings (U, k))`` as NumPy arrays (``(0,)``, ``(0, k)`` when there are no users).
     """
     _check_method(method, METHODS)
     _check_grid(grid_size)
+    for name, value in (("pad_to", pad_to), ("n_items", n_items), ("tile", tile)):
+        _check_count(name, value)
+    _check_k(k, k if n_items is None else n_items)
     values, ranks = [], []
     for mean, std, cand in chunks:
-        mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+        mean, std = _as_float(mean), _as_float(std)
         cand = jnp.ones(mean.shape, bool) if cand is None else jnp.asarray(cand, bool)
         if mean.ndim != 2:
             raise ValueError(f"each chunk's mean must be (B, n_items), got {mean.shape}")
@@ -881,12 +1204,18 @@ def lidu_chunked(
         _check_k(k, mean.shape[1])
         _check_values(mean, std, None, cand, k=k)
         b = mean.shape[0]
+        if b == 0:
+            continue
+        if _host_float64(mean, std):
+            mean, std = _host_locate(mean, std, cand)
+        mean, std = jnp.asarray(mean), jnp.asarray(std)
         if pad_to is not None and b < pad_to:
             reps = pad_to - b
             mean = jnp.concatenate([mean, jnp.broadcast_to(mean[-1:], (reps, mean.shape[1]))])
             std = jnp.concatenate([std, jnp.broadcast_to(std[-1:], (reps, std.shape[1]))])
             cand = jnp.concatenate([cand, jnp.broadcast_to(cand[-1:], (reps, cand.shape[1]))])
         rankings = top_k_rankings(mean, k, cand)
+        mean, std = _standardise(mean, std, rankings, cand)
         n_keep = None
         if method != "pairwise":
             n_keep = _item_budget(np.asarray(_needed_rest_items(mean, std, rankings, cand)), mean.shape[1])
@@ -905,7 +1234,7 @@ def lidu_chunked(
         values.append(np.asarray(_finish(log_p, k, per_position))[:b])
         ranks.append(np.asarray(rankings)[:b])
     if not values:
-        raise ValueError("chunks is empty")
+        return np.zeros(0, np.float32), np.zeros((0, k), np.int32)
     return np.concatenate(values), np.concatenate(ranks)
 
 
@@ -917,6 +1246,11 @@ def _check_samples(samples) -> None:
         raise ValueError(f"samples must have shape (n_samples, ..., n_items), got {samples.shape}")
     if samples.shape[0] < 2:
         raise ValueError(f"samples needs at least 2 draws along axis 0, got {samples.shape[0]}")
+
+
+def _check_min_std(min_std) -> None:
+    if not (isinstance(min_std, int | float | np.floating) and math.isfinite(min_std) and min_std > 0):
+        raise ValueError(f"min_std must be a finite float > 0, got {min_std!r}")
 
 
 def sample_moments(samples: jax.Array, min_std: float = 1e-6) -> tuple[jax.Array, jax.Array]:
@@ -933,6 +1267,47 @@ def silverman_bandwidth(samples: jax.Array, min_std: float = 1e-6) -> jax.Array:
     return 1.06 * sd * samples.shape[0] ** (-0.2)
 
 
+@jax.jit
+def _standardise_samples(samples, ranking, cand):
+    """Samples ``(S, B, n)`` in the frame of each user's list grid, as `_standardise` does for means and
+    stds: ``x' = (x - a) 2^-e`` with ``a`` the grid's top and ``2^(e-1) <= w < 2^e`` for its width ``w``,
+    the grid taken from the per-item sample mean and std (ddof=1, no floor). Returns ``(x' (S, B, n)
+    float32, (e1, e2) (B,) int)`` with ``e = e1 + e2`` (two parts, so ``2^-e1`` and ``2^-e2`` each stay in
+    range when a bandwidth is scaled). Values are kept within ``±2^80``; non-candidates are set to -1."""
+    c = cand[None]
+    big = jnp.max(jnp.where(c, jnp.abs(samples), 0.0), axis=(0, 2))
+    e1 = jnp.frexp(big)[1]
+    x = _times_pow2(jnp, samples, e1[None, :, None])
+    top = jnp.max(jnp.where(cand, x.mean(0), -jnp.inf), axis=1)
+    x = (x - jnp.where(jnp.isfinite(top), top, 0.0)[None, :, None]).astype(jnp.float32)
+    hi, e2 = _frame(x.mean(0), x.std(0, ddof=1), ranking, cand)
+    x = _times_pow2(jnp, x - hi[None, :, None], e2[None, :, None])
+    x = jnp.clip(x, MEAN_FLOOR, -MEAN_FLOOR)
+    return jnp.where(c, x, -1.0), (e1, e2)
+
+
+def _standardised_samples(samples, ranking, cand, bandwidth):
+    """`_standardise_samples` for ``(S, B, n)`` samples of any float dtype (a concrete float64 one is
+    located in NumPy float64 first), and ``bandwidth`` (None or ``(B, n)`` in score units) in the same frame,
+    kept within ``[STD_FLOOR, STD_CEIL]``."""
+    if _host_float64(samples):
+        x = np.asarray(samples, np.float64)
+        c = np.asarray(cand, bool)[None]
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            e0 = np.frexp(np.max(np.where(c, np.abs(x), 0.0), axis=(0, 2)))[1]
+            x = np.ldexp(x, -e0[None, :, None])
+            top = np.max(np.where(c[0], x.mean(0), -np.inf), axis=1)
+            x = x - np.where(np.isfinite(top), top, 0.0)[None, :, None]
+            if bandwidth is not None:
+                bandwidth = np.ldexp(np.asarray(bandwidth, np.float64), -e0[:, None]).astype(np.float32)
+        samples = x.astype(np.float32)
+    x, (e1, e2) = _standardise_samples(jnp.asarray(samples), ranking, cand)
+    if bandwidth is None:
+        return x, None
+    h = _times_pow2(jnp, _times_pow2(jnp, jnp.asarray(bandwidth, jnp.float32), e1[:, None]), e2[:, None])
+    return x, jnp.clip(h, STD_FLOOR, STD_CEIL)
+
+
 @partial(jax.jit, static_argnames=("method", "grid_size", "ordered"))
 def _kde_core(samples, bandwidth, ranking, cand, *, method, grid_size, ordered):
     """``log P`` with per-item Gaussian KDEs ``F_i(x) = mean_s Phi((x - x_is) / h_i)``; samples ``(S, B,
@@ -942,8 +1317,9 @@ def _kde_core(samples, bandwidth, ranking, cand, *, method, grid_size, ordered):
     xs = jnp.moveaxis(samples, 0, -1)  # (B, n, S)
     xs_l = jnp.take_along_axis(xs, ranking[:, :, None], axis=1)  # (B, K, S)
     h_l = jnp.take_along_axis(bandwidth, ranking, axis=1)  # (B, K)
-    lo = jnp.min(jnp.min(xs_l, -1) - GRID_HALF_WIDTH * h_l, axis=1)
-    hi = jnp.max(jnp.max(xs_l, -1) + GRID_HALF_WIDTH * h_l, axis=1)
+    half = jnp.maximum(GRID_HALF_WIDTH * h_l, GRID_MIN_MARGIN)  # see _grid_bounds
+    lo = jnp.min(jnp.min(xs_l, -1) - half, axis=1)
+    hi = jnp.max(jnp.max(xs_l, -1) + half, axis=1)
     hi = jnp.maximum(hi, _highest_rest_mean(jnp.mean(xs, -1), ranking, cand))
     grid = _Grid(lo, hi, grid_size)
     ze = (grid.edges[:, None, None, :] - xs_l[..., None]) / h_l[:, :, None, None]  # (B, K, S, G+1)
@@ -985,10 +1361,13 @@ def list_log_prob_from_samples(
 ) -> jax.Array:
     """``log P(L)`` from sampled score vectors (ensemble members, bootstrap copies, dropout passes, ...).
 
+    Each user's samples are first mapped to the frame of its list's grid (``x -> (x - a) / c``, ``c`` a
+    power of two within a factor 2 of the grid's width; `_standardise_samples`), so the result does not
+    change under ``x -> a x + b`` (``a > 0``, per user), ``bandwidth`` scaled with them.
+
     Methods:
       ``"kde"``: each item's density is a Gaussian kernel density on its samples (bandwidth per item,
-      Silverman's
-        rule by default), items independent; then the exact grid recursion.
+        Silverman's rule by default), items independent; then the exact grid recursion.
       ``"gaussian"``: per-item ``N(mean, std^2)`` fitted to the samples (ddof=1), then ``"exact"``.
       ``"mc"``: ``log((c + 1/2) / (S + 1))`` with c the number of the S joint draws whose top-K candidates, in
         order, equal the list (add-half smoothing keeps it finite; coarse unless S is large).
@@ -999,46 +1378,56 @@ def list_log_prob_from_samples(
       candidates: optional ``(..., n_items)`` bool.
       method: ``"kde"``, ``"gaussian"`` or ``"mc"``.
       grid_size: grid cells for ``"kde"`` / ``"gaussian"``.
-      bandwidth: optional KDE bandwidth, scalar or ``(..., n_items)``.
+      bandwidth: optional KDE bandwidth in score units, scalar or ``(..., n_items)``, finite and > 0.
       ordered: False = unordered set probability (not for ``"mc"``).
-      min_std: floor on the per-item std (items identical across draws).
+      min_std: floor on the per-item std (items identical across draws), in units of the user's frame (the
+        grid's width to within a factor 2), so it scales with the scores.
 
     Returns:
-      ``(...)`` float32 log-probabilities.
+      ``(...)`` float32 log-probabilities; under `jax.jit`, NaN for users with invalid inputs.
     """
     _check_method(method, SAMPLE_METHODS)
     _check_grid(grid_size)
-    samples, ranking = jnp.asarray(samples, jnp.float32), jnp.asarray(ranking)
+    _check_min_std(min_std)
+    samples, ranking = _as_float(samples), jnp.asarray(ranking)
     _check_samples(samples)
     candidates = None if candidates is None else jnp.asarray(candidates, bool)
     _check_shapes(samples[0], samples[0], ranking, candidates)
+    if method == "mc" and not ordered:
+        raise ValueError("method='mc' supports ordered lists only")
     concrete = _is_concrete(samples, ranking, candidates, bandwidth)
-    if concrete and not bool(jnp.all(jnp.isfinite(samples))):
+    if concrete and not np.all(np.isfinite(np.asarray(samples))):
         raise ValueError("samples contain NaN or inf")
-    mean, std = sample_moments(samples, min_std)
-    if concrete:
-        _check_values(mean, std, ranking, candidates)
-    if method == "gaussian":
-        return list_log_prob(
-            mean, std, ranking, candidates=candidates, method="exact", grid_size=grid_size, ordered=ordered
-        )
+    h = None
+    if bandwidth is not None:
+        h = _as_float(bandwidth)
+        h = (np.broadcast_to if isinstance(h, np.ndarray) else jnp.broadcast_to)(h, samples.shape[1:])
+        if concrete and not np.all(np.isfinite(np.asarray(h)) & (np.asarray(h) > 0)):
+            raise ValueError("bandwidth must be finite and > 0")
     batch = samples.shape[1:-1]
     nb = len(batch)
     flat = samples.reshape((samples.shape[0], -1, samples.shape[-1]))
     r = _flatten(ranking.astype(jnp.int32), nb)
     c = jnp.ones(flat.shape[1:], bool) if candidates is None else _flatten(candidates, nb)
-    if method == "mc":
-        if not ordered:
-            raise ValueError("method='mc' supports ordered lists only")
-        return _mc_core(flat, r, c).reshape(batch)
-    if bandwidth is None:
-        h = silverman_bandwidth(samples, min_std)
+    if flat.shape[1] == 0:
+        return jnp.zeros(batch, jnp.float32)
+    x, h = _standardised_samples(flat, r, c, None if h is None else _flatten(h, nb))
+    mean, std = sample_moments(x, min_std)
+    if concrete:
+        _check_values(mean, std, r, c)
+    if method == "gaussian":
+        out = list_log_prob(mean, std, r, candidates=c, method="exact", grid_size=grid_size, ordered=ordered)
+    elif method == "mc":
+        out = _mc_core(x, r, c)
     else:
-        h = jnp.broadcast_to(jnp.asarray(bandwidth, jnp.float32), samples.shape[1:])
-        if concrete and not bool(jnp.all(h > 0)):
-            raise ValueError("bandwidth must be > 0")
-    h = _flatten(h, nb)
-    out = _kde_core(flat, h, r, c, method="exact", grid_size=grid_size, ordered=ordered)
+        h = silverman_bandwidth(x, min_std) if h is None else h
+        out = _kde_core(x, h, r, c, method="exact", grid_size=grid_size, ordered=ordered)
+    if not concrete:
+        ok = _rows_ok(mean, std, r, c) & jnp.all(jnp.isfinite(flat), axis=(0, 2))
+        if bandwidth is not None:
+            raw_h = _flatten(jnp.broadcast_to(jnp.asarray(bandwidth), samples.shape[1:]), nb)
+            ok = ok & jnp.all(jnp.isfinite(raw_h) & (raw_h > 0), axis=-1)
+        out = jnp.where(ok, out, jnp.nan)
     return out.reshape(batch)
 
 
@@ -1055,46 +1444,49 @@ def lidu_from_samples(
     min_std: float = 1e-6,
     chunk_size: int = 256,
 ) -> tuple[jax.Array, jax.Array]:
-    """LiDu from score samples: the list is each user's top-k candidates by the sample mean.
+    """LiDu from score samples: the list is each user's top-k candidates by the sample mean; unchanged by
+    ``samples -> a samples + b`` (``a > 0``, per user; `list_log_prob_from_samples`).
 
     Args:
       samples: ``(n_samples, ..., n_items)``.
       k: list length.
-      chunk_size: users per call on concrete inputs (the KDE evaluates ``G * n_items * n_samples`` CDFs per
-      user).
+      chunk_size: users per call on concrete inputs (>= 1; the KDE evaluates ``G * n_items * n_samples``
+        CDFs per user).
       Others: see `list_log_prob_from_samples` and `lidu`.
 
     Returns:
-      ``(lidu (...), rankings (..., k) int32)``.
+      ``(lidu (...), rankings (..., k) int32)``; empty arrays for zero users.
     """
     _check_method(method, SAMPLE_METHODS)
-    samples = jnp.asarray(samples, jnp.float32)
+    _check_grid(grid_size)
+    _check_count("chunk_size", chunk_size, allow_none=False)
+    _check_min_std(min_std)
+    samples = _as_float(samples)
     _check_samples(samples)
     _check_k(k, samples.shape[-1])
-    mean, std = sample_moments(samples, min_std)
-    if method == "gaussian":
-        return lidu(
-            mean,
-            std,
-            k,
-            candidates=candidates,
-            method="exact",
-            grid_size=grid_size,
-            ordered=ordered,
-            per_position=per_position,
-        )
-    rankings = top_k_rankings(mean, k, candidates)
-    kwargs = dict(method=method, grid_size=grid_size, bandwidth=bandwidth, ordered=ordered, min_std=min_std)
+    cand = None if candidates is None else jnp.asarray(candidates, bool)
     batch = samples.shape[1:-1]
+    if _is_concrete(samples) and not np.all(np.isfinite(np.asarray(samples))):
+        raise ValueError("samples contain NaN or inf")
+    rankings = top_k_rankings(samples.mean(0), k, cand)
+    if method == "gaussian":
+        nb = len(batch)
+        flat = samples.reshape((samples.shape[0], -1, samples.shape[-1]))
+        c = jnp.ones(flat.shape[1:], bool) if cand is None else _flatten(cand, nb)
+        if flat.shape[1] == 0:
+            return jnp.zeros(batch, jnp.float32), jnp.zeros((*batch, k), jnp.int32)
+        x, _ = _standardised_samples(flat, _flatten(rankings, nb), c, None)
+        mean, std = sample_moments(x, min_std)
+        kw = dict(method="exact", grid_size=grid_size, ordered=ordered, per_position=per_position)
+        values, ranks = lidu(
+            mean.reshape(samples.shape[1:]), std.reshape(samples.shape[1:]), k, candidates=cand, **kw
+        )
+        return values, ranks
+    kwargs = dict(method=method, grid_size=grid_size, bandwidth=bandwidth, ordered=ordered, min_std=min_std)
     if not _is_concrete(samples, candidates, bandwidth) or len(batch) != 1 or batch[0] <= chunk_size:
         log_p = list_log_prob_from_samples(samples, rankings, candidates=candidates, **kwargs)
         return _finish(log_p, k, per_position), rankings
-    cand = None if candidates is None else jnp.asarray(candidates, bool)
-    bw = (
-        None
-        if bandwidth is None
-        else jnp.broadcast_to(jnp.asarray(bandwidth, jnp.float32), samples.shape[1:])
-    )
+    bw = None if bandwidth is None else np.broadcast_to(np.asarray(bandwidth), samples.shape[1:])
     parts = []
     for i in range(0, batch[0], chunk_size):
         sl = slice(i, i + chunk_size)

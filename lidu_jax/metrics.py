@@ -3,7 +3,9 @@
 Ranking metrics take ``scores (U, n_items)``, a bool ``relevant (U, n_items)`` (held-out items, or the true
 top-N for synthetic data) and an optional bool ``exclude (U, n_items)`` (training items, never recommended).
 They are jittable and return one value per user. A user with no relevant item gets 0 (callers that correlate
-per-user metrics drop such users, see `lidu_jax.evaluation`).
+per-user metrics drop such users, see `lidu_jax.evaluation`). A NaN score of a ranked (not excluded) item has
+no place in the ranking: on concrete inputs it raises ``ValueError``, under `jax.jit` that user's metric is
+NaN (never a plausible number).
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ __all__ = [
 ]
 
 
+def _is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
+
+
 def _check_rank_inputs(scores, relevant, k, exclude):
     if scores.ndim != 2:
         raise ValueError(f"scores must be (n_users, n_items), got shape {scores.shape}")
@@ -32,8 +38,29 @@ def _check_rank_inputs(scores, relevant, k, exclude):
         raise ValueError(f"relevant must have the shape of scores {scores.shape}, got {relevant.shape}")
     if exclude is not None and exclude.shape != scores.shape:
         raise ValueError(f"exclude must have the shape of scores {scores.shape}, got {exclude.shape}")
-    if not 1 <= k <= scores.shape[1]:
-        raise ValueError(f"k must be in [1, n_items={scores.shape[1]}], got {k}")
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= scores.shape[1]:
+        raise ValueError(f"k must be an int in [1, n_items={scores.shape[1]}], got {k!r}")
+    if _is_concrete(scores, exclude):
+        nan = np.isnan(np.asarray(scores, np.float64))
+        if exclude is not None:
+            nan &= ~np.asarray(exclude, bool)
+        if np.any(nan):
+            raise ValueError(
+                f"scores contain NaN for {int(nan.any(axis=1).sum())} user(s) (a NaN score has no rank)"
+            )
+
+
+def _scores32(scores, exclude):
+    """Float32 scores ranked like the input: a concrete float64 input has each user's top score subtracted
+    in float64 first, so an offset far above the spread (``1e7 + N(0, 1)``) does not merge scores."""
+    if _is_concrete(scores) and np.asarray(scores).dtype == np.float64:
+        s = np.asarray(scores, np.float64)
+        ranked = s if exclude is None else np.where(np.asarray(exclude, bool), -np.inf, s)
+        top = np.max(ranked, axis=1, keepdims=True, initial=-np.inf)
+        with np.errstate(invalid="ignore"):
+            s = s - np.where(np.isfinite(top), top, 0.0)
+        return jnp.asarray(s.astype(np.float32))
+    return jnp.asarray(scores, jnp.float32)
 
 
 def top_k_items(scores: jax.Array, k: int, exclude: jax.Array | None = None) -> jax.Array:
@@ -41,19 +68,24 @@ def top_k_items(scores: jax.Array, k: int, exclude: jax.Array | None = None) -> 
 
     Ties are broken by the lower item id (`jax.lax.top_k`).
     """
-    scores = jnp.asarray(scores, jnp.float32)
+    scores = _scores32(scores, exclude)
     if exclude is not None:
         scores = jnp.where(jnp.asarray(exclude, bool), -jnp.inf, scores)
     return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
 
 
 def _hits(scores, relevant, k, exclude):
+    """``(hits (U, k) bool, n_rel (U,), bad (U,) bool)``: bad = the user has a NaN score on a ranked item
+    (only possible under tracing; concrete inputs raise)."""
+    scores = scores if isinstance(scores, jax.Array | np.ndarray) else np.asarray(scores)
     _check_rank_inputs(scores, relevant, k, exclude)
     top = top_k_items(scores, k, exclude)
     rel = jnp.asarray(relevant, bool)
+    nan = jnp.isnan(jnp.asarray(scores, jnp.float32))
     if exclude is not None:
         rel = rel & ~jnp.asarray(exclude, bool)
-    return jnp.take_along_axis(rel, top, axis=1), jnp.sum(rel, axis=1)
+        nan = nan & ~jnp.asarray(exclude, bool)
+    return jnp.take_along_axis(rel, top, axis=1), jnp.sum(rel, axis=1), jnp.any(nan, axis=1)
 
 
 def ndcg_at_k(
@@ -72,29 +104,31 @@ def ndcg_at_k(
       exclude: optional ``(U, n_items)`` bool, items removed from the ranking (and from the relevant set).
 
     Returns:
-      ``(U,)`` float32 in [0, 1].
+      ``(U,)`` float32 in [0, 1]; NaN under `jax.jit` for a user with a NaN score (eagerly: ValueError).
     """
-    hits, n_rel = _hits(scores, relevant, k, exclude)
+    hits, n_rel, bad = _hits(scores, relevant, k, exclude)
     disc = 1.0 / jnp.log2(jnp.arange(2, k + 2, dtype=jnp.float32))
     dcg = jnp.sum(hits * disc, axis=1)
     idcg = jnp.sum(jnp.where(jnp.arange(k)[None, :] < n_rel[:, None], disc, 0.0), axis=1)
-    return jnp.where(n_rel > 0, dcg / jnp.maximum(idcg, 1e-12), 0.0)
+    return jnp.where(bad, jnp.nan, jnp.where(n_rel > 0, dcg / jnp.maximum(idcg, 1e-12), 0.0))
 
 
 def recall_at_k(
     scores: jax.Array, relevant: jax.Array, k: int, *, exclude: jax.Array | None = None
 ) -> jax.Array:
-    """Recall@k per user: ``|top-k ∩ relevant| / |relevant|`` (0 when no relevant candidate). ``(U,)``."""
-    hits, n_rel = _hits(scores, relevant, k, exclude)
-    return jnp.where(n_rel > 0, jnp.sum(hits, axis=1) / jnp.maximum(n_rel, 1), 0.0)
+    """Recall@k per user: ``|top-k ∩ relevant| / |relevant|`` (0 when no relevant candidate). ``(U,)``;
+    NaN scores as in `ndcg_at_k`."""
+    hits, n_rel, bad = _hits(scores, relevant, k, exclude)
+    return jnp.where(bad, jnp.nan, jnp.where(n_rel > 0, jnp.sum(hits, axis=1) / jnp.maximum(n_rel, 1), 0.0))
 
 
 def hit_at_k(
     scores: jax.Array, relevant: jax.Array, k: int, *, exclude: jax.Array | None = None
 ) -> jax.Array:
-    """Hit@k per user: 1 if any relevant item is in the top-k, else 0. ``(U,)`` float32."""
-    hits, _ = _hits(scores, relevant, k, exclude)
-    return jnp.any(hits, axis=1).astype(jnp.float32)
+    """Hit@k per user: 1 if any relevant item is in the top-k, else 0. ``(U,)`` float32; NaN scores as in
+    `ndcg_at_k`."""
+    hits, _, bad = _hits(scores, relevant, k, exclude)
+    return jnp.where(bad, jnp.nan, jnp.any(hits, axis=1).astype(jnp.float32))
 
 
 def _check_pair(x, y) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lidu_jax.estimators import DEFAULT_GRID_SIZE, lidu
+from lidu_jax.estimators import (
+    DEFAULT_GRID_SIZE,
+    METHODS,
+    _check_grid,
+    _check_method,
+    _check_values,
+    _host_locate,
+    _lidu_validated,
+)
 
 __all__ = ["lidu_sharded", "user_mesh"]
 
@@ -38,37 +46,31 @@ def user_mesh(devices: Sequence[Any] | None = None) -> Mesh:
 
 
 def _validate(mean: np.ndarray, std: np.ndarray, k: int, candidates: np.ndarray | None) -> None:
-    if mean.ndim != 2 or mean.shape[0] == 0:
-        raise ValueError(f"mean must have shape (n_users >= 1, n_items), got {mean.shape}")
+    """The checks of the eager estimators (same messages), on the host arrays in their own dtype."""
+    if mean.ndim != 2:
+        raise ValueError(f"mean must have shape (n_users, n_items), got {mean.shape}")
     if std.shape != mean.shape:
         raise ValueError(f"std shape {std.shape} must equal mean shape {mean.shape}")
     if candidates is not None and candidates.shape != mean.shape:
         raise ValueError(f"candidates shape {candidates.shape} must equal mean shape {mean.shape}")
-    if not isinstance(k, int | np.integer) or not 1 <= k <= mean.shape[1]:
+    if not isinstance(k, int | np.integer) or isinstance(k, bool) or not 1 <= k <= mean.shape[1]:
         raise ValueError(f"k must be an int in [1, n_items={mean.shape[1]}], got {k!r}")
-    if not np.all(np.isfinite(mean)):
-        raise ValueError("mean has NaN/inf entries")
-    if not (np.all(np.isfinite(std)) and np.all(std > 0)):
-        raise ValueError("std must be finite and > 0 everywhere")
-    if candidates is not None:
-        fewest = int(candidates.sum(axis=1).min()) if len(candidates) else k
-        if fewest < k:
-            raise ValueError(f"k={k} is larger than the number of candidates of some user ({fewest})")
+    _check_values(mean, std, None, candidates, k=int(k))
+
+
+def _host_array(x: Any) -> np.ndarray:
+    """A NumPy copy that keeps float64 (standardised in float64 before float32, see `lidu_jax.estimators`)
+    and turns every other dtype into float32."""
+    x = np.asarray(x)
+    return x if x.dtype == np.float64 else x.astype(np.float32)
 
 
 @functools.lru_cache(maxsize=32)
 def _sharded_fn(mesh: Mesh, k: int, method: str, grid_size: int, ordered: bool, per_position: bool):
     def local(mean, std, cand):
-        return lidu(
-            mean,
-            std,
-            k,
-            candidates=cand,
-            method=method,
-            grid_size=grid_size,
-            ordered=ordered,
-            per_position=per_position,
-        )
+        # the inputs were validated on the host (`_validate`): no per-user validity flags needed
+        kw = dict(method=method, grid_size=grid_size, ordered=ordered, per_position=per_position)
+        return _lidu_validated(mean, std, k, cand, **kw)
 
     spec = P(AXIS)
     mapped = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec))
@@ -105,15 +107,25 @@ def lidu_sharded(
 
     Same quantity and arguments as :func:`lidu_jax.estimators.lidu`: ``mean``, ``std`` are ``(U, n_items)``,
     ``candidates`` an optional ``(U, n_items)`` bool, ``L_u`` the top-``k`` candidates of user ``u`` by
-    ``mean``. Returns NumPy ``(lidu (U,), rankings (U, k) int32)``. Inputs must be identical on every process
-    of a multi-host run. Bad inputs raise ``ValueError`` before anything is compiled.
+    ``mean``. Returns NumPy ``(lidu (U,), rankings (U, k) int32)``; ``(0,)`` and ``(0, k)`` for zero users.
+    Inputs must be identical on every process of a multi-host run. Bad inputs raise ``ValueError`` (the
+    messages of `lidu_jax.estimators.lidu`) before anything is compiled. Each user's scores are standardised
+    as in `lidu` (float64 inputs in float64 on the host first), so LiDu does not change under
+    ``mean -> a mean + b``, ``std -> a std`` with ``a > 0``.
     """
-    mean = np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
+    _check_method(method, METHODS)
+    _check_grid(grid_size)
+    mean, std = _host_array(mean), _host_array(std)
     cand = None if candidates is None else np.asarray(candidates, bool)
     _validate(mean, std, k, cand)
+    if isinstance(users_per_device, bool) or not isinstance(users_per_device, int | np.integer):
+        raise ValueError(f"users_per_device must be an int >= 1, got {users_per_device!r}")
     if users_per_device < 1:
         raise ValueError(f"users_per_device must be >= 1, got {users_per_device}")
+    if mean.shape[0] == 0:
+        return np.zeros(0, np.float32), np.zeros((0, int(k)), np.int32)
+    if mean.dtype == np.float64 or std.dtype == np.float64:
+        mean, std = _host_locate(mean, std, cand)
     mesh = user_mesh() if mesh is None else mesh
     if mesh.axis_names != (AXIS,):
         raise ValueError(f"mesh must be 1-D with axis {AXIS!r} (see user_mesh), got axes {mesh.axis_names}")

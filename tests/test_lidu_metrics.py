@@ -34,8 +34,10 @@ def test_ranking_metrics_match_reference():
     np.testing.assert_allclose(
         metrics.ndcg_at_k(scores, relevant, 5, exclude=exclude), nd, rtol=1e-5, atol=1e-7
     )
-    np.testing.assert_allclose(metrics.recall_at_k(scores, relevant, 5, exclude=exclude), rc, rtol=1e-5)
-    np.testing.assert_allclose(metrics.hit_at_k(scores, relevant, 5, exclude=exclude), ht)
+    np.testing.assert_allclose(
+        metrics.recall_at_k(scores, relevant, 5, exclude=exclude), rc, rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_array_equal(metrics.hit_at_k(scores, relevant, 5, exclude=exclude), ht)  # 0 or 1
     # A perfect ranking has NDCG 1.
     perfect = metrics.ndcg_at_k(relevant.astype(np.float32), relevant, 5)
     assert np.allclose(np.asarray(perfect)[relevant.any(1)], 1.0)
@@ -105,3 +107,37 @@ def test_evaluate_format_json_plot(tmp_path):
         evaluation.evaluate_estimators({"bad": np.r_[good[:-1], np.nan]}, perf)
     with pytest.raises(ValueError, match="shape"):
         evaluation.evaluate_estimators({"bad": good[:10]}, perf)
+
+
+def test_a_nan_score_raises_and_is_nan_under_jit():
+    """A NaN score has no rank: at HEAD it silently turned a perfect NDCG of 1.0 into 0.631 (the NaN item
+    fell out of the top-k). Eagerly a ValueError; under `jax.jit` NaN for that user only; a NaN on an
+    excluded item is ignored like every other score of an excluded item."""
+    import jax
+
+    scores = np.array([[3.0, 2.0, 1.0, 0.0], [3.0, 2.0, 1.0, 0.0]], np.float32)
+    relevant = np.array([[True, True, False, False]] * 2)
+    np.testing.assert_allclose(metrics.ndcg_at_k(scores, relevant, 2), [1.0, 1.0], rtol=0, atol=1e-6)
+    bad = scores.copy()
+    bad[1, 1] = np.nan
+    for fn in (metrics.ndcg_at_k, metrics.recall_at_k, metrics.hit_at_k):
+        with pytest.raises(ValueError, match="NaN"):
+            fn(bad, relevant, 2)
+        jitted = np.asarray(jax.jit(fn, static_argnums=2)(bad, relevant, 2))
+        assert np.isnan(jitted[1]) and jitted[0] == 1.0, (fn.__name__, jitted)
+    exclude = np.zeros_like(relevant)
+    exclude[1, 1] = True
+    got = metrics.ndcg_at_k(bad, relevant, 1, exclude=exclude)
+    np.testing.assert_allclose(got, [1.0, 1.0], rtol=0, atol=1e-6)
+
+
+def test_float64_scores_far_from_zero_keep_their_order():
+    """Float64 scores ``1e7 + x`` used to be cast to float32 (ulp 1 at 1e7), merging the top scores into ties
+    broken by item id; each user's top score is now subtracted in float64 first."""
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(5, 12))
+    relevant = rng.random((5, 12)) < 0.3
+    want = metrics.ndcg_at_k(scores, relevant, 4)
+    got = metrics.ndcg_at_k(scores + 1e7, relevant, 4)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(metrics.top_k_items(scores + 1e7, 4), metrics.top_k_items(scores, 4))
