@@ -88,7 +88,7 @@ def export_table(args: argparse.Namespace) -> dict[str, dict]:
 
     cfg = TrainConfig()
     model = build_model(cfg)
-    params = model.init(jax.random.key(0), jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
+    params = model.init(jax.random.key(0), jnp.zeros((1, cfg.data.seq_len), jnp.int32))["params"]
     params = apply_masks(params, compute_masks(params, 2, 4))  # byte counts do not depend on the values
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     reports = {
@@ -97,7 +97,8 @@ def export_table(args: argparse.Namespace) -> dict[str, dict]:
         "2:4 + int8 (group 128)": _export_rows(params, ExportConfig(bits=8)),
         "2:4 + int4 (group 128)": _export_rows(params, ExportConfig(bits=4)),
     }
-    print(f"default ast_jax.train model (d_model={cfg.d_model}, n_layer={cfg.n_layer}), sparse layers only:")
+    mc = cfg.model
+    print(f"default ast_jax.train model (d_model={mc.d_model}, n_layer={mc.n_layer}), sparse layers only:")
     print(format_size_table(reports))
     return reports
 

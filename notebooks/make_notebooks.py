@@ -94,7 +94,7 @@ def lidu_notebook() -> nbformat.NotebookNode:
             "\n"
             "# Same numbers as lidu_jax.lidu on one device (tests/test_sharding.py checks it).\n"
             "lidu_values, rankings = lidu_sharded(mean, std, K, candidates=~train, grid_size=GRID_SIZE)\n"
-            "ndcg = np.asarray(metrics.ndcg_at_k(mean, data.true_relevant, K, exclude=train))\n"
+            "ndcg = np.asarray(metrics.ndcg_at_k(mean, data.true_relevant, K, candidates=~train))\n"
             "tau = metrics.kendall_tau(-lidu_values, ndcg)\n"
             "print(f'Kendall tau(-LiDu, NDCG@{K}) = {tau:.3f} over {len(ndcg)} users')"
         ),
@@ -148,7 +148,7 @@ def ast_notebook() -> nbformat.NotebookNode:
             "from ast_jax.train import TrainConfig, build_model, run\n"
             "\n"
             "workdir = pathlib.Path(tempfile.mkdtemp(prefix='ast_quickstart_'))\n"
-            "cfg = TrainConfig(\n"
+            "cfg = TrainConfig.from_flags(  # one keyword per flag of python -m ast_jax.train\n"
             "    mesh=MESH, teacher_steps=TEACHER_STEPS, steps=STEPS, batch_size=BATCH, seq_len=SEQ_LEN,\n"
             "    d_model=D_MODEL, n_layer=N_LAYER, max_bytes=MAX_BYTES, eval_windows=EVAL_WINDOWS,\n"
             "    checkpoint_dir=str(workdir / 'ckpt'), save_every=max(1, STEPS // 3),\n"

@@ -16,12 +16,14 @@ TINY = [
 
 def test_flags_map_one_to_one_onto_the_config():
     cfg = parse_config(["--max-decay", "0.5", "--no-plots", "--text", "x.txt", "--extra-variants", "ste_kl"])
-    assert cfg == MainConfig(max_decay=0.5, no_plots=True, text="x.txt", extra_variants="ste_kl")
+    assert cfg == MainConfig.from_flags(max_decay=0.5, no_plots=True, text="x.txt", extra_variants="ste_kl")
+    assert (cfg.sparsity.max_decay, cfg.run.no_plots, cfg.data.text) == (0.5, True, "x.txt")
+    assert parse_config(["--teacher-steps", "7"]).teacher.steps == 7  # the teacher's flags carry its prefix
     assert parse_config([]) == MainConfig()
     with pytest.raises(ValueError, match="extra-variants"):
-        MainConfig(extra_variants="nope")
+        MainConfig.from_flags(extra_variants="nope")
     with pytest.raises(ValueError, match="slorb-k"):
-        MainConfig(d_model=24, slorb_k=16)
+        MainConfig.from_flags(d_model=24, slorb_k=16)
 
 
 def test_tiny_main_job_writes_the_issue_keys(tmp_path, capsys):

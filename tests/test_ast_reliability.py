@@ -30,6 +30,7 @@ from _subproc import REPO, TINY_SAVE_EVERY, TINY_STEPS
 import ast_jax.checkpoint as ckpt_mod
 import ast_jax.train as train_mod
 from ast_jax.checkpoint import CheckpointStore, abstract_like
+from ast_jax.loop import LossWatch
 from ast_jax.optim import sparse_adamw
 from ast_jax.train import TrainConfig, TrainingDivergedError, parse_args, run
 from ast_jax.train import main as train_main
@@ -204,17 +205,17 @@ def test_item3_nan_optimizer_state_is_never_saved(run_dir, ref_args):
 
 
 def test_item3_loss_spike_rule():
-    watch = train_mod._LossWatch(10.0)
+    watch = LossWatch(10.0)
     assert watch.problem(1e6) is None  # no history yet: only NaN/inf count
     for loss in (2.0, 1.9, 2.1):
         watch.accept(loss)
     assert watch.problem(19.0) is None
     assert "loss spike" in watch.problem(25.0)
     assert "non-finite" in watch.problem(math.inf) and "non-finite" in watch.problem(math.nan)
-    tiny = train_mod._LossWatch(10.0)
+    tiny = LossWatch(10.0)
     tiny.accept(0.01)
     assert tiny.problem(0.5) is None  # a tiny loss's noise is no spike: the bar is at least 10 nats
-    assert train_mod._LossWatch(0.0, prior=1.0).problem(1e9) is None  # 0 = off
+    assert LossWatch(0.0, prior=1.0).problem(1e9) is None  # 0 = off
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def test_item3_loss_spike_rule():
 )
 def test_item4_train_config_names_the_flag(field, value, flag):
     with pytest.raises(ValueError, match=re.escape(flag)):
-        TrainConfig(**{field: value})
+        TrainConfig.from_flags(**{field: value})
 
 
 @pytest.mark.parametrize(
