@@ -19,6 +19,9 @@ SLoRB parameters live in their own pytree, nested like the model's params but ke
 ``{"block_0": {"attn": {"q": {"S": (d/k, out)[, "X": (d/k, d)]}}}}``. :func:`apply_with_slorb` runs any Flax
 model with the SLoRB term added to the output of every ``nn.Dense`` that has an entry, through
 ``flax.linen.intercept_methods``, so it works for GPT-2, LLaMA and user models alike.
+
+A training run's trainable pytree is ``{"model": model_params}`` plus ``"slorb": slorb_params`` when SLoRB is
+on; :func:`trainable_params`, :func:`trainable_masks` and :func:`split_trainable` own that layout.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ __all__ = [
     "slorb_init_tree",
     "slorb_intercept",
     "slorb_layer",
+    "split_trainable",
+    "trainable_masks",
+    "trainable_params",
 ]
 
 SLORB_INITS = ("mean", "sum", "xavier")
@@ -213,3 +219,28 @@ def apply_with_slorb(
         return model.apply({"params": params}, *args, **kwargs)
     with slorb_intercept(slorb_params):
         return model.apply({"params": params}, *args, **kwargs)
+
+
+def trainable_params(model_params: Any, slorb_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The trainable pytree of a run: ``{"model": model_params}``, plus ``"slorb": slorb_params`` when they
+    are given and not empty. Optimizers, the training step and checkpoints see this layout."""
+    out = {"model": model_params}
+    if slorb_params:
+        out["slorb"] = slorb_params
+    return out
+
+
+def trainable_masks(model_masks: Any, slorb_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Masks with the structure of :func:`trainable_params` (e.g. ``initial_masks`` of
+    :func:`ast_jax.optim.sparse_adamw`): ``model_masks``, and ``None`` at every SLoRB leaf (``S`` and ``X``
+    are dense)."""
+    none = jax.tree_util.tree_map(lambda _: None, slorb_params) if slorb_params else None
+    return trainable_params(model_masks, none)
+
+
+def split_trainable(params: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+    """Inverse of :func:`trainable_params`: ``(model_params, slorb_params or None)``."""
+    if not isinstance(params, dict) or "model" not in params or set(params) - {"model", "slorb"}:
+        keys = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f'trainable params must be {{"model": ...[, "slorb": ...]}}, got {keys}')
+    return params["model"], params.get("slorb")

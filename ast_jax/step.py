@@ -6,7 +6,8 @@ optional SLoRB parameters ``S``:
     logits_s = student(x; M ⊙ W [+ SLoRB S])        (straight-through: d/dW = d/d(M ⊙ W))
     logits_t = stop_gradient(teacher(x))            (only when the loss needs it)
     L = w_kl · T² · KL(p_t || p_s) + w_ce · CE(logits_s, y) [+ w_hidden · L_hidden]
-    (W, S), opt_state ← tx.update(∇L, opt_state, (W, S))
+    u, opt_state ← tx.update(∇L, opt_state, (W, S));   (W, S) ← (W, S) + u
+    opt_state ← refresh_masks(opt_state, (W, S))    (M = m(W) of the weights just written, when due)
 
 With a dense optimizer (e.g. ``optax.adamw``) there are no masks and the same function is the plain dense
 step, so the sparse machinery's cost can be measured against exactly the same loss.
@@ -26,8 +27,8 @@ import optax
 from flax import struct
 
 from ast_jax.distill import LossConfig, cross_entropy_loss, distill_loss
-from ast_jax.optim import get_masks, mask_stats
-from ast_jax.slorb import apply_with_slorb
+from ast_jax.optim import get_masks, mask_stats, refresh_masks
+from ast_jax.slorb import apply_with_slorb, split_trainable, trainable_params
 from ast_jax.sparsify import apply_masks, masked_params
 
 __all__ = [
@@ -44,10 +45,11 @@ __all__ = [
 class TrainState(struct.PyTreeNode):
     """Everything a run needs to continue exactly.
 
-    ``params`` is the trainable pytree ``{"model": model_params}`` plus ``"slorb": slorb_params`` when SLoRB
-    is on; ``opt_state`` holds the masks (for sparse optimizers); ``step`` (int32) counts updates;
-    ``rng`` is a PRNG key (split every step); ``data_position`` (int32) is the index of the next training
-    batch (see :func:`ast_jax.data.batch_at`).
+    ``params`` is the trainable pytree of :func:`ast_jax.slorb.trainable_params`; ``opt_state`` holds the
+    masks (for sparse optimizers); ``step`` (int32) counts updates; ``data_position`` (int32) is the index of
+    the next training batch (see :func:`ast_jax.data.batch_at`). ``rng`` is the PRNG key of ``seed``: nothing
+    in the step is random (no dropout; batches come from ``data_position``), so the step leaves it as it is;
+    it stays only because ``ast_jax.train``'s checkpoint format stores it, and goes with it.
     """
 
     params: Any
@@ -78,11 +80,13 @@ def init_train_state(
     seed: int = 0,
     data_position: int = 0,
 ) -> TrainState:
-    """A fresh :class:`TrainState`: ``params = {"model": model_params[, "slorb": slorb_params]}``,
-    ``opt_state = tx.init(params)`` (masks from the current weights for ``sparse_adamw``)."""
-    params = {"model": model_params}
-    if slorb_params:
-        params["slorb"] = slorb_params
+    """A fresh :class:`TrainState`: ``params = trainable_params(model_params, slorb_params)`` (copies),
+    ``opt_state = tx.init(params)`` (masks from the current weights for ``sparse_adamw``).
+
+    The state shares no buffer with the caller's arrays or with itself, so a jitted step can donate it
+    (``donate_argnums=0``) while the caller keeps ``model_params`` (e.g. the teacher).
+    """
+    params = jax.tree_util.tree_map(jnp.copy, trainable_params(model_params, slorb_params))
     return TrainState(
         params=params,
         opt_state=tx.init(params),
@@ -93,9 +97,8 @@ def init_train_state(
 
 
 def _forward(model: nn.Module, trainable: Any, inputs: jax.Array, return_hidden: bool) -> Any:
-    return apply_with_slorb(
-        model, trainable["model"], trainable.get("slorb"), inputs, return_hidden=return_hidden
-    )
+    model_params, slorb_params = split_trainable(trainable)
+    return apply_with_slorb(model, model_params, slorb_params, inputs, return_hidden=return_hidden)
 
 
 def make_train_step(
@@ -114,7 +117,9 @@ def make_train_step(
       model: the student (any Flax model following the ``ast_jax`` model contract).
       teacher_params: the frozen dense teacher's params (may be ``None`` when the loss needs no teacher, or
         when they are passed to each call, e.g. to shard them with ``in_shardings``).
-      tx: the optimizer; with :func:`ast_jax.optim.sparse_adamw` the forward pass uses its masks.
+      tx: the optimizer; with :func:`ast_jax.optim.sparse_adamw` (or any chain holding
+        :func:`ast_jax.optim.with_nm_masks`) the forward pass uses its masks, and they are refreshed from the
+        updated weights by :func:`ast_jax.optim.refresh_masks`.
       loss_cfg: loss weights (:class:`ast_jax.distill.LossConfig`).
       teacher_model: the teacher's module if it differs from ``model`` (default: same architecture).
       straight_through: gradient of masked weights is straight-through (AST); ``False`` masks it.
@@ -151,6 +156,9 @@ def make_train_step(
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # The masks of the next forward pass come from the weights just written, whatever tx chained after
+        # the sparse pieces did to the update.
+        opt_state = refresh_masks(opt_state, params)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
@@ -159,12 +167,10 @@ def make_train_step(
                 (params, opt_state),
                 (state.params, state.opt_state),
             )
-        rng, _ = jax.random.split(state.rng)
-        new_state = TrainState(
+        new_state = state.replace(
             params=params,
             opt_state=opt_state,
             step=state.step + finite.astype(jnp.int32),
-            rng=rng,
             data_position=state.data_position + 1,
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **parts, **mask_stats(opt_state)}
@@ -180,7 +186,7 @@ def final_params(state: TrainState) -> tuple[Any, Any]:
     """
     masks = get_masks(state.opt_state)
     params = state.params if masks is None else apply_masks(state.params, masks)
-    return params["model"], params.get("slorb")
+    return split_trainable(params)
 
 
 def _nll_sums(model: nn.Module, params: Any, slorb: Any, batch: dict[str, jax.Array]) -> jax.Array:

@@ -16,6 +16,9 @@ from ast_jax.slorb import (
     slorb_init,
     slorb_init_tree,
     slorb_layer,
+    split_trainable,
+    trainable_masks,
+    trainable_params,
 )
 from ast_jax.sparsify import compute_masks, masked_params
 
@@ -50,6 +53,11 @@ def test_xavier_init_needs_key_and_k_must_divide(layer):
     w, mask, _ = layer
     s = slorb_init(jnp.asarray(w), jnp.asarray(mask), 16, "xavier", key=jax.random.key(0))
     assert s.shape == (2, 6) and float(jnp.std(s)) > 0
+    # Glorot-uniform with fan-in d/k = 16 and fan-out 64: U(-a, a), a = sqrt(6 / 80), std a / sqrt(3)
+    big = slorb_init(jnp.ones((256, 64)), jnp.ones((256, 64), bool), 16, "xavier", key=jax.random.key(1))
+    a = np.sqrt(6 / (16 + 64))
+    assert big.shape == (16, 64) and float(jnp.abs(big).max()) <= a
+    assert float(jnp.std(big)) == pytest.approx(a / np.sqrt(3), rel=0.1)  # 1024 draws: ~2% sampling error
     with pytest.raises(ValueError, match="PRNG key"):
         slorb_init(jnp.asarray(w), jnp.asarray(mask), 16, "xavier")
     with pytest.raises(ValueError, match="does not divide"):
@@ -112,9 +120,15 @@ def test_slorb_on_gpt2_gets_gradients_and_trainable_projection():
     params = jax.jit(model.init, compiler_options=fast)(jax.random.key(0), tok)["params"]
     masks = compute_masks(params)
     sl = slorb_init_tree(params, masks, k=4, trainable_projection=True)
-    assert set(sl["block_0"]["attn"]) == {"q", "k", "v", "proj"} and sl["block_0"]["mlp"]["fc"][
-        "X"
-    ].shape == (4, 16)
+    assert set(sl["block_0"]["attn"]) == {"q", "k", "v", "proj"}
+    fc = params["block_0"]["mlp"]["fc"]["kernel"]
+    np.testing.assert_array_equal(
+        np.asarray(sl["block_0"]["mlp"]["fc"]["X"]), np.asarray(block_projection_matrix(16, 4))
+    )
+    # S of a layer is the block mean of its pruned weights (slorb_init is checked against a loop above)
+    chex.assert_trees_all_equal(
+        sl["block_0"]["mlp"]["fc"]["S"], slorb_init(fc, masks["block_0"]["mlp"]["fc"]["kernel"], 4)
+    )
     fixed = {
         a: {b: {"S": v["S"]} for b, v in sub.items()} for a, sub in sl["block_0"].items()
     }  # same S, fixed indicator projection
@@ -129,3 +143,19 @@ def test_slorb_on_gpt2_gets_gradients_and_trainable_projection():
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree_util.tree_leaves(grads))
     with pytest.raises(ValueError, match="dimension 16 of block_0/attn/k/kernel"):
         slorb_init_tree(params, masks, k=48)
+
+
+def test_trainable_layout_helpers():
+    model = {"block_0": {"kernel": jnp.ones((8, 2)), "bias": jnp.zeros(2)}}
+    masks = {"block_0": {"kernel": jnp.ones((8, 2), bool), "bias": None}}
+    sl = {"block_0": {"S": jnp.full((2, 2), 0.5)}}
+    assert trainable_params(model) == {"model": model} and trainable_params(model, {}) == {"model": model}
+    both = trainable_params(model, sl)
+    assert both == {"model": model, "slorb": sl} and split_trainable(both) == (model, sl)
+    assert split_trainable({"model": model}) == (model, None)
+    tm = trainable_masks(masks, sl)
+    assert tm["model"] is masks and tm["slorb"] == {"block_0": {"S": None}}
+    # the masks have the trainable params' structure, as sparse_adamw's initial_masks need
+    assert jax.tree_util.tree_structure(both).flatten_up_to(tm)[-1] is None
+    with pytest.raises(ValueError, match="trainable params"):
+        split_trainable({"params": model})
