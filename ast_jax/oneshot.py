@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ast_jax.masks import nm_mask, validate_nm, wanda_scores
+from ast_jax.sparsify import (
+    SparseFilter,
+    default_sparse_filter,
+    get_path,
+    path_str,
+    set_path,
+    validate_sparse_params,
+)
 
 __all__ = [
     "METHODS",
@@ -323,32 +331,6 @@ class OneShotConfig:
             raise ValueError(f"OneShotConfig.chunk must be >= 1, got {self.chunk}")
 
 
-def _dense_kernels(block_params: Any) -> list[tuple[str, ...]]:
-    """Paths (relative to the block) of the 2-D kernels of the ``nn.Dense`` layers inside a block."""
-    flat = jax.tree_util.tree_flatten_with_path(block_params)[0]
-    out = []
-    for path, leaf in flat:
-        keys = tuple(str(k.key) for k in path)
-        if keys[-1] == "kernel" and leaf.ndim == 2:
-            out.append(keys[:-1])
-    return out
-
-
-def _get(tree: Any, path: Sequence[str]) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree: dict, path: Sequence[str], value: Any) -> dict:
-    """Functional update of a nested dict at ``path`` (copies the dicts along the path only)."""
-    if not path:
-        return value
-    new = dict(tree)
-    new[path[0]] = _set(tree[path[0]], path[1:], value)
-    return new
-
-
 def _capture_inputs(block_fn: Callable[[Any, jax.Array], jax.Array], bp: Any, h: jax.Array):
     """Run one block, recording the input of every ``nn.Dense`` call: returns ``(h_out, {path: x}, groups)``.
 
@@ -407,7 +389,7 @@ def prune_model(
     calib_tokens: Any,
     config: OneShotConfig = OneShotConfig(),
     *,
-    sparse_filter: Callable[[tuple[str, ...], Any], bool] | None = None,
+    sparse_filter: SparseFilter | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """One-shot N:M pruning of every sparse kernel of a decoder, block by block (sequential calibration).
@@ -430,17 +412,18 @@ def prune_model(
       kernel and ``None`` elsewhere; ``info`` has ``wall_s``, ``tokens`` and, for SparseGPT, the relative
       reconstruction error ``||XW − XŴ||² / ||XW||²`` of every pruned layer (``rel_error``).
     """
-    from ast_jax.sparsify import default_sparse_filter, validate_sparse_params
-
     flt = default_sparse_filter if sparse_filter is None else sparse_filter
     n, m = config.n, config.m
-    sparse = set(validate_sparse_params(params, n, m, flt))
+    # The kernels are exactly those the sparsify filter selects (the rule AST training uses), in pytree order.
+    sparse = validate_sparse_params(params, n, m, flt)
     for name in blockwise.block_names:
         if name not in params:
             raise ValueError(f"params has no block {name!r}")
-    outside = sorted("/".join(p) for p in sparse if p[0] not in set(blockwise.block_names))
+    outside = sorted(path_str(p) for p in sparse if p[0] not in set(blockwise.block_names))
     if outside:
         raise ValueError(f"sparse kernels outside the model's blocks cannot be pruned one-shot: {outside}")
+    # per block: the module path of each sparse kernel inside it, e.g. ("attn", "q_proj")
+    block_kernels = {b: [p[1:-1] for p in sparse if p[0] == b] for b in blockwise.block_names}
 
     t0 = time.perf_counter()
     need_calib = config.method != "magnitude"
@@ -465,11 +448,12 @@ def prune_model(
     rel_error: dict[str, float] = {}
     for name in blockwise.block_names:
         bp = params[name]
-        kernels = [k for k in _dense_kernels(bp) if (name, *k, "kernel") in sparse]
+        kernels = block_kernels[name]
         if need_calib:
             all_groups = _dense_groups(blockwise, bp, h[0])
             stats = {
-                g: init_stats(_get(bp, (*g[0], "kernel")).shape[0], hessian=use_hessian) for g in all_groups
+                g: init_stats(get_path(bp, (*g[0], "kernel")).shape[0], hessian=use_hessian)
+                for g in all_groups
             }
             for hc in h:
                 stats = stats_step(stats, bp, hc)
@@ -481,7 +465,7 @@ def prune_model(
                     groups.append(members)
                     group_stats[members] = stats[g]
             stats = group_stats
-            missed = sorted("/".join((name, *k)) for k in set(kernels) - {k for g in groups for k in g})
+            missed = sorted(path_str((name, *k)) for k in set(kernels) - {k for g in groups for k in g})
             if missed:
                 raise ValueError(f"sparse kernels never called as nn.Dense in their block: {missed}")
         else:
@@ -489,7 +473,7 @@ def prune_model(
             stats = {}
 
         for g in groups:
-            ws = [_get(bp, (*k, "kernel")) for k in g]
+            ws = [get_path(bp, (*k, "kernel")) for k in g]
             widths = [w.shape[1] for w in ws]
             w = jnp.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]  # same input: prune side by side
             if config.method == "magnitude":
@@ -504,11 +488,11 @@ def prune_model(
                 )
                 err = float(reconstruction_error(w, w_hat, hess) / jnp.maximum(denom, 1e-30))
                 for k in g:
-                    rel_error["/".join((name, *k))] = err
+                    rel_error[path_str((name, *k))] = err
             offsets = np.cumsum([0, *widths])
             for k, a, b in zip(g, offsets[:-1], offsets[1:], strict=True):
-                new_params = _set(new_params, (name, *k, "kernel"), w_hat[:, a:b])
-                masks = _set(masks, (name, *k, "kernel"), mask[:, a:b])
+                new_params = set_path(new_params, (name, *k, "kernel"), w_hat[:, a:b])
+                masks = set_path(masks, (name, *k, "kernel"), mask[:, a:b])
         if need_calib:
             bp_pruned = new_params[name]
             h = [block_apply(bp_pruned, hc) for hc in h]

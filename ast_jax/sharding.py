@@ -10,6 +10,11 @@ The rule depends only on a leaf's shape, so Adam moments and the boolean masks h
 land exactly where their kernels are, with no special casing. Sharding is then done by passing these
 ``NamedSharding`` pytrees to ``jax.jit`` (``in_shardings`` / ``out_shardings``): XLA inserts the
 all-gathers and reduce-scatters.
+
+Host arrays in and out (:func:`host_to_global`, :func:`to_host`, :func:`any_process`) live here too, so every
+``ast_jax`` module moves data between the host and a (multi-host) mesh the same way. ``lidu_jax.sharding``
+carries identical copies of :func:`host_to_global` and :func:`to_host` (neither package imports the other;
+``tests/test_packaging.py`` keeps the copies identical).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "AXES",
+    "any_process",
     "batch_sharding",
     "host_to_global",
     "initialize_distributed",
@@ -36,6 +42,7 @@ __all__ = [
     "parse_mesh",
     "replicated",
     "shard_pytree",
+    "to_host",
 ]
 
 PyTree = Any
@@ -157,6 +164,30 @@ def host_to_global(x: Any, sharding: NamedSharding) -> jax.Array:
     """
     arr = np.asarray(x)
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
+def to_host(tree: Any) -> Any:
+    """Full NumPy copies of every array of ``tree`` (possibly sharded over several hosts), on every process.
+
+    One process: ``jax.device_get``. Several: a tiled ``process_allgather``, so a leaf sharded across hosts
+    comes back whole (``device_get`` would fail on shards another process holds). A collective then: every
+    process must call it.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def any_process(flag: bool) -> bool:
+    """True when ``flag`` is true on any process (e.g. "a signal arrived"), the same answer on all of them;
+    a collective in a multi-process run."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
 def shard_pytree(tree: PyTree, shardings: PyTree) -> PyTree:

@@ -7,7 +7,11 @@ JAX, so a mask tree shards, checkpoints and jits like any other pytree.
 The default rule (:func:`default_sparse_filter`) makes every 2-D ``kernel`` under a module whose name starts
 with ``block`` or ``layers`` sparse, which covers our GPT-2 (``block_3/attn/q/kernel``) and LLaMA
 (``layers_3/mlp/up/kernel``) models and most user models with the same naming; pass any
-``sparse_filter(path, leaf) -> bool`` to override it.
+``sparse_filter(path, leaf) -> bool`` to override it. This filter is the one rule: training
+(:mod:`ast_jax.optim`), one-shot pruning (:mod:`ast_jax.oneshot`) and export select the same kernels.
+
+Pytree paths are tuples of strings (:func:`key_path`, :func:`path_str`, :func:`get_path`,
+:func:`set_path`), the one set of path helpers of ``ast_jax``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = [
     "key_path",
     "masked_params",
     "path_str",
+    "set_path",
     "sparse_paths",
     "straight_through",
     "strict_nm_report",
@@ -94,6 +99,16 @@ def get_path(tree: Any, path: Path) -> Any:
     for c in path:
         tree = tree[c]
     return tree
+
+
+def set_path(tree: Any, path: Path, value: Any) -> Any:
+    """``tree`` with ``value`` at ``path``, functionally: only the mappings along ``path`` are copied (as
+    ``dict``), every other subtree is shared with ``tree``."""
+    if not path:
+        return value
+    new = dict(tree)
+    new[path[0]] = set_path(tree[path[0]], path[1:], value)
+    return new
 
 
 def validate_sparse_params(

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from ast_jax.masks import nm_mask
+from ast_jax.models.gpt2 import GPT2, GPT2Config
 from ast_jax.models.llama import Llama, LlamaConfig
 from ast_jax.oneshot import (
     OneShotConfig,
     accumulate_stats,
+    gpt2_blockwise,
     init_stats,
     llama_blockwise,
     magnitude_prune,
@@ -215,3 +217,46 @@ def test_nm_selection_of_sparsegpt_uses_obs_saliency():
     _, mask = sparsegpt_prune(jnp.asarray(w), jnp.diag(jnp.asarray(diag)), 2, 4, damp=0.0)
     np.testing.assert_array_equal(np.asarray(mask)[:4, 0], [True, False, True, False])
     assert bool(nm_mask(jnp.asarray(w), 2, 4)[1, 0])  # magnitude alone would keep row 1
+
+
+# The kernels the one-shot pruner selected before it used the sparsify filter (its own "every 2-D Dense
+# kernel of a block" rule, intersected with the filter), recorded from that code for these two tiny models.
+SELECTED_BEFORE = {
+    "llama": [
+        f"layers_{i}/{m}/kernel"
+        for i in range(2)
+        for m in (
+            "attn/k_proj", "attn/o_proj", "attn/q_proj", "attn/v_proj",
+            "mlp/down_proj", "mlp/gate_proj", "mlp/up_proj",
+        )
+    ],
+    "gpt2": [
+        f"block_{i}/{m}/kernel"
+        for i in range(2)
+        for m in ("attn/k", "attn/proj", "attn/q", "attn/v", "mlp/fc", "mlp/proj")
+    ],
+}  # fmt: skip
+
+
+def test_prune_model_selects_the_kernels_of_the_sparsify_filter():
+    """One selection rule: `prune_model` prunes exactly `sparsify.sparse_paths` (the kernels AST training
+    masks), the same layers as before for GPT-2 and LLaMA, and follows a custom filter."""
+    from ast_jax.sparsify import path_str, sparse_paths
+
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    lcfg = LlamaConfig.tiny(n_layers=2, d_model=32, d_ff=32, vocab_size=64)
+    gcfg = GPT2Config(vocab_size=64, max_len=16, n_layer=2, n_head=2, d_model=32)
+    models = {
+        "llama": (llama_blockwise(lcfg), Llama(lcfg).init(jax.random.key(0), tokens)["params"]),
+        "gpt2": (gpt2_blockwise(gcfg), GPT2(gcfg).init(jax.random.key(0), tokens)["params"]),
+    }
+    for name, (bw, params) in models.items():
+        _, masks, _ = prune_model(bw, params, None, OneShotConfig(method="magnitude"))
+        selected = [path_str(p) for p in sparse_paths(masks, lambda p, x: x is not None)]
+        assert selected == SELECTED_BEFORE[name], name
+        assert selected == [path_str(p) for p in sparse_paths(params)], name
+        # a custom filter: the MLP kernels only
+        mlp_only = lambda p, x: "mlp" in p and p[-1] == "kernel" and x.ndim == 2
+        _, masks, _ = prune_model(bw, params, None, OneShotConfig(method="magnitude"), sparse_filter=mlp_only)
+        selected = [path_str(p) for p in sparse_paths(masks, lambda p, x: x is not None)]
+        assert selected == [s for s in SELECTED_BEFORE[name] if "/mlp/" in s], name
