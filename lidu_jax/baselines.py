@@ -1,10 +1,11 @@
-"""Label-free per-user uncertainty estimators to compare LiDu against (our selection, see
-``docs/results-lidu-synthetic.md``).
+"""Label-free per-user uncertainty estimators to compare LiDu against (our selection; formulas in
+``docs/maths-lidu.md``, results in ``docs/results-lidu-synthetic.md``).
 
 Every function returns one value per user, ``(U,)`` float32, with the convention **higher = more uncertain**
 (so a confidence-like quantity is negated). Inputs: ``mean`` / ``std`` ``(U, n_items)`` score moments,
-``samples`` ``(S, U, n_items)`` score draws, ``candidates`` ``(U, n_items)`` bool (False = excluded, e.g.
-training items), ``rankings`` ``(U, K)`` the recommended lists (item ids in ``[0, n_items)``).
+``samples`` ``(S, U, n_items)`` score draws, ``candidates`` ``(U, n_items)`` bool (True = the item may be
+recommended, False = left out, e.g. training items: the convention of every `lidu_jax` module), ``rankings``
+``(U, K)`` the recommended lists (item ids in ``[0, n_items)``).
 
 Concrete inputs are checked (NaN/inf scores or stds, item ids out of range: ``ValueError``), since a bad input
 would otherwise give a plausible number (an out-of-range id is silently clamped by a gather). Under

@@ -17,22 +17,30 @@ from scipy import stats
 
 from lidu_jax import metrics
 
-__all__ = ["evaluate_estimators", "format_table", "plot_binned", "write_json"]
+__all__ = [
+    "PLOTTED",
+    "best_baseline",
+    "evaluate_estimators",
+    "format_table",
+    "plot_binned",
+    "write_json",
+]
+
+# The estimators the studies draw in their binned plots (those present in a run).
+PLOTTED = ("LiDu", "sampled top-K instability", "mean std of top-K", "user activity")
 
 
 def _stats(pred: np.ndarray, perf: np.ndarray) -> tuple[float, float, float]:
-    """(Kendall tau-b, Spearman rho, C-index) of ``pred`` vs ``perf``; C-index derived from tau-b."""
+    """(Kendall tau-b, Spearman rho, C-index) of ``pred`` vs ``perf``; C-index derived from tau-b (one
+    Kendall pass for both; `lidu_jax.metrics.c_index` states the relation)."""
     tau = stats.kendalltau(pred, perf).statistic
     rho = stats.spearmanr(pred, perf).statistic
     tau = 0.0 if np.isnan(tau) else float(tau)
     rho = 0.0 if np.isnan(rho) else float(rho)
     n = pred.size
-    n0 = n * (n - 1) / 2.0
-    n1, n2 = metrics._tied_pairs(pred), metrics._tied_pairs(perf)
-    if n0 - n1 <= 0 or n0 - n2 <= 0:
-        c = 0.5
-    else:
-        c = 0.5 + tau * np.sqrt((n0 - n1) * (n0 - n2)) / (2.0 * (n0 - n2))
+    c = metrics._c_index_from_tau(
+        tau, n * (n - 1) / 2.0, metrics._tied_pairs(pred), metrics._tied_pairs(perf)
+    )
     return tau, rho, float(c)
 
 
@@ -59,9 +67,7 @@ def _bootstrap_stats_vectorised(pred: np.ndarray, perf: np.ndarray, counts: np.n
     n2 = 0.5 * (np.einsum("bi,ij,bj->b", counts, ty, counts, optimize=True) - n_tot)
     denom = np.sqrt(np.maximum(n0 - n1, 0) * np.maximum(n0 - n2, 0))
     tau = np.where(denom > 0, s / np.where(denom > 0, denom, 1), 0.0)
-    c = np.where(
-        (n0 - n1 > 0) & (n0 - n2 > 0), 0.5 + 0.5 * tau * np.sqrt((n0 - n1) / np.maximum(n0 - n2, 1)), 0.5
-    )
+    c = metrics._c_index_from_tau(tau, n0, n1, n2)
 
     def ranks(sgn, ties):
         return counts @ (sgn > 0).T.astype(np.float64) + (counts @ ties.T + 1) / 2
@@ -158,6 +164,18 @@ def evaluate_estimators(
         "level": level,
         "reference": reference,
     }
+
+
+def best_baseline(estimators: Mapping[str, Mapping[str, Any]], reference: str = "LiDu") -> tuple[str, bool]:
+    """``(name, reference_wins)``: the baseline (an estimator whose name does not start with "LiDu") with the
+    highest Kendall tau in ``estimators`` (the ``"estimators"`` of an `evaluate_estimators` result), and
+    whether ``reference`` has a tau >= every baseline's."""
+    base = {n: r for n, r in estimators.items() if not n.startswith("LiDu")}
+    if not base:
+        raise ValueError("estimators has no baseline (every name starts with 'LiDu')")
+    best = max(base, key=lambda n: base[n]["kendall_tau"])
+    tau = estimators[reference]["kendall_tau"]
+    return best, all(tau >= r["kendall_tau"] for r in base.values())
 
 
 def format_table(result: Mapping[str, Any], *, title: str | None = None, sort: bool = True) -> str:

@@ -1,19 +1,28 @@
 """Ranking metrics on full-catalogue rankings and rank-correlation helpers with bootstrap intervals.
 
 Ranking metrics take ``scores (U, n_items)``, a bool ``relevant (U, n_items)`` (held-out items, or the true
-top-N for synthetic data) and an optional bool ``exclude (U, n_items)`` (training items, never recommended).
-They are jittable and return one value per user. A user with no relevant item gets 0 (callers that correlate
-per-user metrics drop such users, see `lidu_jax.evaluation`). A NaN score of a ranked (not excluded) item has
-no place in the ranking: on concrete inputs it raises ``ValueError``, under `jax.jit` that user's metric is
-NaN (never a plausible number).
+top-N for synthetic data) and an optional bool ``candidates (U, n_items)``: True = the item may be
+recommended, False = it is left out of the ranking and of the relevant set (e.g. training items). This is the
+mask convention of every `lidu_jax` module (estimators, baselines, distributions, studies). They are
+jittable and return one value per user. A user with no relevant candidate gets 0 (callers that correlate
+per-user metrics drop such users, see `lidu_jax.evaluation`). A NaN score of a candidate has no place in the
+ranking: on concrete inputs it raises ``ValueError``, under `jax.jit` that user's metric is NaN (never a
+plausible number).
+
+Deprecated: ``exclude=`` (True = left out), the inverse mask these functions took before issue 13, is still
+accepted by keyword with a ``DeprecationWarning`` (``exclude=e`` means ``candidates=~e``).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import stats
+
+from lidu_jax.estimators import top_k_rankings
 
 __all__ = [
     "bootstrap_ci",
@@ -31,65 +40,73 @@ def _is_concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
 
 
-def _check_rank_inputs(scores, relevant, k, exclude):
+def _candidates(candidates, exclude, where: str):
+    """The ``candidates`` mask (True = eligible), or ``~exclude`` for a caller of the deprecated keyword."""
+    if exclude is None:
+        return candidates
+    if candidates is not None:
+        raise ValueError(f"{where}: give candidates (True = eligible), not also the deprecated exclude")
+    warnings.warn(
+        f"{where}: exclude= is deprecated; pass candidates=~exclude (True = the item may be recommended)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return ~jnp.asarray(exclude, bool)
+
+
+def _check_rank_inputs(scores, relevant, k, candidates):
     if scores.ndim != 2:
         raise ValueError(f"scores must be (n_users, n_items), got shape {scores.shape}")
     if relevant.shape != scores.shape:
         raise ValueError(f"relevant must have the shape of scores {scores.shape}, got {relevant.shape}")
-    if exclude is not None and exclude.shape != scores.shape:
-        raise ValueError(f"exclude must have the shape of scores {scores.shape}, got {exclude.shape}")
+    if candidates is not None and candidates.shape != scores.shape:
+        raise ValueError(f"candidates must have the shape of scores {scores.shape}, got {candidates.shape}")
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= scores.shape[1]:
         raise ValueError(f"k must be an int in [1, n_items={scores.shape[1]}], got {k!r}")
-    if _is_concrete(scores, exclude):
+    if _is_concrete(scores, candidates):
         nan = np.isnan(np.asarray(scores, np.float64))
-        if exclude is not None:
-            nan &= ~np.asarray(exclude, bool)
+        if candidates is not None:
+            nan &= np.asarray(candidates, bool)
         if np.any(nan):
             raise ValueError(
                 f"scores contain NaN for {int(nan.any(axis=1).sum())} user(s) (a NaN score has no rank)"
             )
 
 
-def _scores32(scores, exclude):
-    """Float32 scores ranked like the input: a concrete float64 input has each user's top score subtracted
-    in float64 first, so an offset far above the spread (``1e7 + N(0, 1)``) does not merge scores."""
-    if _is_concrete(scores) and np.asarray(scores).dtype == np.float64:
-        s = np.asarray(scores, np.float64)
-        ranked = s if exclude is None else np.where(np.asarray(exclude, bool), -np.inf, s)
-        top = np.max(ranked, axis=1, keepdims=True, initial=-np.inf)
-        with np.errstate(invalid="ignore"):
-            s = s - np.where(np.isfinite(top), top, 0.0)
-        return jnp.asarray(s.astype(np.float32))
-    return jnp.asarray(scores, jnp.float32)
+def top_k_items(
+    scores: jax.Array, k: int, *, candidates: jax.Array | None = None, exclude: jax.Array | None = None
+) -> jax.Array:
+    """``(U, k)`` int32 item ids of the k highest scores per user, among the candidates (True = eligible).
 
-
-def top_k_items(scores: jax.Array, k: int, exclude: jax.Array | None = None) -> jax.Array:
-    """``(U, k)`` int32 item ids of the k highest scores per user, excluded items never chosen.
-
-    Ties are broken by the lower item id (`jax.lax.top_k`).
+    The same ranking as `lidu_jax.estimators.top_k_rankings` (it is that function): ties go to the lower
+    item id, and a float64 input has each user's offset removed in float64 before the float32 top-k, so
+    ``1e7 + N(0, 1)`` scores keep their order. ``exclude`` is the deprecated inverse of ``candidates``.
     """
-    scores = _scores32(scores, exclude)
-    if exclude is not None:
-        scores = jnp.where(jnp.asarray(exclude, bool), -jnp.inf, scores)
-    return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
+    candidates = _candidates(candidates, exclude, "top_k_items")
+    return top_k_rankings(scores, k, candidates)
 
 
-def _hits(scores, relevant, k, exclude):
-    """``(hits (U, k) bool, n_rel (U,), bad (U,) bool)``: bad = the user has a NaN score on a ranked item
+def _hits(scores, relevant, k, candidates):
+    """``(hits (U, k) bool, n_rel (U,), bad (U,) bool)``: bad = the user has a NaN score on a candidate
     (only possible under tracing; concrete inputs raise)."""
     scores = scores if isinstance(scores, jax.Array | np.ndarray) else np.asarray(scores)
-    _check_rank_inputs(scores, relevant, k, exclude)
-    top = top_k_items(scores, k, exclude)
+    _check_rank_inputs(scores, relevant, k, candidates)
+    top = top_k_rankings(scores, k, candidates)
     rel = jnp.asarray(relevant, bool)
     nan = jnp.isnan(jnp.asarray(scores, jnp.float32))
-    if exclude is not None:
-        rel = rel & ~jnp.asarray(exclude, bool)
-        nan = nan & ~jnp.asarray(exclude, bool)
+    if candidates is not None:
+        rel = rel & jnp.asarray(candidates, bool)
+        nan = nan & jnp.asarray(candidates, bool)
     return jnp.take_along_axis(rel, top, axis=1), jnp.sum(rel, axis=1), jnp.any(nan, axis=1)
 
 
 def ndcg_at_k(
-    scores: jax.Array, relevant: jax.Array, k: int, *, exclude: jax.Array | None = None
+    scores: jax.Array,
+    relevant: jax.Array,
+    k: int,
+    *,
+    candidates: jax.Array | None = None,
+    exclude: jax.Array | None = None,
 ) -> jax.Array:
     """Binary-relevance NDCG@k per user.
 
@@ -101,12 +118,14 @@ def ndcg_at_k(
       scores: ``(U, n_items)`` float scores.
       relevant: ``(U, n_items)`` bool ground truth.
       k: list length.
-      exclude: optional ``(U, n_items)`` bool, items removed from the ranking (and from the relevant set).
+      candidates: optional ``(U, n_items)`` bool, True = the item may be ranked; False items are removed from
+        the ranking and from the relevant set (e.g. training items).
+      exclude: deprecated inverse of ``candidates`` (``exclude=e`` is ``candidates=~e``).
 
     Returns:
       ``(U,)`` float32 in [0, 1]; NaN under `jax.jit` for a user with a NaN score (eagerly: ValueError).
     """
-    hits, n_rel, bad = _hits(scores, relevant, k, exclude)
+    hits, n_rel, bad = _hits(scores, relevant, k, _candidates(candidates, exclude, "ndcg_at_k"))
     disc = 1.0 / jnp.log2(jnp.arange(2, k + 2, dtype=jnp.float32))
     dcg = jnp.sum(hits * disc, axis=1)
     idcg = jnp.sum(jnp.where(jnp.arange(k)[None, :] < n_rel[:, None], disc, 0.0), axis=1)
@@ -114,20 +133,30 @@ def ndcg_at_k(
 
 
 def recall_at_k(
-    scores: jax.Array, relevant: jax.Array, k: int, *, exclude: jax.Array | None = None
+    scores: jax.Array,
+    relevant: jax.Array,
+    k: int,
+    *,
+    candidates: jax.Array | None = None,
+    exclude: jax.Array | None = None,
 ) -> jax.Array:
     """Recall@k per user: ``|top-k ∩ relevant| / |relevant|`` (0 when no relevant candidate). ``(U,)``;
     NaN scores as in `ndcg_at_k`."""
-    hits, n_rel, bad = _hits(scores, relevant, k, exclude)
+    hits, n_rel, bad = _hits(scores, relevant, k, _candidates(candidates, exclude, "recall_at_k"))
     return jnp.where(bad, jnp.nan, jnp.where(n_rel > 0, jnp.sum(hits, axis=1) / jnp.maximum(n_rel, 1), 0.0))
 
 
 def hit_at_k(
-    scores: jax.Array, relevant: jax.Array, k: int, *, exclude: jax.Array | None = None
+    scores: jax.Array,
+    relevant: jax.Array,
+    k: int,
+    *,
+    candidates: jax.Array | None = None,
+    exclude: jax.Array | None = None,
 ) -> jax.Array:
     """Hit@k per user: 1 if any relevant item is in the top-k, else 0. ``(U,)`` float32; NaN scores as in
     `ndcg_at_k`."""
-    hits, _, bad = _hits(scores, relevant, k, exclude)
+    hits, _, bad = _hits(scores, relevant, k, _candidates(candidates, exclude, "hit_at_k"))
     return jnp.where(bad, jnp.nan, jnp.any(hits, axis=1).astype(jnp.float32))
 
 
@@ -162,24 +191,32 @@ def _tied_pairs(v: np.ndarray) -> float:
     return float(np.sum(counts * (counts - 1) / 2.0))
 
 
+def _c_index_from_tau(tau, n0, n1, n2):
+    """Harrell's C from Kendall's tau-b and the pair counts, elementwise (NumPy broadcasting).
+
+    ``n0`` pairs in all, ``n1`` tied in pred, ``n2`` tied in target: the comparable pairs are ``n0 - n2``,
+    and ``tau_b * sqrt((n0 - n1)(n0 - n2))`` is (concordant - discordant), so
+    ``C = (concordant + 0.5 * pred-tied) / comparable``
+    ``  = 1/2 + tau_b * sqrt((n0 - n1)(n0 - n2)) / (2 (n0 - n2))``;
+    0.5 where no pair is comparable or pred is constant.
+    """
+    tau, n0, n1, n2 = (np.asarray(a, np.float64) for a in (tau, n0, n1, n2))
+    ok = (n0 - n1 > 0) & (n0 - n2 > 0)
+    safe = np.where(ok, n0 - n2, 1.0)
+    return np.where(ok, 0.5 + 0.5 * tau * np.sqrt(np.maximum(n0 - n1, 0) / safe), 0.5)
+
+
 def c_index(pred: np.ndarray, target: np.ndarray) -> float:
     """Harrell's concordance index of ``pred`` for ``target``.
 
-    Over pairs with ``target_i != target_j``: ``C = (concordant + 0.5 * pred-tied) / comparable``. Computed
-    in O(U log U) from Kendall's tau-b: with ``n0 = U(U-1)/2`` pairs, ``n1`` pairs tied in pred and ``n2``
-    tied in target, ``C = 1/2 + tau_b * sqrt((n0 - n1)(n0 - n2)) / (2 (n0 - n2))``.
-    Returns 0.5 when no pair is comparable.
+    Over pairs with ``target_i != target_j``: ``C = (concordant + 0.5 * pred-tied) / comparable``, computed
+    in O(U log U) from Kendall's tau-b (`_c_index_from_tau`). Returns 0.5 when no pair is comparable.
     """
     pred, target = _check_pair(pred, target)
     n = pred.size
-    n0 = n * (n - 1) / 2.0
-    n1, n2 = _tied_pairs(pred), _tied_pairs(target)
-    if n0 - n2 <= 0 or n0 - n1 <= 0:
-        return 0.5
     tau = stats.kendalltau(pred, target).statistic
-    if np.isnan(tau):
-        return 0.5
-    return float(0.5 + tau * np.sqrt((n0 - n1) * (n0 - n2)) / (2.0 * (n0 - n2)))
+    tau = 0.0 if np.isnan(tau) else tau
+    return float(_c_index_from_tau(tau, n * (n - 1) / 2.0, _tied_pairs(pred), _tied_pairs(target)))
 
 
 def bootstrap_ci(

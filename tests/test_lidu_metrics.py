@@ -11,11 +11,11 @@ from scipy import stats
 from lidu_jax import evaluation, metrics
 
 
-def ref_ranking_metrics(scores, relevant, exclude, k):
+def ref_ranking_metrics(scores, relevant, candidates, k):
     nd, rc, ht = [], [], []
-    for s, r, e in zip(scores, relevant, exclude, strict=True):
-        order = [i for i in np.argsort(-s, kind="stable") if not e[i]][:k]
-        rel = r & ~e
+    for s, r, c in zip(scores, relevant, candidates, strict=True):
+        order = [i for i in np.argsort(-s, kind="stable") if c[i]][:k]
+        rel = r & c
         gains = [1.0 / np.log2(p + 2) for p, i in enumerate(order) if rel[i]]
         ideal = sum(1.0 / np.log2(p + 2) for p in range(min(k, rel.sum())))
         nd.append(sum(gains) / ideal if ideal else 0.0)
@@ -28,16 +28,16 @@ def test_ranking_metrics_match_reference():
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(20, 30)).astype(np.float32)
     relevant = rng.random((20, 30)) < 0.15
-    exclude = rng.random((20, 30)) < 0.2
+    cand = rng.random((20, 30)) >= 0.2
     relevant[0] = False  # a user without relevant items gets 0
-    nd, rc, ht = ref_ranking_metrics(scores, relevant, exclude, 5)
+    nd, rc, ht = ref_ranking_metrics(scores, relevant, cand, 5)
     np.testing.assert_allclose(
-        metrics.ndcg_at_k(scores, relevant, 5, exclude=exclude), nd, rtol=1e-5, atol=1e-7
+        metrics.ndcg_at_k(scores, relevant, 5, candidates=cand), nd, rtol=1e-5, atol=1e-7
     )
     np.testing.assert_allclose(
-        metrics.recall_at_k(scores, relevant, 5, exclude=exclude), rc, rtol=1e-5, atol=1e-7
+        metrics.recall_at_k(scores, relevant, 5, candidates=cand), rc, rtol=1e-5, atol=1e-7
     )
-    np.testing.assert_array_equal(metrics.hit_at_k(scores, relevant, 5, exclude=exclude), ht)  # 0 or 1
+    np.testing.assert_array_equal(metrics.hit_at_k(scores, relevant, 5, candidates=cand), ht)  # 0 or 1
     # A perfect ranking has NDCG 1.
     perfect = metrics.ndcg_at_k(relevant.astype(np.float32), relevant, 5)
     assert np.allclose(np.asarray(perfect)[relevant.any(1)], 1.0)
@@ -112,7 +112,7 @@ def test_evaluate_format_json_plot(tmp_path):
 def test_a_nan_score_raises_and_is_nan_under_jit():
     """A NaN score has no rank: at HEAD it silently turned a perfect NDCG of 1.0 into 0.631 (the NaN item
     fell out of the top-k). Eagerly a ValueError; under `jax.jit` NaN for that user only; a NaN on an
-    excluded item is ignored like every other score of an excluded item."""
+    non-candidate (training) item is ignored like every other score of a non-candidate."""
     import jax
 
     scores = np.array([[3.0, 2.0, 1.0, 0.0], [3.0, 2.0, 1.0, 0.0]], np.float32)
@@ -125,9 +125,9 @@ def test_a_nan_score_raises_and_is_nan_under_jit():
             fn(bad, relevant, 2)
         jitted = np.asarray(jax.jit(fn, static_argnums=2)(bad, relevant, 2))
         assert np.isnan(jitted[1]) and jitted[0] == 1.0, (fn.__name__, jitted)
-    exclude = np.zeros_like(relevant)
-    exclude[1, 1] = True
-    got = metrics.ndcg_at_k(bad, relevant, 1, exclude=exclude)
+    cand = np.ones_like(relevant)
+    cand[1, 1] = False
+    got = metrics.ndcg_at_k(bad, relevant, 1, candidates=cand)
     np.testing.assert_allclose(got, [1.0, 1.0], rtol=0, atol=1e-6)
 
 
@@ -141,3 +141,29 @@ def test_float64_scores_far_from_zero_keep_their_order():
     got = metrics.ndcg_at_k(scores + 1e7, relevant, 4)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(metrics.top_k_items(scores + 1e7, 4), metrics.top_k_items(scores, 4))
+
+
+def test_candidates_is_the_mask_and_exclude_a_deprecated_inverse():
+    """One mask convention across lidu_jax: ``candidates`` True = may be recommended (as in the estimators
+    and baselines). The metrics' old ``exclude`` (True = left out) still works by keyword, warns, and means
+    ``candidates=~exclude``; giving both is an error. The ranking is the estimators' own top-K."""
+    from lidu_jax.estimators import top_k_rankings
+
+    rng = np.random.default_rng(4)
+    scores = rng.normal(size=(6, 10)).astype(np.float32)
+    relevant = rng.random((6, 10)) < 0.3
+    cand = rng.random((6, 10)) >= 0.3
+    for fn in (metrics.ndcg_at_k, metrics.recall_at_k, metrics.hit_at_k):
+        want = np.asarray(fn(scores, relevant, 3, candidates=cand))
+        with pytest.warns(DeprecationWarning, match="candidates=~exclude"):
+            got = np.asarray(fn(scores, relevant, 3, exclude=~cand))
+        np.testing.assert_array_equal(got, want)
+        with pytest.raises(ValueError, match="not also the deprecated exclude"):
+            fn(scores, relevant, 3, candidates=cand, exclude=~cand)
+    top = np.asarray(metrics.top_k_items(scores, 3, candidates=cand))
+    np.testing.assert_array_equal(top, np.asarray(top_k_rankings(scores, 3, cand)))
+    assert cand[np.arange(6)[:, None], top].all()  # only candidates are ranked
+    with pytest.warns(DeprecationWarning):
+        np.testing.assert_array_equal(metrics.top_k_items(scores, 3, exclude=~cand), top)
+    with pytest.raises(TypeError):  # the mask is keyword-only: a positional old-style exclude cannot slip in
+        metrics.top_k_items(scores, 3, ~cand)
