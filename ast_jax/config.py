@@ -1,18 +1,20 @@
 """One configuration for every AST run: nested frozen dataclasses with one default per setting.
 
-An entry point's config has the same sections, each a frozen dataclass validated when it is built::
+Every entry point's config is built from the same sections, each a frozen dataclass validated when it is
+built::
 
-    cfg.model       the student/teacher architecture      (ModelConfig: the byte-level GPT-2)
-    cfg.data        the training batches and the corpus   (DataConfig: the built-in corpus or --text)
-    cfg.sparsity    N:M, Annealing SR-STE, SLoRB           (SparsityConfig)
-    cfg.loss        distillation weights                  (DistillConfig)
-    cfg.optimizer   AdamW and its learning-rate schedule  (OptimizerConfig)
-    cfg.teacher     dense teacher training                (TeacherConfig; main job and ``ast_jax.train``)
-    cfg.run         budget, seed, logging                 (RunConfig)
+    cfg.model       the architecture                       (ModelConfig: the byte-level GPT-2)
+    cfg.data        the training batches                   (DataConfig; TextDataConfig adds the corpus)
+    cfg.sparsity    N:M, Annealing SR-STE, SLoRB            (SparsityConfig)
+    cfg.loss        distillation weights                   (DistillConfig)
+    cfg.optimizer   AdamW and its learning-rate schedule   (OptimizerConfig)
+    cfg.teacher     dense teacher training                 (TeacherConfig)
+    cfg.run         budget, seed, reporting                (RunConfig)
 
-plus the sections only one entry point has (``ast_jax.train``: mesh, checkpoints, export; the SmolLM2
-experiments: one-shot pruning, the variants to run). An entry point may extend a section with fields of its
-own (a subclass); a setting that two entry points share is the same field with the same default.
+An entry point extends a section with fields of its own (a subclass: the main job's teacher stopping rule,
+the SmolLM2 data) and adds sections only it has (``ast_jax.train``: mesh, checkpoints, export; the SmolLM2
+experiments: their GGUF model, one-shot pruning); those experiments start from a pretrained teacher, so they
+have no teacher section. A setting that two entry points share is the same field with the same default.
 
 Command lines stay flat: every leaf field is one flag of the same name (``cfg.optimizer.lr`` is ``--lr``); the
 teacher's fields carry the prefix ``teacher_`` (``cfg.teacher.lr`` is ``--teacher-lr``). :class:`Config`
@@ -46,6 +48,7 @@ __all__ = [
     "Section",
     "SparsityConfig",
     "TeacherConfig",
+    "TextDataConfig",
     "check_gpt_widths",
     "check_output",
     "option",

@@ -17,8 +17,9 @@ Variants (``--variants``, comma-separated; groups ``oneshot``, ``retrain``, ``ab
 * retraining at one fixed budget (``steps`` × ``batch_size`` × ``seq_len`` tokens, same batches for all),
   teacher = the dense model: ``fixed_ce`` (one-shot mask, CE only), ``fixed_kl`` (+ KL distillation),
   ``static_srste`` (constant λ), ``ast_naive`` (annealing SR-STE, mask refresh, KL), ``ast_boosted``
-  (+ SLoRB k=16), ``gmp`` (gradual magnitude pruning: per-group keep count from m down to n on a cubic
-  schedule over ``gmp_ramp`` of the steps, pruned weights zeroed, with the same KL loss).
+  (+ SLoRB k=16), ``gmp`` (gradual magnitude pruning, ``sparse_adamw(variant="gmp")``: per-group keep count
+  from m down to n on a cubic schedule over ``gmp_ramp`` of the steps, pruned weights frozen and masked, with
+  the same KL loss).
 * distillation ablation (annealing SR-STE as in ``ast_naive``, which is the forward-KL entry):
   ``ast_reverse_kl``, ``ast_ce`` (no distillation), ``ast_hidden_mse`` (forward KL + normalised hidden-state
   MSE of every layer).
@@ -59,7 +60,7 @@ from ast_jax.config import (
     option,
 )
 from ast_jax.distill import LossConfig
-from ast_jax.loop import retrain, retrain_gmp
+from ast_jax.loop import retrain
 from ast_jax.models.llama import Llama
 from ast_jax.oneshot import OneShotConfig, llama_blockwise, prune_model
 from ast_jax.paper import (
@@ -403,11 +404,12 @@ def _retrain(name, cfg: ExperimentConfig, model, teacher, oneshot, train_batch, 
         progress=run.progress,
     )
     if name in ("gmp", *CONTROL):
-        # The dense controls are GMP with n = m: every group keeps all m entries at every step.
-        n_keep = sp.m if name in CONTROL else sp.n
-        out = retrain_gmp(
-            model, teacher, teacher_fwd, train_batch, ramp_frac=sp.gmp_ramp, n_keep=n_keep, **common
-        )
+        # GMP: the masks start dense and fall to n:m over whole refresh intervals of gmp_ramp·steps; the dense
+        # controls fine-tune without masks. Both from the teacher's weights.
+        ramp = max(sp.mask_every, round(sp.gmp_ramp * run.steps) // sp.mask_every * sp.mask_every)
+        common["sparsity"] = dataclasses.replace(sp, ramp_steps=ramp)
+        variant = "gmp" if name == "gmp" else "dense"
+        out = retrain(model, teacher, teacher_fwd, train_batch, variant=variant, seed=run.seed, **common)
     else:
         mask_init = cfg.oneshot.mask_init
         if mask_init == "magnitude":

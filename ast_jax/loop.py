@@ -1,5 +1,5 @@
 """The AST training loop: schedule and optimizer from the config, one loop around a jitted step, and the runs
-built on it (the dense teacher, sparse retraining and its report, gradual magnitude pruning).
+built on it (the dense teacher; retraining, sparse, gradual magnitude pruning or dense, and its report).
 
 Every AST entry point trains through :func:`fit`::
 
@@ -8,10 +8,10 @@ Every AST entry point trains through :func:`fit`::
 with the metrics read back to the host in blocks (every ``report_every`` steps, at ``report_at`` steps, at
 the end), so the host never stalls the device queue between reports. A report hook checks, logs, saves or
 stops the run; a stop hook (signals) ends it early. The step is :func:`ast_jax.step.make_train_step` (pure,
-jitted here or, with shardings, by :mod:`ast_jax.train`), or the GMP step below.
+jitted here or, with shardings, by :mod:`ast_jax.programs`).
 
 The optimizers come from one place: :func:`build_optimizer` (sparse: :func:`ast_jax.optim.sparse_adamw`) and
-:func:`build_dense_optimizer` (the teacher, GMP and the dense controls), both on :func:`build_schedule`.
+:func:`build_dense_optimizer` (the teacher and the dense controls), both on :func:`build_schedule`.
 """
 
 from __future__ import annotations
@@ -25,31 +25,26 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
 from ast_jax.config import OptimizerConfig, SparsityConfig, TeacherConfig
-from ast_jax.distill import LossConfig, distill_loss
-from ast_jax.masks import nm_mask, tree_flip_count, tree_size
+from ast_jax.distill import LossConfig
+from ast_jax.masks import tree_size
 from ast_jax.optim import get_masks, get_sparse_state, sparse_adamw
-from ast_jax.slorb import slorb_init_tree
-from ast_jax.sparsify import apply_masks, compute_masks, count_params, is_strict_nm, masked_params
+from ast_jax.slorb import slorb_init_tree, trainable_masks
+from ast_jax.sparsify import compute_masks, count_params, is_strict_nm
 from ast_jax.step import TrainingDivergedError, final_params, init_train_state, make_train_step
 
 __all__ = [
     "Fit",
-    "GMPState",
     "LossWatch",
     "Retrained",
     "build_dense_optimizer",
     "build_optimizer",
     "build_schedule",
     "fit",
-    "gmp_keep",
-    "make_gmp_step",
     "retrain",
-    "retrain_gmp",
     "train_teacher",
 ]
 
@@ -108,7 +103,10 @@ def build_dense_optimizer(
     opt: OptimizerConfig, steps: int, *, lr: float | None = None, min_lr_ratio: float | None = None
 ) -> optax.GradientTransformation:
     """Plain AdamW (``b2``, decoupled weight decay of the matrices) on :func:`build_schedule`: the dense
-    teacher (with its own ``lr``/``min_lr_ratio``), GMP and the dense controls."""
+    teacher (with its own ``lr``/``min_lr_ratio``) and the dense controls.
+
+    ``optax.adamw`` with a mask, not :func:`ast_jax.optim.dense_adamw` (the same update up to rounding
+    order), so the measured main job's teacher is reproduced bit for bit."""
     schedule = build_schedule(opt, steps, lr=lr, min_lr_ratio=min_lr_ratio)
     return optax.adamw(schedule, b2=opt.b2, weight_decay=opt.weight_decay, mask=_matrices)
 
@@ -154,8 +152,8 @@ class Fit(NamedTuple):
       state: the state after the last step run.
       done: the number of the last step run (``start`` when none ran).
       stopped: a report hook or the stop hook ended the loop before ``stop``.
-      history: per step run, ``step``, ``loss``, ``flip_rate`` (flip rate of the last refresh, or GMP's
-        flips) and ``decay`` (λ, or GMP's kept entries per group).
+      history: per step run, ``step``, ``loss``, ``flip_rate`` (flip rate of the last refresh) and ``decay``
+        (λ, or under gradual pruning the entries kept per group).
       seconds: wall time of the loop (the first step's compilation included).
       timed_steps, timed_seconds: the steps after the first and their wall time (for throughput).
     """
@@ -178,8 +176,8 @@ def _record(history: dict[str, list[float]], rows: list[tuple[int, dict[str, Any
     for step, mt in rows:
         history["step"].append(step)
         history["loss"].append(float(mt["loss"]))
-        history["flip_rate"].append(float(mt.get("flip_rate_prev", mt.get("flips", 0.0))))
-        history["decay"].append(float(mt.get("decay", mt.get("keep", 0.0))))
+        history["flip_rate"].append(float(mt.get("flip_rate_prev", 0.0)))
+        history["decay"].append(float(mt.get("keep", mt.get("decay", 0.0))))
 
 
 def fit(
@@ -261,12 +259,6 @@ def _jit(compiler_options: dict[str, Any] | None) -> Callable[..., Any]:
     return functools.partial(jax.jit, compiler_options=compiler_options)
 
 
-def _fresh(tree: Any) -> Any:
-    # The state is donated to the jitted step: it must own one buffer per leaf (callers keep their arrays,
-    # and an optimizer state may share buffers at init, e.g. masks and initial masks).
-    return jax.tree.map(jnp.copy, tree)
-
-
 def train_teacher(
     model: Any,
     params: Any,
@@ -289,7 +281,7 @@ def train_teacher(
     Returns ``(params, history)`` with ``loss`` per step, ``eval_step``/``eval_loss``, ``steps``, ``seconds``.
     """
     tx = build_teacher_optimizer(optimizer, teacher)
-    state = _fresh(init_train_state(params, tx, seed=seed))
+    state = init_train_state(params, tx, seed=seed)  # owns its buffers: donated below
     step = _jit(compiler_options)(make_train_step(model, None, tx, CE_ONLY), donate_argnums=0)
     evals: dict[str, list] = {"eval_step": [], "eval_loss": []}
     flat = 0
@@ -369,11 +361,14 @@ def retrain(
     progress: bool = False,
     compiler_options: dict[str, Any] | None = None,
 ) -> Retrained:
-    """Sparse retraining of ``params`` for ``steps`` steps with :func:`build_optimizer` (``variant``) and
-    ``loss`` against the frozen ``teacher`` params (passed to every step), optionally with SLoRB.
+    """Retraining of ``params`` for ``steps`` steps with ``loss`` against the frozen ``teacher`` params
+    (passed to every step), optionally with SLoRB.
 
-    ``initial_masks`` (model structure, ``None`` at dense leaves; default: magnitude masks of ``params``)
-    start the optimizer and SLoRB. A non-finite loss raises :class:`TrainingDivergedError`.
+    ``variant``: one of :data:`ast_jax.optim.VARIANTS` (:func:`build_optimizer`; ``"gmp"`` prunes from m:m
+    to n:m over ``sparsity.ramp_steps`` updates), or ``"dense"`` (:func:`build_dense_optimizer`, no masks:
+    the dense controls). ``initial_masks`` (model structure, ``None`` at dense leaves; default: magnitude
+    masks of ``params``) start the optimizer and SLoRB. A non-finite loss raises
+    :class:`TrainingDivergedError`. GMP and dense runs report no flip rate (NaN).
     """
     n, m = sparsity.n, sparsity.m
     jit = _jit(compiler_options)
@@ -385,13 +380,12 @@ def retrain(
             return slorb_init_tree({"model": p}, {"model": mk}, sparsity.slorb_k, "mean")["model"]
 
         slorb_params = jit(init_slorb)(params, initial_masks)
-    masks0 = None
-    if initial_masks is not None:
-        masks0 = {"model": initial_masks}
-        if slorb_params:
-            masks0["slorb"] = jax.tree.map(lambda x: None, slorb_params)
-    tx = build_optimizer(optimizer, sparsity, steps, variant=variant, initial_masks=masks0)
-    state = _fresh(init_train_state(params, tx, slorb_params=slorb_params, seed=seed))
+    masks0 = None if initial_masks is None else trainable_masks(initial_masks, slorb_params)
+    if variant == "dense":
+        tx = build_dense_optimizer(optimizer, steps)
+    else:
+        tx = build_optimizer(optimizer, sparsity, steps, variant=variant, initial_masks=masks0)
+    state = init_train_state(params, tx, slorb_params=slorb_params, seed=seed)  # owns its buffers
     step = jit(make_train_step(model, None, tx, loss), donate_argnums=0)
     out = fit(
         step,
@@ -405,121 +399,12 @@ def retrain(
         progress=progress,
     )
     model_params, slorb_out = jit(final_params)(out.state)
-    masks = get_masks(out.state.opt_state)["model"]
-    sst = get_sparse_state(out.state.opt_state)
-    size = max(tree_size(masks), 1)
-    flips = (float(sst.flips_prev) / size if variant != "fixed" else 0.0, float(sst.flips_init) / size)
-    return Retrained(
-        model_params, slorb_out, masks, _report(model_params, slorb_out, masks, n, m, flips, out)
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Gradual magnitude pruning (its own small step: masks shrink from m:m to n:m, pruned weights are zeroed)
-
-
-class GMPState(NamedTuple):
-    params: Any  # {"model": params}
-    opt_state: Any
-    masks: Any  # {"model": masks}
-    step: jax.Array
-
-
-def gmp_keep(step: jax.Array, n: int, m: int, ramp_steps: int) -> jax.Array:
-    """Kept entries per group at ``step``: ``m − round((m − n)·(1 − (1 − min(step/ramp, 1))³))`` (cubic)."""
-    frac = jnp.clip(step / max(ramp_steps, 1), 0.0, 1.0)
-    pruned = jnp.round((m - n) * (1.0 - (1.0 - frac) ** 3)).astype(jnp.int32)
-    return m - pruned
-
-
-def _gmp_masks(params: Any, masks: Any, keep: jax.Array, n: int, m: int) -> Any:
-    def one(w: jax.Array, mk: Any) -> Any:
-        if mk is None:
-            return None
-        out = jnp.ones(w.shape, bool)  # keep == m: dense
-        for k in range(n, m):  # m - n candidate masks (1 or 2 for 2:4 / 1:4), selected by the traced keep
-            out = jnp.where(keep == k, nm_mask(w, k, m, axis=0), out)
-        return out
-
-    return jax.tree_util.tree_map(one, params, masks, is_leaf=lambda x: x is None)
-
-
-def make_gmp_step(
-    model: Any,
-    tx: optax.GradientTransformation,
-    loss_cfg: LossConfig,
-    n: int,
-    m: int,
-    ramp_steps: int,
-    every: int,
-) -> Callable[..., tuple[GMPState, dict[str, jax.Array]]]:
-    """GMP step: refresh magnitude masks with :func:`gmp_keep` kept per group every ``every`` steps, train
-    the masked model (gradient zero at pruned weights) and zero the pruned weights after the update."""
-
-    def step(state: GMPState, batch: dict[str, jax.Array], teacher_params: Any) -> tuple[GMPState, dict]:
-        t = state.step + 1
-        keep = gmp_keep(t, n, m, ramp_steps)
-        masks = jax.lax.cond(
-            (t % every == 0) | (t == 1),
-            lambda: _gmp_masks(state.params, state.masks, keep, n, m),
-            lambda: state.masks,
-        )
-        inputs, targets = batch["inputs"], batch["targets"]
-        t_logits = jax.lax.stop_gradient(model.apply({"params": teacher_params}, inputs))
-
-        def loss_fn(trainable: Any) -> tuple[jax.Array, dict]:
-            fwd = masked_params(trainable, masks, straight_through_grad=False)
-            logits = model.apply({"params": fwd["model"]}, inputs)
-            return distill_loss(logits, targets, loss_cfg, t_logits)
-
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = apply_masks(optax.apply_updates(state.params, updates), masks)
-        metrics = {"loss": loss, "keep": keep, "flips": tree_flip_count(state.masks, masks), **parts}
-        return GMPState(params, opt_state, masks, t), metrics
-
-    return step
-
-
-def retrain_gmp(
-    model: Any,
-    teacher: Any,
-    teacher_fwd: Any,
-    batch_at: Callable[[int], Batch],
-    *,
-    optimizer: OptimizerConfig,
-    sparsity: SparsityConfig,
-    steps: int,
-    ramp_frac: float,
-    loss: LossConfig,
-    n_keep: int | None = None,
-    name: str = "gmp",
-    log_every: int = 10,
-    progress: bool = False,
-) -> Retrained:
-    """GMP from the dense ``teacher`` params with :func:`build_dense_optimizer`: the kept entries per group go
-    from m down to ``n_keep`` (default: the config's n) on :func:`gmp_keep` over ``ramp_frac`` of the steps
-    (whole refresh intervals); ``n_keep = m`` never prunes (a dense fine-tune on the same loop).
-    ``teacher_fwd`` is the teacher in the forward pass's dtype."""
-    n, m, every = sparsity.n, sparsity.m, sparsity.mask_every
-    tx = build_dense_optimizer(optimizer, steps)
-    params = {"model": teacher}
-    masks0 = jax.tree_util.tree_map(jnp.ones_like, {"model": compute_masks(teacher, n, m)})  # dense start
-    ramp = max(every, round(ramp_frac * steps) // every * every)
-    state = _fresh(GMPState(params, tx.init(params), masks0, jnp.zeros((), jnp.int32)))
-    keep = n if n_keep is None else n_keep
-    step = jax.jit(make_gmp_step(model, tx, loss, keep, m, ramp, every), donate_argnums=0)
-    out = fit(
-        step,
-        state,
-        batch_at,
-        stop=steps,
-        report_every=log_every,
-        on_report=stop_if_nonfinite(name),
-        step_args=(teacher_fwd,),
-        desc=name,
-        progress=progress,
-    )
-    masks = out.state.masks["model"]
-    params = apply_masks(out.state.params, out.state.masks)["model"]
-    return Retrained(params, None, masks, _report(params, None, masks, n, m, (math.nan, math.nan), out))
+    masks = get_masks(out.state.opt_state)
+    masks = None if masks is None else masks["model"]
+    flips = (math.nan, math.nan)  # a pruning schedule's or a dense run's "flips" are no AST flip rate
+    if variant not in ("dense", "gmp"):
+        sst = get_sparse_state(out.state.opt_state)
+        size = max(tree_size(masks), 1)
+        flips = (float(sst.flips_prev) / size if variant != "fixed" else 0.0, float(sst.flips_init) / size)
+    report = _report(model_params, slorb_out, masks, n, m, flips, out)
+    return Retrained(model_params, slorb_out, masks, report)

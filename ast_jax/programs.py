@@ -1,5 +1,6 @@
 """The sharded side of an ``ast_jax.train`` run: its jitted programs, the pytree its checkpoints hold, and
-the multi-process helpers (global batches, host copies, process-0 output).
+the multi-process helpers (global batches, process-0 output; host copies and collectives are
+:func:`ast_jax.sharding.to_host` / :func:`ast_jax.sharding.any_process`).
 
 Every program is jitted with ``NamedSharding`` in/out shardings from :func:`ast_jax.sharding.param_shardings`
 (FSDP over ``fsdp``, data parallel over ``data``); the student step is :func:`ast_jax.step.make_train_step`
@@ -223,24 +224,6 @@ def global_batch(tokens: np.ndarray, position: int, cfg: TrainConfig, seed_offse
     d = cfg.data
     b = batch_at(tokens, position, d.batch_size, d.seq_len, seed=cfg.run.seed + seed_offset)
     return {k: shd.host_to_global(v, sharding) for k, v in b.items()}
-
-
-def to_host(tree: Any) -> Any:
-    """Full host copies of (possibly multi-host sharded) arrays, on every process."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def any_process(flag: bool) -> bool:
-    """``flag`` of any process (a collective in a multi-process run)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
 def say(msg: str) -> None:

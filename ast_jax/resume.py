@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ast_jax.checkpoint import CheckpointMismatchError, CheckpointStore
-from ast_jax.programs import any_process, checkpoint_target, say
+from ast_jax.programs import checkpoint_target, say
+from ast_jax.sharding import any_process
 from ast_jax.step import TrainingDivergedError
 
 if TYPE_CHECKING:
@@ -57,6 +58,9 @@ TEACHER_SETTINGS = (
     *SHAPE_SETTINGS[:5], "remat", "batch_size", "seed", "text", "max_bytes", "teacher_lr",
     "teacher_min_lr_ratio", "warmup_steps", "schedule_tail", "weight_decay", "b2",
 )  # fmt: skip
+
+
+_UNRECORDED = object()
 
 
 class SettingsMismatchError(CheckpointMismatchError):
@@ -115,7 +119,10 @@ def settings_check(
                     "disk. Use a fresh --checkpoint-dir"
                 )
             return
-        diffs = {k: (saved.get(k), now[k]) for k in fields if saved.get(k) != now[k]}
+        # A setting the checkpoint does not record (written before the setting existed) differs too.
+        diffs = {
+            k: (saved.get(k, _UNRECORDED), now[k]) for k in fields if saved.get(k, _UNRECORDED) != now[k]
+        }
         refused = {k: v for k, v in diffs.items() if k not in allowed}
         if refused:
             items = []
@@ -125,13 +132,19 @@ def settings_check(
                     why = ", changes array shapes"
                 elif k in OPTIMIZER_SETTINGS:
                     why = ", may change with --allow-optimizer-change"
-                items.append(f"--{k.replace('_', '-')} {old!r} (now {new!r}{why})")
+                was = "not recorded" if old is _UNRECORDED else repr(old)
+                items.append(f"--{k.replace('_', '-')} {was} (now {new!r}{why})")
             raise SettingsMismatchError(
                 f"{where} was written with other settings: {'; '.join(items)}. Nothing was changed on disk; "
                 "resume with the saved values, or use a fresh --checkpoint-dir"
             )
         changes.clear()  # an older step may be checked after a newer one failed to restore
-        changes.update({k: {"checkpoint": old, "now": new} for k, (old, new) in diffs.items()})
+        changes.update(
+            {
+                k: {"checkpoint": None if old is _UNRECORDED else old, "now": new}
+                for k, (old, new) in diffs.items()
+            }
+        )
 
     return check
 

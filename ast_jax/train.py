@@ -84,7 +84,6 @@ from ast_jax.programs import (
     programs,
     say,
     state_from_checkpoint_tree,
-    to_host,
 )
 from ast_jax.resume import (
     OPTIMIZER_SETTINGS,
@@ -448,14 +447,14 @@ def _run(cfg: TrainConfig, mesh, signals: SignalCatcher, teacher_store, store) -
 def _finish(cfg: TrainConfig, model, data, teacher, state, summary) -> None:
     """End-of-run reports: strict N:M check, held-out perplexity, compressed export."""
     n, m, d = cfg.sparsity.n, cfg.sparsity.m, cfg.data
-    hard = to_host(apply_masks(state.params, get_masks(state.opt_state)))
+    hard = shd.to_host(apply_masks(state.params, get_masks(state.opt_state)))
     model_params, slorb = hard["model"], hard.get("slorb")
     summary["strict_nm"] = is_strict_nm(model_params, n, m)
     windows = min(d.eval_windows, (len(data.heldout) - 1) // d.seq_len)
     if windows >= 1:
         batches = list(eval_batches(data.heldout, d.seq_len, d.batch_size, windows))
         summary["perplexity"] = {
-            "teacher": evaluate_perplexity(model, to_host(teacher), batches),
+            "teacher": evaluate_perplexity(model, shd.to_host(teacher), batches),
             "student": evaluate_perplexity(model, model_params, batches, slorb_params=slorb),
         }
         say(

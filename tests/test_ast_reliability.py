@@ -117,6 +117,18 @@ def test_item1_other_settings_are_named_and_the_store_refuses_other_shapes(run_d
     assert _snapshot(tmp_path / "s") == before
 
 
+def test_item1_a_setting_the_checkpoint_does_not_record_is_named(run_dir, ref_args):
+    """A checkpoint written before a setting existed does not record it: refused, the flag named."""
+    store = CheckpointStore(run_dir)
+    state, meta = store.restore(STEPS)
+    del meta["config"]["b2"]
+    shutil.rmtree(run_dir / str(STEPS))
+    CheckpointStore(run_dir).save(STEPS, state, meta)
+    want = "--b2 not recorded (now 0.99, may change with --allow-optimizer-change)"
+    with pytest.raises(ValueError, match=re.escape(want)):
+        _run_here([*ref_args, "--checkpoint-dir", str(run_dir)])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Item 2: a directory of damaged checkpoints stops the run (non-zero, listing why) unless --restart
 
@@ -187,6 +199,21 @@ def test_item3_exploding_update_is_never_saved_and_the_advice_works(ref_args, tm
     assert CheckpointStore(ckdir).read_meta(STEPS)["optimizer_changes"] == [change]
 
 
+def _first_moment(opt_state):
+    """The Adam first moments (``mu``) wherever the optimizer keeps them in its (restored) state."""
+    if isinstance(opt_state, dict):
+        if "mu" in opt_state:
+            return opt_state["mu"]
+        children = opt_state.values()
+    else:
+        children = opt_state if isinstance(opt_state, list | tuple) else ()
+    for child in children:
+        found = _first_moment(child)
+        if found is not None:
+            return found
+    return None
+
+
 def test_item3_nan_optimizer_state_is_never_saved(run_dir, ref_args):
     good = STEPS - SAVE_EVERY
     shutil.rmtree(run_dir / str(STEPS))
@@ -195,7 +222,7 @@ def test_item3_nan_optimizer_state_is_never_saved(run_dir, ref_args):
     state = jax.tree.map(np.array, state)  # writable host copies
     # NaN in a first moment (what a NaN decay or learning rate leaves behind): the loss of the next step is
     # still finite, its update is not.
-    state["opt_state"]["mu"]["model"]["block_0"]["mlp"]["fc"]["kernel"][0, 0] = np.nan
+    _first_moment(state["opt_state"])["model"]["block_0"]["mlp"]["fc"]["kernel"][0, 0] = np.nan
     shutil.rmtree(run_dir / str(good))
     CheckpointStore(run_dir).save(good, state, meta)
     with pytest.raises(TrainingDivergedError, match=r"params or optimizer state hold NaN/inf") as info:
