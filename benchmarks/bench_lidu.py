@@ -5,7 +5,7 @@ implementation of the same grid algorithm (same grid, same quadrature), plus pea
     python benchmarks/bench_lidu.py --memory              # also peak RSS for 10,000 and 100,000 users
 
 JAX is timed twice in the same process: `lidu_jax.lidu_chunked` on one XLA device (XLA still spreads each
-operation over the cores), and `lidu_jax.sharding.lidu_sharded` with the users split over ``--devices`` XLA
+operation over the cores), and `lidu_jax.lidu_sharded` with the users split over ``--devices`` XLA
 host devices (``--xla_force_host_platform_device_count``, set before JAX starts; one per core is the usual
 way to occupy every core of a CPU with JAX). ``--devices 1`` skips the second figure.
 
@@ -48,7 +48,7 @@ def make_chunk(seed: int, index: int, n_users: int, n_items: int, spread: float,
 
 
 def numpy_lidu_one(mean: np.ndarray, std: np.ndarray, k: int, grid: int) -> float:
-    """Per-user reference in float64: the grid recursion of `lidu_jax.estimators` written plainly."""
+    """Per-user reference in float64: the grid recursion of `lidu_jax.reference` written plainly."""
     rank = np.argsort(-mean, kind="stable")[:k]
     mu_l, sd_l = mean[rank].astype(np.float64), std[rank].astype(np.float64)
     rest = np.ones(mean.size, bool)
@@ -78,12 +78,12 @@ def numpy_lidu_one(mean: np.ndarray, std: np.ndarray, k: int, grid: int) -> floa
 
 
 def user_chunks(args, n_users: int):
-    """``(mean, std)`` for ``n_users`` users, ``--chunk`` users at a time (`make_chunk`)."""
-    for c in range(0, n_users, args.chunk):
+    """``(mean, std)`` for ``n_users`` users, ``--chunk-size`` users at a time (`make_chunk`)."""
+    for c in range(0, n_users, args.chunk_size):
         yield make_chunk(
             args.seed,
-            c // args.chunk,
-            min(args.chunk, n_users - c),
+            c // args.chunk_size,
+            min(args.chunk_size, n_users - c),
             args.items,
             args.mean_spread,
             args.std_scale,
@@ -96,17 +96,21 @@ def run_jax(args, n_users: int, lazy: bool) -> tuple[np.ndarray, float]:
     generates each chunk on the fly so the inputs of all users never sit in memory at once."""
     import jax
 
-    from lidu_jax.estimators import lidu_chunked
+    from lidu_jax import lidu_chunked
 
-    tile = None if args.tile < 0 else args.tile
+    kw = dict(
+        grid_size=args.grid,
+        chunk_size=args.chunk_size,
+        tile_size=None if args.tile_size < 0 else args.tile_size,
+    )
     # Warm-up on one chunk so compilation is not timed.
-    mean, std = next(user_chunks(args, args.chunk))
-    lidu_chunked([(mean, std, None)], args.k, grid_size=args.grid, pad_to=args.chunk, tile=tile)
+    mean, std = next(user_chunks(args, args.chunk_size))
+    lidu_chunked([(mean, std, None)], args.k, **kw)
     source = ((m, s, None) for m, s in user_chunks(args, n_users))
     if not lazy:
         source = list(source)
     t = time.perf_counter()
-    values, _ = lidu_chunked(source, args.k, grid_size=args.grid, pad_to=args.chunk, tile=tile)
+    values, _ = lidu_chunked(source, args.k, **kw)
     jax.block_until_ready(values)
     return values, time.perf_counter() - t
 
@@ -114,16 +118,18 @@ def run_jax(args, n_users: int, lazy: bool) -> tuple[np.ndarray, float]:
 def run_jax_sharded(args) -> tuple[np.ndarray, float]:
     """JAX LiDu over ``--users`` users split over every XLA device (`lidu_jax.sharding.lidu_sharded`);
     inputs generated before the clock starts, compilation not timed."""
-    from lidu_jax.sharding import lidu_sharded
+    from lidu_jax import lidu_sharded
 
     parts = list(user_chunks(args, args.users))
     mean = np.concatenate([m for m, _ in parts])
     std = np.concatenate([s for _, s in parts])
-    per_device = args.chunk  # each device takes a chunk of users per call
-    warm = min(args.users, args.chunk * args.devices)  # same block shape as the timed call: compiled once
-    lidu_sharded(mean[:warm], std[:warm], args.k, grid_size=args.grid, users_per_device=per_device)
+    kw = dict(grid_size=args.grid, chunk_size=args.chunk_size)  # each device takes a chunk of users per call
+    warm = min(
+        args.users, args.chunk_size * args.devices
+    )  # same block shape as the timed call: compiled once
+    lidu_sharded(mean[:warm], std[:warm], args.k, **kw)
     t = time.perf_counter()
-    values, _ = lidu_sharded(mean, std, args.k, grid_size=args.grid, users_per_device=per_device)
+    values, _ = lidu_sharded(mean, std, args.k, **kw)
     return values, time.perf_counter() - t
 
 
@@ -141,8 +147,16 @@ def main() -> None:
     p.add_argument("--items", type=int, default=1_000)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--grid", type=int, default=256)
-    p.add_argument("--chunk", type=int, default=1024)
-    p.add_argument("--tile", type=int, default=-1, help="users per tile inside a chunk (-1: library default)")
+    p.add_argument(
+        "--chunk-size", "--chunk", type=int, default=1024, help="users per jitted call (per device)"
+    )
+    p.add_argument(
+        "--tile-size",
+        "--tile",
+        type=int,
+        default=-1,
+        help="users per tile inside a chunk (-1: library default)",
+    )
     p.add_argument("--numpy-users", type=int, default=500, help="users timed for the NumPy reference")
     p.add_argument("--mean-spread", type=float, default=2.2)
     p.add_argument("--std-scale", type=float, default=1.1)
@@ -161,20 +175,20 @@ def main() -> None:
 
     values, jax_s = run_jax(args, args.users, lazy=False)
     sharded = run_jax_sharded(args) if args.devices > 1 else None
-    mean, std = next(user_chunks(args, args.chunk))
-    n_ref = min(args.numpy_users, args.chunk)
+    mean, std = next(user_chunks(args, args.chunk_size))
+    n_ref = min(args.numpy_users, args.chunk_size)
     t = time.perf_counter()
     ref = np.array([numpy_lidu_one(mean[u], std[u], args.k, args.grid) for u in range(n_ref)])
     np_s = time.perf_counter() - t
     np_rate = n_ref / np_s
     print(f"exact LiDu, {args.users} users x {args.items} items, K={args.k}, grid={args.grid}")
     print(f"  NumPy : {np_rate:10.1f} users/s ({np_s:.1f} s for {n_ref} users, float64, per-user loop)")
-    runs = [("JAX, 1 device", values, jax_s, f"lidu_chunked, chunks of {args.chunk}")]
+    runs = [("JAX, 1 device", values, jax_s, f"lidu_chunked, chunks of {args.chunk_size}")]
     if sharded is not None:
         runs.append((f"JAX, {args.devices} devices", *sharded, "lidu_sharded"))
     for name, vals, secs, how in runs:
         rate = args.users / secs
-        diff = np.abs(ref - vals[:n_ref])
+        diff = np.abs(ref - np.asarray(vals[:n_ref], np.float64))
         print(f"  {name:16s}: {rate:10.1f} users/s ({secs:.1f} s, {how}) = {rate / np_rate:5.1f}x NumPy; "
               f"max |LiDu - LiDu_numpy| on {n_ref} users = {diff.max():.2e} "
               f"(relative {np.max(diff / np.abs(ref)):.1e})")  # fmt: skip
@@ -184,7 +198,7 @@ def main() -> None:
         for users in (10_000, 100_000):
             cmd = [sys.executable, __file__, "--memory-users", str(users), "--items", str(args.items),
                    "--k", str(args.k), "--grid", str(args.memory_grid or args.grid),
-                   "--chunk", str(args.chunk),
+                   "--chunk-size", str(args.chunk_size),
                    "--mean-spread", str(args.mean_spread), "--std-scale", str(args.std_scale)]  # fmt: skip
             out = (
                 subprocess.run(cmd, check=True, capture_output=True, text=True)

@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lidu_jax import datasets, metrics
-from lidu_jax.estimators import lidu, sample_moments
+from lidu_jax import datasets, lidu, metrics, sample_moments
 from lidu_jax.models.mf import MFConfig, make_bpr_mf
 from lidu_jax.training import fit, score_users
 

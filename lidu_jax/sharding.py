@@ -2,9 +2,10 @@
 
 LiDu is embarrassingly parallel over users: user ``u``'s value depends only on row ``u`` of ``mean``, ``std``
 and ``candidates``. :func:`lidu_sharded` therefore lays the users out along a 1-D ``("users",)`` mesh and runs
-:func:`lidu_jax.estimators.lidu` on each device's block under ``jax.shard_map``, so no device ever talks to
-another. Users are processed ``users_per_device * n_devices`` at a time (the last block padded by repeating
-its last user), so peak memory per device is bounded whatever the number of users.
+the estimator of :func:`lidu_jax.estimators.lidu` on each device's block under ``jax.shard_map``, so no device
+ever talks to another. Users are processed ``chunk_size * n_devices`` at a time (each device takes a chunk of
+``chunk_size`` users per call, the last block padded by repeating its last user), so peak memory per device is
+bounded whatever the number of users. The backend is the mesh's platform (`lidu_jax.backend`).
 
 Inside ``shard_map`` the estimator runs in its traced form, i.e. without the per-chunk pruning of rest items
 that the eager :func:`lidu_jax.estimators.lidu` applies; that pruning changes ``log P`` by at most
@@ -18,19 +19,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lidu_jax.estimators import (
-    DEFAULT_GRID_SIZE,
-    METHODS,
-    _check_grid,
-    _check_method,
-    _check_values,
-    _host_locate,
-    _lidu_validated,
-)
+from lidu_jax import reference
+from lidu_jax.backend import default_tile_size, gaussian_log_prob, resolve_backend
+from lidu_jax.estimators import DEFAULT_GRID_SIZE, METHODS, top_k_rankings
+from lidu_jax.standardise import host_locate, standardise
+from lidu_jax.types import LiduResult
+from lidu_jax.validation import check_count, check_grid, check_method, check_values, renamed
 
 __all__ = ["lidu_sharded", "user_mesh"]
 
@@ -55,7 +54,7 @@ def _validate(mean: np.ndarray, std: np.ndarray, k: int, candidates: np.ndarray 
         raise ValueError(f"candidates shape {candidates.shape} must equal mean shape {mean.shape}")
     if not isinstance(k, int | np.integer) or isinstance(k, bool) or not 1 <= k <= mean.shape[1]:
         raise ValueError(f"k must be an int in [1, n_items={mean.shape[1]}], got {k!r}")
-    _check_values(mean, std, None, candidates, k=int(k))
+    check_values(mean, std, None, candidates, k=int(k))
 
 
 def _host_array(x: Any) -> np.ndarray:
@@ -66,11 +65,24 @@ def _host_array(x: Any) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_fn(mesh: Mesh, k: int, method: str, grid_size: int, ordered: bool, per_position: bool):
+def _sharded_fn(
+    mesh: Mesh, k: int, method: str, grid_size: int, ordered: bool, per_position: bool, backend: str
+):
     def local(mean, std, cand):
         # the inputs were validated on the host (`_validate`): no per-user validity flags needed
-        kw = dict(method=method, grid_size=grid_size, ordered=ordered, per_position=per_position)
-        return _lidu_validated(mean, std, k, cand, **kw)
+        rankings = top_k_rankings(mean, k, cand)
+        log_p = gaussian_log_prob(
+            *standardise(mean, std, rankings, cand),
+            rankings,
+            cand,
+            method=method,
+            ordered=ordered,
+            grid_size=grid_size,
+            n_keep=None,
+            backend=backend,
+            tile_size=default_tile_size(backend),
+        )
+        return (reference.per_position_lidu(log_p, k) if per_position else -log_p), rankings
 
     spec = P(AXIS)
     mapped = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec))
@@ -90,6 +102,9 @@ def _gather(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+_OLD_NAMES = {"users_per_device": "chunk_size"}  # lidu_sharded's deprecated keyword name
+
+
 def lidu_sharded(
     mean: Any,
     std: Any,
@@ -101,41 +116,54 @@ def lidu_sharded(
     ordered: bool = True,
     per_position: bool = False,
     mesh: Mesh | None = None,
-    users_per_device: int = 256,
-) -> tuple[np.ndarray, np.ndarray]:
+    chunk_size: int | None = None,
+    backend: str | None = None,
+    **deprecated: Any,
+) -> LiduResult:
     """``LiDu_u = -log P_u(L_u)`` for every user, with users sharded over ``mesh`` (default: all devices).
 
     Same quantity and arguments as :func:`lidu_jax.estimators.lidu`: ``mean``, ``std`` are ``(U, n_items)``,
     ``candidates`` an optional ``(U, n_items)`` bool, ``L_u`` the top-``k`` candidates of user ``u`` by
-    ``mean``. Returns NumPy ``(lidu (U,), rankings (U, k) int32)``; ``(0,)`` and ``(0, k)`` for zero users.
-    Inputs must be identical on every process of a multi-host run. Bad inputs raise ``ValueError`` (the
-    messages of `lidu_jax.estimators.lidu`) before anything is compiled. Each user's scores are standardised
-    as in `lidu` (float64 inputs in float64 on the host first), so LiDu does not change under
+    ``mean``. Inputs must be identical on every process of a multi-host run. Bad inputs raise ``ValueError``
+    (the messages of `lidu_jax.estimators.lidu`) before anything is compiled. Each user's scores are
+    standardised as in `lidu` (float64 inputs in float64 on the host first), so LiDu does not change under
     ``mean -> a mean + b``, ``std -> a std`` with ``a > 0``.
+
+    Args:
+      mean, std, k, candidates, method, grid_size, ordered, per_position: as `lidu_jax.estimators.lidu`.
+      mesh: a 1-D ``("users",)`` mesh (`user_mesh`); default all devices of all processes.
+      chunk_size: users per device per call (default 256).
+      backend: ``"cpu"``, ``"accelerator"`` or None (the platform of the mesh's devices).
+      **deprecated: ``users_per_device`` (now ``chunk_size``), with a warning.
+
+    Returns:
+      `LiduResult` ``(values (U,), rankings (U, k) int32)``; ``(0,)`` and ``(0, k)`` for zero users.
     """
-    _check_method(method, METHODS)
-    _check_grid(grid_size)
+    chunk_size = renamed("lidu_sharded", deprecated, _OLD_NAMES, chunk_size=chunk_size)["chunk_size"]
+    chunk_size = 256 if chunk_size is None else chunk_size
+    check_method(method, METHODS)
+    check_grid(grid_size)
+    backend = None if backend is None else resolve_backend(backend)  # checked before anything is computed
     mean, std = _host_array(mean), _host_array(std)
     cand = None if candidates is None else np.asarray(candidates, bool)
     _validate(mean, std, k, cand)
-    if isinstance(users_per_device, bool) or not isinstance(users_per_device, int | np.integer):
-        raise ValueError(f"users_per_device must be an int >= 1, got {users_per_device!r}")
-    if users_per_device < 1:
-        raise ValueError(f"users_per_device must be >= 1, got {users_per_device}")
+    check_count("chunk_size", chunk_size, allow_none=False)
     if mean.shape[0] == 0:
-        return np.zeros(0, np.float32), np.zeros((0, int(k)), np.int32)
+        return LiduResult(jnp.zeros(0, jnp.float32), jnp.zeros((0, int(k)), jnp.int32))
     if mean.dtype == np.float64 or std.dtype == np.float64:
-        mean, std = _host_locate(mean, std, cand)
+        mean, std = host_locate(mean, std, cand)
     mesh = user_mesh() if mesh is None else mesh
     if mesh.axis_names != (AXIS,):
         raise ValueError(f"mesh must be 1-D with axis {AXIS!r} (see user_mesh), got axes {mesh.axis_names}")
+    if backend is None:  # the platform of the devices the users are sharded over
+        backend = "cpu" if {d.platform for d in mesh.devices.flat} == {"cpu"} else "accelerator"
     if cand is None:
         cand = np.ones(mean.shape, bool)
     n_users = mean.shape[0]
     n_dev = mesh.devices.size
     # Small inputs need no full block: shrink it (still a multiple of the device count) to save work.
-    block = n_dev * min(users_per_device, -(-n_users // n_dev))
-    fn = _sharded_fn(mesh, int(k), method, int(grid_size), bool(ordered), bool(per_position))
+    block = n_dev * min(chunk_size, -(-n_users // n_dev))
+    fn = _sharded_fn(mesh, int(k), method, int(grid_size), bool(ordered), bool(per_position), backend)
     sharding = NamedSharding(mesh, P(AXIS))
     values, ranks = [], []
     for start in range(0, n_users, block):
@@ -150,4 +178,6 @@ def lidu_sharded(
         v, r = fn(*parts)
         values.append(_gather(v)[: stop - start])
         ranks.append(_gather(r)[: stop - start])
-    return np.concatenate(values), np.concatenate(ranks).astype(np.int32)
+    return LiduResult(
+        jnp.asarray(np.concatenate(values)), jnp.asarray(np.concatenate(ranks).astype(np.int32))
+    )

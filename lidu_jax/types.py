@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
+import jax
 import numpy as np
+
+
+class LiduResult(NamedTuple):
+    """What `lidu`, `lidu_chunked`, `lidu_sharded` and `lidu_from_samples` return: a tuple, so
+    ``values, rankings = lidu(...)`` works, and a pytree, so it passes through `jax.jit`.
+
+    Attributes:
+      values: ``(...)`` float32 ``LiDu_u = -log P_u(L_u)`` (or ``-log P / K`` per position); higher = more
+        uncertain.
+      rankings: ``(..., K)`` int32, each user's list ``L_u`` (top-K candidates by mean), rank 1 first.
+    """
+
+    values: jax.Array
+    rankings: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)

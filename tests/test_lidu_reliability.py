@@ -19,7 +19,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import lidu_jax
-from lidu_jax import estimators
+from lidu_jax import standardise
 
 U, N, K, G = 4, 8, 3, 64
 S = 6  # draws per user for the sample methods
@@ -215,7 +215,7 @@ def test_chunked_list_log_prob_and_jit_are_invariant_too():
             ],
             K,
             grid_size=G,
-            pad_to=U,
+            chunk_size=U,
         )
         np.testing.assert_array_equal(got_r, want_r)
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
@@ -388,9 +388,10 @@ def test_non_positive_counts_raise_naming_the_argument(bad):
         "chunk_size": [
             lambda: lidu_jax.lidu(m, s, K, chunk_size=bad),
             lambda: lidu_jax.lidu_from_samples(x, K, chunk_size=bad),
+            lambda: lidu_jax.lidu_chunked([(m, s, c)], K, chunk_size=bad),
+            lambda: lidu_jax.lidu_sharded(m, s, K, chunk_size=bad),
         ],
-        "tile": [lambda: lidu_jax.lidu_chunked([(m, s, c)], K, tile=bad)],
-        "pad_to": [lambda: lidu_jax.lidu_chunked([(m, s, c)], K, pad_to=bad)],
+        "tile_size": [lambda: lidu_jax.lidu_chunked([(m, s, c)], K, tile_size=bad)],
         "max_items": [lambda: lidu_jax.list_log_prob(m, s, r, max_items=bad)],
         "min_std": [lambda: lidu_jax.lidu_from_samples(x, K, min_std=float(bad))],
     }
@@ -402,7 +403,9 @@ def test_non_positive_counts_raise_naming_the_argument(bad):
 
 # ------------------------------------------------------------------------------- item 15a: fuzz test
 
-ARG_NAMES = r"\b(mean|std|k|K|candidates|ranking|method|grid_size|chunk_size|tile)\b"  # named in the message
+ARG_NAMES = (
+    r"\b(mean|std|k|K|candidates|ranking|method|grid_size|chunk_size|tile_size)\b"  # named in the message
+)
 
 
 def standardised_reference(mean, std, cand):
@@ -464,7 +467,7 @@ def test_fuzz_public_api(seed):
         if api == "lidu":
             return lidu_jax.lidu(m, s, k, candidates=cand, **chunk, **kw)[0]
         if api == "lidu_chunked":
-            tile = dict(tile=0) if fault == "chunk" else {}
+            tile = dict(tile_size=0) if fault == "chunk" else {}
             return lidu_jax.lidu_chunked([(m, s, cand)], k, **tile, **kw)[0]
         opts = dict(kw)
         per_position = opts.pop("per_position", False)
@@ -498,13 +501,13 @@ def test_standardised_frame_is_float32_safe_for_extreme_inputs():
     for a, b, s_scale in [(1e-30, 0.0, 1.0), (1e30, 3e37, 1.0), (1.0, 0.0, 1e-30), (1.0, 0.0, 1e30)]:
         m32 = affine(mean, a, b, np.float32)
         s32 = affine(std, a * s_scale, 0.0, np.float32)
-        ms, ss = estimators._standardise(
+        ms, ss = standardise.standardise(
             jnp.asarray(m32), jnp.asarray(s32), jnp.asarray(r), jnp.asarray(cand)
         )
         ms, ss = np.asarray(ms), np.asarray(ss)
         assert np.all(np.isfinite(ms)) and np.all(np.isfinite(ss))
         mu_l = np.take_along_axis(ms, r, 1)
         assert np.all((mu_l >= -1.0) & (mu_l <= 0.0))
-        assert np.all((ss >= estimators.STD_FLOOR) & (ss <= estimators.STD_CEIL))
+        assert np.all((ss >= standardise.STD_FLOOR) & (ss <= standardise.STD_CEIL))
         v, _ = lidu_jax.lidu(m32, s32, K, candidates=cand, grid_size=G)
         assert np.all(np.isfinite(np.asarray(v)))

@@ -148,15 +148,15 @@ def test_masks_and_moments_follow_their_kernels(tiny_reference):
 
 
 def test_sharded_lidu_equals_unsharded():
-    from lidu_jax.estimators import lidu
-    from lidu_jax.sharding import lidu_sharded, user_mesh
+    from lidu_jax import lidu, lidu_sharded
+    from lidu_jax.sharding import user_mesh
 
     rng = np.random.default_rng(1)
     n_users, n_items, k = 37, 40, 5  # 37 users: not a multiple of 8, so the last block is padded
     mean = rng.normal(size=(n_users, n_items)).astype(np.float32)
     std = rng.uniform(0.2, 1.0, size=(n_users, n_items)).astype(np.float32)
     cand = rng.random((n_users, n_items)) > 0.2
-    values, ranks = lidu_sharded(mean, std, k, candidates=cand, grid_size=128, users_per_device=2)
+    values, ranks = lidu_sharded(mean, std, k, candidates=cand, grid_size=128, chunk_size=2)
     ref_values, ref_ranks = lidu(mean, std, k, candidates=cand, grid_size=128)
     np.testing.assert_array_equal(ranks, np.asarray(ref_ranks))
     np.testing.assert_allclose(values, np.asarray(ref_values), rtol=1e-5, atol=1e-5)
@@ -179,7 +179,7 @@ def test_sharded_lidu_zero_users_and_affine_invariance():
     n_users, n_items, k = 8, 12, 3
     mean = rng.normal(size=(n_users, n_items))
     std = rng.uniform(0.2, 1.0, size=(n_users, n_items))
-    kw = dict(grid_size=64, users_per_device=1)
+    kw = dict(grid_size=64, chunk_size=1)
     v0, r0 = lidu_sharded(mean[:0], std[:0], k, **kw)
     assert v0.shape == (0,) and r0.shape == (0, k)
     want, want_r = lidu_sharded(mean, std, k, **kw)
@@ -188,5 +188,5 @@ def test_sharded_lidu_zero_users_and_affine_invariance():
         got, got_r = lidu_sharded(m, s, k, **kw)
         np.testing.assert_array_equal(got_r, want_r)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="users_per_device"):
-        lidu_sharded(mean, std, k, grid_size=64, users_per_device=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        lidu_sharded(mean, std, k, grid_size=64, chunk_size=0)
