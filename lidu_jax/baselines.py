@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lidu_jax.validation import is_concrete
+
 __all__ = [
     "all_baselines",
     "list_instability",
@@ -31,14 +33,10 @@ __all__ = [
 ]
 
 
-def _is_concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
-
-
 def _finite_rows(name: str, x: jax.Array, axes) -> jax.Array:
     """``(U,)`` bool: the users whose ``x`` is finite; raises ``ValueError`` on concrete inputs."""
     ok = jnp.all(jnp.isfinite(x), axis=axes)
-    if _is_concrete(x) and not bool(jnp.all(ok)):
+    if is_concrete(x) and not bool(jnp.all(ok)):
         raise ValueError(f"{name} contains NaN or inf for {int(jnp.sum(~ok))} user(s)")
     return ok
 
@@ -49,7 +47,7 @@ def _check_rankings(rankings: jax.Array, n_items: int) -> jax.Array:
     if not jnp.issubdtype(rankings.dtype, jnp.integer):
         raise ValueError(f"rankings must be integer item ids, got dtype {rankings.dtype}")
     ok = jnp.all((rankings >= 0) & (rankings < n_items), axis=-1)
-    if _is_concrete(rankings) and not bool(jnp.all(ok)):
+    if is_concrete(rankings) and not bool(jnp.all(ok)):
         raise ValueError(f"rankings hold item ids outside [0, {n_items}) for {int(jnp.sum(~ok))} user(s)")
     return ok
 
@@ -190,7 +188,7 @@ def recommended_popularity(rankings: jax.Array, item_popularity: jax.Array) -> j
         raise ValueError(
             f"item_popularity (n,) and rankings (U, K) expected, got {pop.shape}, {rankings.shape}"
         )
-    if _is_concrete(pop) and not bool(jnp.all(jnp.isfinite(pop) & (pop >= 0))):
+    if is_concrete(pop) and not bool(jnp.all(jnp.isfinite(pop) & (pop >= 0))):
         raise ValueError("item_popularity must be finite and >= 0")
     ok = _check_rankings(rankings, pop.shape[0])
     picked = pop[jnp.clip(rankings, 0, pop.shape[0] - 1)]

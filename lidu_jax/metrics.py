@@ -23,6 +23,7 @@ import numpy as np
 from scipy import stats
 
 from lidu_jax.estimators import top_k_rankings
+from lidu_jax.validation import is_concrete
 
 __all__ = [
     "bootstrap_ci",
@@ -34,10 +35,6 @@ __all__ = [
     "spearman",
     "top_k_items",
 ]
-
-
-def _is_concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
 
 
 def _candidates(candidates, exclude, where: str):
@@ -63,7 +60,7 @@ def _check_rank_inputs(scores, relevant, k, candidates):
         raise ValueError(f"candidates must have the shape of scores {scores.shape}, got {candidates.shape}")
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= scores.shape[1]:
         raise ValueError(f"k must be an int in [1, n_items={scores.shape[1]}], got {k!r}")
-    if _is_concrete(scores, candidates):
+    if is_concrete(scores, candidates):
         nan = np.isnan(np.asarray(scores, np.float64))
         if candidates is not None:
             nan &= np.asarray(candidates, bool)

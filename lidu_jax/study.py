@@ -1,5 +1,5 @@
 """The real-data LiDu study: does LiDu track per-user ranking quality on real data, better than label-free
-baselines, with popular recommenders? (issue 3; definitions in ``docs/lidu.md``)
+baselines, with popular recommenders? (issue 3; the maths in ``docs/maths-lidu.md``)
 
     python -m lidu_jax.study --data ml-100k --model bpr --source ensemble --json runs/ml100k_bpr.json
     python -m lidu_jax.study --all --out-dir runs/lidu_study        # the grid of docs/results-lidu.md
@@ -35,6 +35,7 @@ import numbers
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,13 +47,14 @@ from scipy import stats
 
 from lidu_jax import baselines, datasets, distributions, evaluation, metrics
 from lidu_jax._cli import config_parser, option, run_cli
-from lidu_jax.estimators import lidu, sample_moments
+from lidu_jax.estimators import lidu
 from lidu_jax.models.base import RecModel
 from lidu_jax.models.lightgcn import LightGCNConfig, make_lightgcn
-from lidu_jax.models.mf import BayesianMFConfig, MFConfig, bayesian_mf_moments, make_bayesian_mf, make_bpr_mf
+from lidu_jax.models.mf import BayesianMFConfig, MFConfig, make_bayesian_mf, make_bpr_mf
 from lidu_jax.models.mlp import MLPConfig, make_mlp
 from lidu_jax.models.popularity import make_popularity
 from lidu_jax.models.sasrec import SASRecConfig, make_sasrec
+from lidu_jax.samples import sample_moments
 from lidu_jax.training import (
     TrainingFailedError,
     bootstrap_weights,
@@ -66,7 +68,7 @@ __all__ = [
     "DATASETS",
     "MODELS",
     "SOURCES",
-    "StudyConfig",
+    "RealDataStudyConfig",
     "load_data",
     "main",
     "make_model",
@@ -84,7 +86,7 @@ _SEED_MAX = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
+class RealDataStudyConfig:
     """Settings of one study run; each field is the command-line flag ``--field-name`` (its help text says
     what it is, its unit and its valid range). Values are checked on construction: an impossible value is a
     ``ValueError`` naming the flag."""
@@ -166,7 +168,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _int_list(config: StudyConfig, name: str) -> list[int]:
+def _int_list(config: RealDataStudyConfig, name: str) -> list[int]:
     text = getattr(config, name)
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -174,7 +176,7 @@ def _int_list(config: StudyConfig, name: str) -> list[int]:
         raise ValueError(f"{_flag(name)} must be comma-separated integers, got {text!r}") from None
 
 
-def _check(config: StudyConfig) -> None:
+def _check(config: RealDataStudyConfig) -> None:
     """ValueError naming the flag of the first impossible setting of ``config``."""
     c = config
     for name, choices in (("model", MODELS), ("source", SOURCES), ("split", SPLITS)):
@@ -230,7 +232,7 @@ def _check(config: StudyConfig) -> None:
 # ------------------------------------------------------------------------------------------ data, models
 
 
-def load_data(config: StudyConfig) -> InteractionSplit:
+def load_data(config: RealDataStudyConfig) -> InteractionSplit:
     """The `InteractionSplit` named by ``config.data`` (a known name or a file path)."""
     load = datasets.LoadConfig(
         min_rating=config.min_rating, k_user=config.k_core, k_item=config.k_core, split=config.split, seed=0
@@ -246,14 +248,14 @@ def load_data(config: StudyConfig) -> InteractionSplit:
     raise ValueError(f"data must be one of {DATASETS} or an existing file, got {config.data!r}")
 
 
-def _override(cfg, config: StudyConfig, **extra):
+def _override(cfg, config: RealDataStudyConfig, **extra):
     fields = {f.name for f in dataclasses.fields(cfg)}
     upd = {n: v for n, v in (("dim", config.dim), ("lr", config.lr), ("batch_size", config.batch_size)) if v}
     upd.update({n: v for n, v in extra.items() if n in fields})
     return dataclasses.replace(cfg, **{n: v for n, v in upd.items() if n in fields})
 
 
-def make_model(split: InteractionSplit, config: StudyConfig, *, dropout: float = 0.0) -> RecModel:
+def make_model(split: InteractionSplit, config: RealDataStudyConfig, *, dropout: float = 0.0) -> RecModel:
     """The recommender named by ``config.model`` with the study's defaults (``dropout`` for MC dropout)."""
     if config.model == "bpr":
         return make_bpr_mf(
@@ -316,7 +318,10 @@ def _stacked_scorer(model: RecModel, params, chunk: int) -> Scorer:
 
 
 def build_source(
-    split: InteractionSplit, config: StudyConfig, key: jax.Array, make_callback: Callable | None = None
+    split: InteractionSplit,
+    config: RealDataStudyConfig,
+    key: jax.Array,
+    make_callback: Callable | None = None,
 ) -> tuple[Scorer, RecModel, Any]:
     """Train what ``config.source`` needs; returns ``(scorer, model, stacked params or None)``.
 
@@ -349,7 +354,7 @@ def build_source(
 
         def scores(users):
             s = distributions.mc_dropout_samples(
-                model, one, users, config.n_samples, jax.random.fold_in(key, 11), chunk=config.chunk
+                model, one, users, jax.random.fold_in(key, 11), n_samples=config.n_samples, chunk=config.chunk
             )
             mean, sd = sample_moments(s)
             return mean, sd, s
@@ -359,15 +364,13 @@ def build_source(
     model = make_bayesian_mf(split, _override(BayesianMFConfig(dim=32, lr=0.005, batch_size=2048), config))
     params, _ = fit(model, keys[:1], jnp.ones((1, n_train)), ep, progress=pb)
     one = jax.tree.map(lambda x: x[0], params)
-    moments = jax.jit(bayesian_mf_moments)
 
     def scores(users):
-        mean, sd = moments(one, jnp.asarray(users, jnp.int32))
-        check_finite_scores((mean + sd)[None], "Bayesian MF (posterior mean/std)")
+        mean, sd = distributions.bayesian_gaussian(model, one, users, chunk=config.chunk)
         draws = distributions.mc_dropout_samples(
-            model, one, users, config.n_samples, jax.random.fold_in(key, 13), chunk=config.chunk
+            model, one, users, jax.random.fold_in(key, 13), n_samples=config.n_samples, chunk=config.chunk
         )
-        return mean, jnp.maximum(sd, 1e-6), draws
+        return mean, sd, draws
 
     return scores, model, None
 
@@ -384,7 +387,7 @@ LIDU_VARIANTS = (
 
 
 def _chunk_estimates(
-    mean, std, samples, cand, users, split: InteractionSplit, config: StudyConfig, key
+    mean, std, samples, cand, users, split: InteractionSplit, config: RealDataStudyConfig, key
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every estimator for one chunk of users (higher = more uncertain) and the top-K lists by mean."""
     k, g, b = config.k, config.grid_size, mean.shape[0]
@@ -421,7 +424,7 @@ def _pad(users: np.ndarray, size: int) -> np.ndarray:
 
 
 def estimate_all(
-    scorer: Scorer, split: InteractionSplit, users: np.ndarray, config: StudyConfig, key: jax.Array
+    scorer: Scorer, split: InteractionSplit, users: np.ndarray, config: RealDataStudyConfig, key: jax.Array
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-user uncertainties of every estimator and per-user NDCG@K / Recall@K, chunk by chunk.
 
@@ -435,23 +438,27 @@ def estimate_all(
         real = users[start : start + size]
         u = _pad(real, size)  # one compiled shape for every chunk
         mean, std, samples = scorer(u)
-        cand = jnp.asarray(~train[u])
+        cand = jnp.asarray(~train[u])  # True = may be recommended (not a training item)
         est, _ = _chunk_estimates(mean, std, samples, cand, u, split, config, jax.random.fold_in(key, c))
         for n, v in est.items():
             unc.setdefault(n, []).append(v[: real.size])
-        rel, excl = jnp.asarray(test[u]), jnp.asarray(train[u])
-        perf["ndcg"].append(np.asarray(metrics.ndcg_at_k(mean, rel, config.k, exclude=excl))[: real.size])
-        perf["recall"].append(np.asarray(metrics.recall_at_k(mean, rel, config.k, exclude=excl))[: real.size])
+        rel = jnp.asarray(test[u])
+        perf["ndcg"].append(np.asarray(metrics.ndcg_at_k(mean, rel, config.k, candidates=cand))[: real.size])
+        perf["recall"].append(
+            np.asarray(metrics.recall_at_k(mean, rel, config.k, candidates=cand))[: real.size]
+        )
     return {n: np.concatenate(v) for n, v in unc.items()}, {n: np.concatenate(v) for n, v in perf.items()}
 
 
 # ------------------------------------------------------------------------------------ dynamics, sweeps
 
 
-def _dynamics_callback(model: RecModel, split: InteractionSplit, config: StudyConfig, users: np.ndarray, log):
+def _dynamics_callback(
+    model: RecModel, split: InteractionSplit, config: RealDataStudyConfig, users: np.ndarray, log
+):
     """``fit`` callback: mean LiDu (ensemble spread of the stacked copies) and mean NDCG@K on ``users``."""
     train, test = split.train_matrix()[users], split.test_matrix()[users]
-    cand, rel, excl = jnp.asarray(~train), jnp.asarray(test), jnp.asarray(train)
+    cand, rel = jnp.asarray(~train), jnp.asarray(test)
 
     def callback(epoch: int, params, losses) -> None:
         if epoch % config.dynamics_every and epoch != config.epochs:
@@ -459,7 +466,7 @@ def _dynamics_callback(model: RecModel, split: InteractionSplit, config: StudyCo
         s = score_stacked(model, params, users, users.size, when=f"after epoch {epoch}")
         mean, std = sample_moments(s)
         val, _ = lidu(mean, std, config.k, candidates=cand, grid_size=config.grid_size, chunk_size=users.size)
-        ndcg = metrics.ndcg_at_k(mean, rel, config.k, exclude=excl)
+        ndcg = metrics.ndcg_at_k(mean, rel, config.k, candidates=cand)
         log.append(
             {
                 "epoch": epoch,
@@ -485,7 +492,9 @@ def dynamics_summary(log: list[dict[str, float]], model: str, n_users: int) -> d
     }
 
 
-def run_sweeps(scorer: Scorer, split: InteractionSplit, config: StudyConfig, users: np.ndarray, key) -> dict:
+def run_sweeps(
+    scorer: Scorer, split: InteractionSplit, config: RealDataStudyConfig, users: np.ndarray, key
+) -> dict:
     """LiDu's mean and its Kendall tau with NDCG@10 as the list length K and the candidate-set size vary.
 
     Candidate subsets: for size c, each user's candidates are its top-K items plus ``c - K`` others drawn
@@ -495,8 +504,8 @@ def run_sweeps(scorer: Scorer, split: InteractionSplit, config: StudyConfig, use
     train, test = split.train_matrix()[users], split.test_matrix()[users]
     mean, std, _ = scorer(users)
     cand_all = jnp.asarray(~train)
-    rel, excl = jnp.asarray(test), jnp.asarray(train)
-    ndcg = np.asarray(metrics.ndcg_at_k(mean, rel, 10, exclude=excl))
+    rel = jnp.asarray(test)
+    ndcg = np.asarray(metrics.ndcg_at_k(mean, rel, 10, candidates=cand_all))
     g, b = config.grid_size, users.size
     out: dict[str, list] = {"k": [], "candidates": []}
     for k in [int(x) for x in config.sweep_ks.split(",") if x.strip()]:
@@ -505,7 +514,7 @@ def run_sweeps(scorer: Scorer, split: InteractionSplit, config: StudyConfig, use
         out["k"].append(
             {"k": k, "mean_lidu": float(v.mean()), "kendall_tau": float(stats.kendalltau(-v, ndcg).statistic)}
         )
-    top = np.asarray(metrics.top_k_items(mean, config.k, excl))
+    top = np.asarray(metrics.top_k_items(mean, config.k, candidates=cand_all))
     rng = np.random.default_rng(config.seed)
     for c in [int(x) for x in config.sweep_candidates.split(",") if x.strip()]:
         if c == 0:
@@ -534,7 +543,7 @@ def run_sweeps(scorer: Scorer, split: InteractionSplit, config: StudyConfig, use
 # --------------------------------------------------------------------------------------------------- run
 
 
-def _eval_users(split: InteractionSplit, config: StudyConfig) -> np.ndarray:
+def _eval_users(split: InteractionSplit, config: RealDataStudyConfig) -> np.ndarray:
     users = np.unique(split.test_users)  # users with a held-out item
     if config.max_eval_users and config.max_eval_users < users.size:
         rng = np.random.default_rng(config.seed)
@@ -542,11 +551,13 @@ def _eval_users(split: InteractionSplit, config: StudyConfig) -> np.ndarray:
     return users
 
 
-def _cell_name(config: StudyConfig, split: InteractionSplit) -> str:
+def _cell_name(config: RealDataStudyConfig, split: InteractionSplit) -> str:
     return f"{split.name}_{config.model}_{config.source}"
 
 
-def run(config: StudyConfig = StudyConfig(), *, split: InteractionSplit | None = None) -> dict[str, Any]:
+def run(
+    config: RealDataStudyConfig = RealDataStudyConfig(), *, split: InteractionSplit | None = None
+) -> dict[str, Any]:
     """One cell of the study. Prints the tables; writes ``<out_dir>/<data>_<model>_<source>.{json,txt,png}``.
 
     Returns the JSON payload: ``{"estimators": <-uncertainty vs NDCG@K>, "recall": {"estimators": ...},
@@ -558,7 +569,7 @@ def run(config: StudyConfig = StudyConfig(), *, split: InteractionSplit | None =
       lidu_jax.training.TrainingFailedError: the training diverged (NaN/inf parameters or scores); raised
         before any estimator sees the scores, its message naming the cell, the seed and the learning rate.
     """
-    t0 = time.perf_counter()  # the config was validated when it was built (StudyConfig.__post_init__)
+    t0 = time.perf_counter()  # the config was validated when it was built (RealDataStudyConfig.__post_init__)
     split = load_data(config) if split is None else split
     if config.model == "sasrec" and split.train_sequences is None:
         raise ValueError(f"model 'sasrec' needs time-ordered data; {split.name!r} has no order")
@@ -597,8 +608,8 @@ def run(config: StudyConfig = StudyConfig(), *, split: InteractionSplit | None =
     pop = make_popularity(split)
     pop_params = jax.vmap(pop.params)(jax.vmap(pop.init)(jax.random.split(key, 1)))
     pop_scores = score_stacked(pop, pop_params, users, config.chunk)[0]
-    excl, rel = jnp.asarray(split.train_matrix()[users]), jnp.asarray(split.test_matrix()[users])
-    pop_ndcg = float(jnp.mean(metrics.ndcg_at_k(pop_scores, rel, config.k, exclude=excl)))
+    cand, rel = jnp.asarray(~split.train_matrix()[users]), jnp.asarray(split.test_matrix()[users])
+    pop_ndcg = float(jnp.mean(metrics.ndcg_at_k(pop_scores, rel, config.k, candidates=cand)))
     name = _cell_name(config, split)
     title = (
         f"{split.name} / {config.model} / {config.source} "
@@ -641,11 +652,8 @@ def run(config: StudyConfig = StudyConfig(), *, split: InteractionSplit | None =
         print(
             "dynamics:", json.dumps({k: v for k, v in result["dynamics"].items() if k != "log"}), flush=True
         )
-    shown = [
-        n for n in ("LiDu", "sampled top-K instability", "mean std of top-K", "user activity") if n in unc
-    ]
     evaluation.plot_binned(
-        {n: unc[n] for n in shown},
+        {n: unc[n] for n in evaluation.PLOTTED if n in unc},
         perf["ndcg"],
         out_dir / f"{name}.png",
         ylabel=f"NDCG@{config.k}",
@@ -658,7 +666,7 @@ def run(config: StudyConfig = StudyConfig(), *, split: InteractionSplit | None =
     return result
 
 
-def _plot_dynamics(dyn: dict, path: Path, name: str, config: StudyConfig) -> None:
+def _plot_dynamics(dyn: dict, path: Path, name: str, config: RealDataStudyConfig) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -678,7 +686,7 @@ def _plot_dynamics(dyn: dict, path: Path, name: str, config: StudyConfig) -> Non
     plt.close(fig)
 
 
-def run_all(config: StudyConfig = StudyConfig()) -> dict[str, Any]:
+def run_all(config: RealDataStudyConfig = RealDataStudyConfig()) -> dict[str, Any]:
     """The grid ``DATASETS x MODELS`` with ``config.source``; BPR cells also run dynamics and sweeps.
 
     Writes every cell's files, ``summary.json`` and ``summary.md`` (the tables of ``docs/results-lidu.md``)
@@ -706,7 +714,7 @@ def run_all(config: StudyConfig = StudyConfig()) -> dict[str, Any]:
     return summary
 
 
-def summarise(cells: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
+def summarise(cells: dict[str, Any], config: RealDataStudyConfig) -> dict[str, Any]:
     """Markdown table over cells (LiDu vs the best baseline, NDCG and Recall) and across-model correlation."""
     lines = [
         f"| dataset | model | users | NDCG@{config.k} (pop.) | LiDu tau vs NDCG [95% CI] "
@@ -719,18 +727,16 @@ def summarise(cells: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
         row = [data, model, str(res["n_users"]), f"{res['mean_ndcg']:.4f} ({res['most_popular_ndcg']:.4f})"]
         for est in (res["estimators"], res["recall"]["estimators"]):
             lt = est["LiDu"]
-            base = {n: r for n, r in est.items() if not n.startswith("LiDu")}
-            best = max(base, key=lambda n: base[n]["kendall_tau"])
-            win = all(lt["kendall_tau"] >= r["kendall_tau"] for r in base.values())
+            best, win = evaluation.best_baseline(est)
             if est is res["estimators"]:
                 wins[name] = win
                 row += [
                     f"{lt['kendall_tau']:+.3f} [{lt['ci'][0]:+.3f}, {lt['ci'][1]:+.3f}]",
-                    f"{best} ({base[best]['kendall_tau']:+.3f})",
+                    f"{best} ({est[best]['kendall_tau']:+.3f})",
                     "yes" if win else "no",
                 ]
             else:
-                row += [f"{lt['kendall_tau']:+.3f}", f"{best} ({base[best]['kendall_tau']:+.3f})"]
+                row += [f"{lt['kendall_tau']:+.3f}", f"{best} ({est[best]['kendall_tau']:+.3f})"]
         lines.append("| " + " | ".join(row) + " |")
     across = {}
     for data in DATASETS:
@@ -758,7 +764,7 @@ def summarise(cells: dict[str, Any], config: StudyConfig) -> dict[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     return config_parser(
-        StudyConfig,
+        RealDataStudyConfig,
         "python -m lidu_jax.study",
         "The real-data LiDu study: one data set x recommender x score-distribution source (or --all for "
         "the grid); per-user LiDu and label-free baselines against NDCG@K and Recall@K, with bootstrap "
@@ -766,7 +772,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
 
-def _body(config: StudyConfig) -> None:
+def _body(config: RealDataStudyConfig) -> None:
     if config.all:
         run_all(config)
     else:
@@ -774,12 +780,22 @@ def _body(config: StudyConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: flags -> `StudyConfig` -> `run` (or `run_all` with ``--all``); returns the exit status.
+    """CLI: flags -> `RealDataStudyConfig` -> `run` (or `run_all` with ``--all``); returns the exit status.
 
     A rejected flag value, a missing or malformed data file is one ``error:`` line on stderr and status 2; a
     diverged training run (`TrainingFailedError`) is one line and status 3. Use `run` for the results.
     """
-    return run_cli(_parser(), lambda values: StudyConfig(**values), _body, argv)
+    return run_cli(_parser(), lambda values: RealDataStudyConfig(**values), _body, argv)
+
+
+def __getattr__(name: str) -> Any:
+    # ``StudyConfig`` was the name of this class and of the other study's config until issue 13 gave them
+    # distinct names; old imports keep working, with a warning.
+    if name == "StudyConfig":
+        message = f"{__name__}.StudyConfig is deprecated; use RealDataStudyConfig"
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        return RealDataStudyConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ intervals (`lidu_jax.evaluation`), for two ground truths: the true-preference to
 held-out interactions (confounded by how many items each user has held out; see
 ``docs/results-lidu-synthetic.md``).
 
-Run ``python -m lidu_jax --help``; every flag is a field of `StudyConfig`.
+Run ``python -m lidu_jax --help``; every flag is a field of `SyntheticStudyConfig`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numbers
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ import numpy as np
 
 from lidu_jax import baselines, distributions, evaluation, metrics
 from lidu_jax._cli import config_parser, option, run_cli
-from lidu_jax.estimators import lidu, lidu_from_samples
+from lidu_jax.estimators import lidu
 from lidu_jax.models.mf import BayesianMFConfig, MFConfig, make_bayesian_mf, make_bpr_mf
+from lidu_jax.samples import lidu_from_samples
 from lidu_jax.synthetic import SyntheticConfig, generate
 from lidu_jax.training import TrainingFailedError, fit
 
@@ -39,7 +41,7 @@ _SEED_MAX = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
+class SyntheticStudyConfig:
     """Settings of the synthetic study; each field is the command-line flag ``--field-name`` (its help text
     says what it is, its unit and its valid range). Values are checked on construction: an impossible value
     is a ``ValueError`` naming the flag."""
@@ -98,7 +100,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _check(config: StudyConfig) -> None:
+def _check(config: SyntheticStudyConfig) -> None:
     """ValueError naming the flag of the first impossible setting of ``config``."""
     c = config
     for name, low in (
@@ -144,7 +146,7 @@ def _check(config: StudyConfig) -> None:
 
 
 def _distribution(
-    name: str, config: StudyConfig, split, key: jax.Array, users: np.ndarray
+    name: str, config: SyntheticStudyConfig, split, key: jax.Array, users: np.ndarray
 ) -> distributions.ScoreDistribution:
     """Train what the source needs and return its score distribution for ``users``."""
     n_train = int(split.train_users.shape[0])
@@ -152,14 +154,18 @@ def _distribution(
     model = make_bpr_mf(split, mf_cfg)
     pb = config.progress
     if name == "ensemble":
-        params = distributions.deep_ensemble(model, key, config.n_models, n_train, config.epochs, progress=pb)
+        params = distributions.deep_ensemble(
+            model, key, n_train, config.epochs, n_models=config.n_models, progress=pb
+        )
         return distributions.from_arrays(samples=distributions.stacked_samples(model, params, users))
     if name == "bootstrap":
-        params = distributions.bootstrap(model, key, config.n_models, n_train, config.epochs, progress=pb)
+        params = distributions.bootstrap(
+            model, key, n_train, config.epochs, n_models=config.n_models, progress=pb
+        )
         return distributions.from_arrays(samples=distributions.stacked_samples(model, params, users))
     if name == "snapshot":
         params = distributions.snapshot_ensemble(
-            model, key, n_train, config.epochs, config.n_models, progress=pb
+            model, key, n_train, config.epochs, n_snapshots=config.n_models, progress=pb
         )
         return distributions.from_arrays(samples=distributions.stacked_samples(model, params, users))
     if name == "dropout":
@@ -167,20 +173,21 @@ def _distribution(
         params, _ = fit(model, key[None], jnp.ones((1, n_train)), config.epochs, progress=pb)
         one = jax.tree.map(lambda x: x[0], params)
         ks = jax.random.fold_in(key, 1)
-        samples = distributions.mc_dropout_samples(model, one, users, 4 * config.n_models, ks)
+        samples = distributions.mc_dropout_samples(model, one, users, ks, n_samples=4 * config.n_models)
         return distributions.from_arrays(samples=samples)
     # bayesian: analytic Gaussian posterior; posterior draws only feed the sample-based baselines.
     bcfg = BayesianMFConfig(dim=config.model_dim, lr=config.lr, batch_size=config.batch_size)
     bmodel = make_bayesian_mf(split, bcfg)
     params, _ = fit(bmodel, key[None], jnp.ones((1, n_train)), config.epochs, progress=pb)
     one = jax.tree.map(lambda x: x[0], params)
-    mean, std = distributions.bayesian_gaussian(one, users)
-    draws = distributions.mc_dropout_samples(bmodel, one, users, config.n_models, jax.random.fold_in(key, 1))
+    mean, std = distributions.bayesian_gaussian(bmodel, one, users)
+    kd = jax.random.fold_in(key, 1)
+    draws = distributions.mc_dropout_samples(bmodel, one, users, kd, n_samples=config.n_models)
     return distributions.ScoreDistribution(mean, std, draws)
 
 
 def _estimators(
-    dist, config: StudyConfig, cand: np.ndarray, split
+    dist, config: SyntheticStudyConfig, cand: np.ndarray, split
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every per-user uncertainty for one source (higher = more uncertain) and the rankings used."""
     k = config.k
@@ -212,7 +219,7 @@ def _estimators(
     return out, np.asarray(rankings)
 
 
-def run(config: StudyConfig = StudyConfig()) -> dict[str, Any]:
+def run(config: SyntheticStudyConfig = SyntheticStudyConfig()) -> dict[str, Any]:
     """Run the study and return ``{"estimators": <primary source, true-preference NDCG>, "sources": {...}}``.
 
     Prints a table per source and ground truth; writes the plot and (optionally) the JSON file.
@@ -236,8 +243,7 @@ def run(config: StudyConfig = StudyConfig()) -> dict[str, Any]:
     )
     split = data.split
     users = np.arange(split.n_users)
-    train = split.train_matrix()
-    cand = ~train
+    cand = ~split.train_matrix()  # True = may be recommended (not a training item)
     test = split.test_matrix()
     key = jax.random.key(config.seed, impl=config.prng)
     sources: dict[str, Any] = {}
@@ -252,8 +258,8 @@ def run(config: StudyConfig = StudyConfig()) -> dict[str, Any]:
                 members=e.members,
             ) from e
         unc, _ = _estimators(dist, config, cand, split)
-        ndcg_true = np.asarray(metrics.ndcg_at_k(dist.mean, data.true_relevant, config.k, exclude=train))
-        ndcg_held = np.asarray(metrics.ndcg_at_k(dist.mean, test, config.k, exclude=train))
+        ndcg_true = np.asarray(metrics.ndcg_at_k(dist.mean, data.true_relevant, config.k, candidates=cand))
+        ndcg_held = np.asarray(metrics.ndcg_at_k(dist.mean, test, config.k, candidates=cand))
         res_true = evaluation.evaluate_estimators(
             unc, ndcg_true, n_boot=config.n_boot, seed=config.seed, reference="LiDu"
         )
@@ -286,10 +292,7 @@ def run(config: StudyConfig = StudyConfig()) -> dict[str, Any]:
     print("\n" + summary)
     name, unc, ndcg_true, ndcg_held = primary
     if config.plot:
-        shown = {
-            n: unc[n] for n in ("LiDu", "sampled top-K instability", "mean std of top-K", "user activity")
-        }
-        shown = {n: v for n, v in shown.items() if v is not None and n in unc}
+        shown = {n: unc[n] for n in evaluation.PLOTTED if n in unc}
         plot = Path(config.plot)
         evaluation.plot_binned(
             shown,
@@ -324,37 +327,45 @@ def _summary(sources: dict[str, Any]) -> str:
         for truth in ("true_preference", "held_out"):
             est = res[truth]["estimators"]
             lt = est["LiDu"]
-            base = {n: r for n, r in est.items() if not n.startswith("LiDu")}
-            best = max(base, key=lambda n: base[n]["kendall_tau"])
-            wins = all(lt["kendall_tau"] >= r["kendall_tau"] for r in base.values())
+            best, wins = evaluation.best_baseline(est)
             lines.append(
                 f"  {name:<9} {truth:<15} LiDu {lt['kendall_tau']:+.3f} "
                 f"[{lt['ci'][0]:+.3f}, {lt['ci'][1]:+.3f}]  best baseline {best} "
-                f"{base[best]['kendall_tau']:+.3f}  LiDu >= all baselines: {wins}"
+                f"{est[best]['kendall_tau']:+.3f}  LiDu >= all baselines: {wins}"
             )
     return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
     return config_parser(
-        StudyConfig,
+        SyntheticStudyConfig,
         "python -m lidu_jax",
         "The synthetic LiDu study: does LiDu track per-user NDCG@K better than label-free baselines, for "
         "which score-distribution source? (data with a known true preference; BPR-MF / Bayesian MF)",
     )
 
 
-def _body(config: StudyConfig) -> None:
+def _body(config: SyntheticStudyConfig) -> None:
     run(config)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: flags -> `StudyConfig` -> `run`; returns the exit status.
+    """CLI entry point: flags -> `SyntheticStudyConfig` -> `run`; returns the exit status.
 
     A rejected flag value is one ``error:`` line on stderr and status 2; a diverged training run
     (`lidu_jax.training.TrainingFailedError`) is one line and status 3. Use `run` for the results.
     """
-    return run_cli(_parser(), lambda values: StudyConfig(**values), _body, argv)
+    return run_cli(_parser(), lambda values: SyntheticStudyConfig(**values), _body, argv)
+
+
+def __getattr__(name: str) -> Any:
+    # ``StudyConfig`` was the name of this class and of the other study's config until issue 13 gave them
+    # distinct names; old imports keep working, with a warning.
+    if name == "StudyConfig":
+        message = f"{__name__}.StudyConfig is deprecated; use SyntheticStudyConfig"
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        return SyntheticStudyConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

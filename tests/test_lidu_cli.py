@@ -23,6 +23,7 @@ from lidu_jax import study, synthetic_study
 
 REPO = Path(__file__).resolve().parents[1]
 CLIS = {"study": (study, "python -m lidu_jax.study"), "synthetic": (synthetic_study, "python -m lidu_jax")}
+CONFIGS = {"study": study.RealDataStudyConfig, "synthetic": synthetic_study.SyntheticStudyConfig}
 
 # A tiny synthetic study: one ensemble source, a few seconds end to end.
 SYNTH_TINY = [
@@ -77,7 +78,7 @@ def test_help_describes_every_flag(name, capsys):
     assert exc.value.code == 0
     # argparse re-wraps the text (and may break after a hyphen): compare without any whitespace.
     out = "".join(capsys.readouterr().out.split())
-    for f in dataclasses.fields(module.StudyConfig):
+    for f in dataclasses.fields(CONFIGS[name]):
         text = f.metadata.get("help") or ""
         assert len(text.split()) >= 3, f"--{f.name.replace('_', '-')} has no real help text: {text!r}"
         assert "--" + f.name.replace("_", "-") in out

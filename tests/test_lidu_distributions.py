@@ -96,37 +96,74 @@ def test_ensemble_samples_moments_and_streaming_lidu(split, mf, ensemble):
     np.testing.assert_allclose(dist.std, want_std, rtol=1e-4, atol=16 * EPS32 * scale)
     train = split.train_matrix()
     want, want_r = lidu_jax.lidu(dist.mean, dist.std, 3, candidates=~train, grid_size=64, chunk_size=16)
+    # candidates as a per-chunk function or as a (U, n_items) array: the same numbers.
     got, got_r = distributions.lidu_from_model(
-        mf, params, users, 3, exclude=lambda u: train[u], chunk=16, grid_size=64
+        mf, params, users, 3, candidates=lambda u: ~train[u], chunk=16, grid_size=64
     )
     np.testing.assert_array_equal(got_r, want_r)
     # Per-chunk vs whole-batch scoring may sum in another order: LiDu (nats) to 1e-4 absolute as well.
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert not train[users[:, None], got_r].any()  # no training item is ever in a list
+    as_array, _ = distributions.lidu_from_model(
+        mf, params, users, 3, candidates=~train, chunk=16, grid_size=64
+    )
+    np.testing.assert_array_equal(as_array, got)
+    with pytest.warns(DeprecationWarning, match="exclude= is deprecated"):
+        old, _ = distributions.lidu_from_model(
+            mf, params, users, 3, exclude=lambda u: train[u], chunk=16, grid_size=64
+        )
+    np.testing.assert_array_equal(old, got)
+    with pytest.raises(ValueError, match="candidates must be"):
+        distributions.lidu_from_model(mf, params, users, 3, candidates=~train[:5])
 
 
 def test_snapshot_and_bootstrap_sources(split, mf):
+    """Value checks against the training they are defined by: snapshot s is the single run stopped after its
+    epoch (fit's epoch keys do not depend on the number of epochs), and bootstrap copy m is a plain run on
+    the m-th multinomial resample, which differs from the unresampled copy with the same seed."""
     n_train = split.train_users.size
-    snaps = distributions.snapshot_ensemble(mf, tkey(4), n_train, 3, 2, progress=False)
+    k4 = tkey(4)
+    snaps = distributions.snapshot_ensemble(mf, k4, n_train, 3, n_snapshots=2, progress=False)
     assert snaps["user"].shape == (2, split.n_users, 4)
-    boot = distributions.bootstrap(mf, tkey(5), 2, n_train, 1, progress=False)  # reuses M=2 compile
+    run_key = jax.random.split(k4, 1)
+    for s, epochs in enumerate((2, 3)):
+        alone, _ = fit(mf, run_key, jnp.ones((1, n_train)), epochs, progress=False)
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda x, s=s: x[s], snaps),
+            jax.tree.map(lambda x: x[0], alone),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    boot = distributions.bootstrap(mf, tkey(5), n_train, 1, n_models=2, progress=False)  # reuses M=2 compile
     assert boot["item"].shape == (2, split.n_items, 4)
+    kw, kt = jax.random.split(tkey(5))
+    counts = bootstrap_weights(kw, 2, n_train)
+    keys = jax.random.split(kt, 2)
+    resampled, _ = fit(mf, keys[1:], counts[1:], 1, progress=False)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[1], boot), jax.tree.map(lambda x: x[0], resampled), rtol=1e-4, atol=1e-5
+    )
+    unweighted, _ = fit(mf, keys[1:], jnp.ones((1, n_train)), 1, progress=False)
+    assert float(jnp.abs(boot["item"][1] - unweighted["item"][0]).max()) > 1e-3
     with pytest.raises(ValueError, match="n_snapshots"):
-        distributions.snapshot_ensemble(mf, key(4), n_train, 3, 4)
+        distributions.snapshot_ensemble(mf, key(4), n_train, 3, n_snapshots=4)
+    with pytest.raises(TypeError):  # the sizes are keywords: a call in the old order cannot swap them
+        distributions.snapshot_ensemble(mf, k4, n_train, 3, 2)
 
 
 def test_mc_dropout(split, mf, ensemble):
     users = np.arange(split.n_users)
     drop = make_bpr_mf(split, MFConfig(dim=4, batch_size=64, dropout=0.3))
     params = jax.tree.map(lambda x: x[0], ensemble[0])
-    s = distributions.mc_dropout_samples(drop, params, users, 4, key(6), chunk=16)
+    s = distributions.mc_dropout_samples(drop, params, users, key(6), n_samples=4, chunk=16)
     chex.assert_shape(s, (4, split.n_users, split.n_items))
     assert float(jnp.abs(s[0] - s[1]).max()) > 0
     # Inverted dropout keeps the mean: the average of many passes approaches the deterministic scores.
-    many = distributions.mc_dropout_samples(drop, params, users[:4], 2000, key(7))
+    many = distributions.mc_dropout_samples(drop, params, users[:4], key(7), n_samples=2000)
     det = drop.score(params, jnp.asarray(users[:4]), None)
     np.testing.assert_allclose(many.mean(0), det, atol=0.05 * float(jnp.abs(det).max()) + 1e-3)
     with pytest.raises(ValueError, match="identical"):
-        distributions.mc_dropout_samples(mf, params, users, 2, key(6))
+        distributions.mc_dropout_samples(mf, params, users, key(6), n_samples=2)
 
 
 def test_bayesian_mf_analytic_moments_match_posterior_draws(split):
@@ -138,7 +175,7 @@ def test_bayesian_mf_analytic_moments_match_posterior_draws(split):
     draws = jax.vmap(lambda k: bm.score(one, users, k))(jax.random.split(key(9), 5_000))
     np.testing.assert_allclose(draws.mean(0), mean, atol=4 * float(std.max()) / np.sqrt(5_000) + 1e-4)
     np.testing.assert_allclose(draws.std(0), std, rtol=0.08, atol=1e-6)
-    m2, s2 = distributions.bayesian_gaussian(one, np.arange(3))
+    m2, s2 = distributions.bayesian_gaussian(bm, one, np.arange(3))
     # Jitted and chunked vs op by op: the dot products may be summed in another order, so the error is a few
     # ulp of the largest term, absolute (a mean near 0 has no relative accuracy).
     scale = float(jnp.abs(mean).max() + std.max())

@@ -79,4 +79,19 @@ def test_study_cli_writes_json_with_synthetic_study_schema(tiny_file, tmp_path):
 def test_study_rejects_bad_settings_before_training(settings, match):
     # The config checks itself when built, so `run` (and the CLI: see test_lidu_cli.py) never starts.
     with pytest.raises(ValueError, match=match):
-        study.StudyConfig(progress=False, **settings)
+        study.RealDataStudyConfig(progress=False, **settings)
+
+
+def test_the_two_study_configs_have_distinct_names_and_old_imports_warn():
+    from lidu_jax import synthetic_study
+
+    assert study.RealDataStudyConfig is not synthetic_study.SyntheticStudyConfig
+    assert study.RealDataStudyConfig.__name__ != synthetic_study.SyntheticStudyConfig.__name__
+    for module, cls in (
+        (study, study.RealDataStudyConfig),
+        (synthetic_study, synthetic_study.SyntheticStudyConfig),
+    ):
+        with pytest.warns(DeprecationWarning, match=cls.__name__):
+            assert module.StudyConfig is cls
+    with pytest.raises(AttributeError):
+        study.NoSuchConfig

@@ -57,4 +57,4 @@ def test_cli_end_to_end_tiny(tmp_path, capsys):
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert loaded["primary_source"] == "ensemble"
     with pytest.raises(ValueError, match="--sources"):
-        synthetic_study.StudyConfig(sources="magic")
+        synthetic_study.SyntheticStudyConfig(sources="magic")
