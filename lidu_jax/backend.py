@@ -28,12 +28,12 @@ import jax.numpy as jnp
 from lidu_jax import cpu_backend, reference
 from lidu_jax.validation import is_concrete
 
-__all__ = ["BACKENDS", "default_tile_size", "gaussian_log_prob", "resolve_backend"]
+__all__ = ["BACKENDS", "default_device", "default_tile_size", "gaussian_log_prob", "resolve_backend"]
 
 BACKENDS = ("cpu", "accelerator")
 
 
-def _default_device() -> jax.Device:
+def default_device() -> jax.Device:
     """The device a new array goes to: `jax.default_device` (a device or a platform name) or the first
     device of the default platform."""
     dev = jax.config.jax_default_device
@@ -51,7 +51,7 @@ def resolve_backend(backend: str | None, *arrays: Any) -> str:
     for x in arrays:
         if isinstance(x, jax.Array) and is_concrete(x):
             return "cpu" if {d.platform for d in x.devices()} == {"cpu"} else "accelerator"
-    return "cpu" if _default_device().platform == "cpu" else "accelerator"
+    return "cpu" if default_device().platform == "cpu" else "accelerator"
 
 
 def default_tile_size(backend: str) -> int:

@@ -107,7 +107,7 @@ def test_backend_follows_the_arrays_not_the_default_backend(monkeypatch):
     jax.jit(lambda y: seen.append(backend.resolve_backend(None, y)) or y)(x)
     assert seen == ["cpu"]
     # a default device on an accelerator: host and traced inputs follow it, arrays on a CPU do not
-    monkeypatch.setattr(backend, "_default_device", lambda: type("Dev", (), {"platform": "gpu"})())
+    monkeypatch.setattr(backend, "default_device", lambda: type("Dev", (), {"platform": "gpu"})())
     assert backend.resolve_backend(None, np.ones(3)) == "accelerator"
     assert backend.resolve_backend(None, np.ones(3), x) == "cpu"
     with pytest.raises(ValueError, match="backend"):
