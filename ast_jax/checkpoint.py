@@ -41,6 +41,8 @@ from typing import Any, NamedTuple
 import jax
 import orbax.checkpoint as ocp
 
+from ast_jax.sparsify import key_path, path_str
+
 __all__ = [
     "INTEGRITY_FILE",
     "CheckpointMismatchError",
@@ -114,20 +116,13 @@ def ensure_writable_dir(directory: str | os.PathLike) -> Path:
     return path
 
 
-def _key_name(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _leaf_specs(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{"a/b/c": (shape, dtype)}`` for every array leaf; dict keys and NamedTuple fields read alike, so the
     tree orbax reports for a saved state compares with the caller's target."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            name = "/".join(_key_name(k) for k in path)
+            name = path_str(key_path(path))
             out[name] = (tuple(int(d) for d in leaf.shape), str(leaf.dtype))
     return out
 

@@ -153,7 +153,7 @@ class SparsityConfig(Section):
 
     n: int = option(2, "kept weights per group (N of N:M, 0 < N < M)")
     m: int = option(4, "group size along a kernel's input (M of N:M, >= 2)")
-    max_decay: float = option(0.1, "lambda_max of Annealing SR-STE (finite, >= 0; see docs/AST.md)")
+    max_decay: float = option(0.1, "lambda_max of Annealing SR-STE (finite, >= 0; see docs/maths-ast.md)")
     ramp_steps: int = option(100, "T0: steps over which lambda ramps up to lambda_max (>= 0)")
     mask_every: int = option(10, "mask refresh interval in steps (>= 1)")
     slorb_k: int = option(16, "SLoRB block size k where SLoRB is used (AST-Boosted; >= 1)")

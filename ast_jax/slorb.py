@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ast_jax.sparsify import key_path, path_str
+from ast_jax.sparsify import get_path, key_path, path_str
 
 __all__ = [
     "SLORB_INITS",
@@ -180,11 +180,10 @@ def slorb_init_tree(
 
 
 def _lookup(tree: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
-    node: Any = tree
-    for c in path:
-        if not isinstance(node, dict) or c not in node:
-            return None
-        node = node[c]
+    try:  # most modules have no SLoRB entry: a missing path is the common case, not an error
+        node = get_path(tree, path)
+    except (KeyError, TypeError):
+        return None
     return node if isinstance(node, dict) and "S" in node else None
 
 

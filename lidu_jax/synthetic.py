@@ -77,13 +77,14 @@ def _check(config: SyntheticConfig) -> None:
         raise ValueError(f"config: need 0 < test_fraction < 1, temperature > 0, activity_median > 0, got {c}")
 
 
-def true_top_relevance(true_scores: np.ndarray, exclude: np.ndarray, top: int) -> np.ndarray:
-    """Bool ``(U, I)``: for each user, the ``top`` highest ``true_scores`` among items not in ``exclude``."""
-    masked = np.where(exclude, -np.inf, true_scores)
+def true_top_relevance(true_scores: np.ndarray, candidates: np.ndarray, top: int) -> np.ndarray:
+    """Bool ``(U, I)``: for each user, the ``top`` highest ``true_scores`` among the ``candidates`` (True =
+    may be recommended, the mask convention of every lidu_jax function)."""
+    masked = np.where(candidates, true_scores, -np.inf)
     idx = np.argpartition(-masked, top - 1, axis=1)[:, :top]
     rel = np.zeros(true_scores.shape, bool)
     np.put_along_axis(rel, idx, True, axis=1)
-    return rel & ~exclude
+    return rel & candidates
 
 
 def generate(config: SyntheticConfig = SyntheticConfig()) -> SyntheticData:
@@ -120,5 +121,5 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> SyntheticData:
         test_items=np.concatenate(te_i).astype(np.int32),
         name="synthetic",
     )
-    relevant = true_top_relevance(true_scores, split.train_matrix(), c.true_top)
+    relevant = true_top_relevance(true_scores, ~split.train_matrix(), c.true_top)
     return SyntheticData(split, true_scores, relevant, activity)

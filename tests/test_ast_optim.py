@@ -1,6 +1,6 @@
 """ast_jax.optim, ast_jax.mask_state and ast_jax.srste: sparse_adamw and its pieces vs an independent NumPy
-restatement of AST.md; λ(t); the GMP keep schedule; mask refresh from the weights actually applied; optax
-composition; buffers the state owns."""
+restatement of docs/maths-ast.md (section 4); λ(t); the GMP keep schedule; mask refresh from the weights
+actually applied; optax composition; buffers the state owns."""
 
 import chex
 import jax
@@ -45,8 +45,9 @@ def np_gmp_keep(t, n, m, ramp):
 
 
 def np_sparse_adamw(params, grads_seq, *, lr, lam_max, ramp, every, wd, b1, b2, eps, variant, n=2, m=4):
-    """AST.md's equations written out in NumPy for a dict {name: (array, is_sparse)}; masks refreshed from
-    the weights after the update every ``every`` steps (GMP: the scheduled count among those still kept)."""
+    """The equations of docs/maths-ast.md (section 4) written out in NumPy for a dict {name: (array,
+    is_sparse)}; masks refreshed from the weights after the update every ``every`` steps (GMP: the
+    scheduled count among those still kept)."""
     p = {k: v.copy() for k, (v, _) in params.items()}
     sparse = {k for k, (_, s) in params.items() if s}
     if variant == "gmp":

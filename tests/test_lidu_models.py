@@ -142,7 +142,7 @@ def ml_loo():
 def _ndcg_per_seed(model, params, split) -> np.ndarray:
     scores = score_users(model, params, np.arange(split.n_users), chunk=1024)
     train, test = jnp.asarray(split.train_matrix()), jnp.asarray(split.test_matrix())
-    return np.array([float(metrics.ndcg_at_k(s, test, 10, exclude=train).mean()) for s in scores])
+    return np.array([float(metrics.ndcg_at_k(s, test, 10, candidates=~train).mean()) for s in scores])
 
 
 def _most_popular_ndcg(split) -> float:
@@ -151,7 +151,7 @@ def _most_popular_ndcg(split) -> float:
     counts = np.bincount(split.train_items, minlength=split.n_items).astype(np.float32)
     scores = jnp.broadcast_to(jnp.asarray(counts), (split.n_users, split.n_items))
     train, test = jnp.asarray(split.train_matrix()), jnp.asarray(split.test_matrix())
-    return float(metrics.ndcg_at_k(scores, test, 10, exclude=train).mean())
+    return float(metrics.ndcg_at_k(scores, test, 10, candidates=~train).mean())
 
 
 def _train(model, split, epochs):

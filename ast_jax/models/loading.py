@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ast_jax.models.llama import Llama, LlamaConfig
+from ast_jax.sparsify import key_path
 
 __all__ = [
     "CheckpointMismatchError",
@@ -97,7 +98,7 @@ class _Entry:
 
 def _flat_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {tuple(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
+    return {key_path(path): tuple(leaf.shape) for path, leaf in flat}
 
 
 def _check(
