@@ -53,7 +53,7 @@ def main() -> None:
     values, _ = lidu(mean, std, args.k, candidates=~train, grid_size=args.grid_size)
     values = np.asarray(values)
     c4, t4 = time.process_time(), time.perf_counter()
-    ndcg = np.asarray(metrics.ndcg_at_k(mean, jnp.asarray(split.test_matrix()), args.k, exclude=train))
+    ndcg = np.asarray(metrics.ndcg_at_k(mean, jnp.asarray(split.test_matrix()), args.k, candidates=~train))
 
     total = t4 - t0
     print(

@@ -2,7 +2,7 @@
 
 ``LiDu_u = -log Pr[S_{l1} > ... > S_{lK} > max_{j in C_u \\ L} S_j]`` for a user's top-K list under
 independent item score distributions (a reconstruction of arXiv 2507.23208 from its abstract; see
-``docs/results-lidu-synthetic.md``).
+``docs/maths-lidu.md``).
 
 Data flows one way: data (`lidu_jax.synthetic`, `lidu_jax.types`) -> models (`lidu_jax.models`, trained with
 `lidu_jax.training`) -> score distributions (`lidu_jax.distributions`) -> estimators (`lidu_jax.estimators`,

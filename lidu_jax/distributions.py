@@ -242,7 +242,7 @@ def lidu_from_model(
       **lidu_kwargs: forwarded to `lidu_chunked` (method, grid_size, ordered, per_position).
 
     Returns:
-      ``(lidu (U,), rankings (U, k))`` NumPy arrays.
+      a :class:`lidu_jax.LiduResult` ``(values (U,), rankings (U, k))`` of ``jax.Array``.
     """
     users = np.asarray(users)
     if exclude is not None:

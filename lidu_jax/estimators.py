@@ -5,7 +5,7 @@ For one user with candidate items C, independent scores ``S_i ~ N(mean_i, std_i^
 
     P(L) = Pr[S_{l_1} > S_{l_2} > ... > S_{l_K} > max_{j in C \\ L} S_j],      LiDu = -log P(L_top-K)
 
-(a reconstruction from the abstract of arXiv 2507.23208; docs/results-lidu-synthetic.md). Methods:
+(a reconstruction from the abstract of arXiv 2507.23208; docs/maths-lidu.md). Methods:
 ``"exact"`` (grid recursion), ``"sequential"``, ``"pairwise"``; ``ordered=False`` for the unordered top-K
 set, ``per_position=True`` for ``-log P / K``. The maths, one function per estimator, is
 `lidu_jax.reference`; samples instead of Gaussians: `lidu_jax.samples`; users over devices:

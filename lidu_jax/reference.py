@@ -6,7 +6,7 @@ For one user with candidates C, independent scores ``S_i`` and a list ``L = (l_1
 
     P(L) = Pr[S_{l_1} > ... > S_{l_K} > max_{j in C \\ L} S_j],        LiDu = -log P(L)
 
-(a reconstruction from the abstract of arXiv 2507.23208; docs/results-lidu-synthetic.md). With CDFs ``F_i``,
+(a reconstruction from the abstract of arXiv 2507.23208; docs/maths-lidu.md). With CDFs ``F_i``,
 densities ``f_i`` and ``H(x) = prod_{j in C \\ L} F_j(x)``:
 
     G_K(x) = f_{l_K}(x) H(x),     G_k(x) = f_{l_k}(x) int_{-inf}^x G_{k+1}(y) dy,     P = int G_1.

@@ -89,17 +89,32 @@ def _sharded_fn(
     return jax.jit(mapped, out_shardings=(NamedSharding(mesh, spec), NamedSharding(mesh, spec)))
 
 
-def _to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    # Every process holds the full block; each builds only the shards of its own devices (works multi-host).
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+# host_to_global and to_host are verbatim copies of ast_jax.sharding's (neither package imports the other;
+# tests/test_packaging.py keeps the copies identical).
 
 
-def _gather(x: jax.Array) -> np.ndarray:
+def host_to_global(x: Any, sharding: NamedSharding) -> jax.Array:
+    """Build a global ``jax.Array`` from a host array that every process holds in full.
+
+    Each process contributes only the shards its own devices need, so this works unchanged on one host and
+    across hosts (unlike ``jax.device_put`` of a process-local value).
+    """
+    arr = np.asarray(x)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
+def to_host(tree: Any) -> Any:
+    """Full NumPy copies of every array of ``tree`` (possibly sharded over several hosts), on every process.
+
+    One process: ``jax.device_get``. Several: a tiled ``process_allgather``, so a leaf sharded across hosts
+    comes back whole (``device_get`` would fail on shards another process holds). A collective then: every
+    process must call it.
+    """
     if jax.process_count() == 1:
-        return np.asarray(x)
+        return jax.device_get(tree)
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 _OLD_NAMES = {"users_per_device": "chunk_size"}  # lidu_sharded's deprecated keyword name
@@ -174,10 +189,10 @@ def lidu_sharded(
             chunk = x[start:stop]
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            parts.append(_to_global(chunk, sharding))
+            parts.append(host_to_global(chunk, sharding))
         v, r = fn(*parts)
-        values.append(_gather(v)[: stop - start])
-        ranks.append(_gather(r)[: stop - start])
+        values.append(np.asarray(to_host(v))[: stop - start])
+        ranks.append(np.asarray(to_host(r))[: stop - start])
     return LiduResult(
         jnp.asarray(np.concatenate(values)), jnp.asarray(np.concatenate(ranks).astype(np.int32))
     )

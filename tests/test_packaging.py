@@ -55,11 +55,6 @@ def test_neither_package_imports_the_other(package):
 HOST_HELPERS = ("host_to_global", "to_host")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13: lidu_jax/sharding.py still has its own _to_global/_gather; once it carries verbatim "
-    "copies of ast_jax.sharding.host_to_global and to_host this passes, and this marker must go",
-)
 def test_host_helpers_are_identical_copies():
     import ast_jax.sharding
     import lidu_jax.sharding

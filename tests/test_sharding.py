@@ -147,9 +147,19 @@ def test_masks_and_moments_follow_their_kernels(tiny_reference):
 # LiDu over users
 
 
-def test_sharded_lidu_equals_unsharded():
+def test_sharded_lidu_equals_unsharded(monkeypatch):
+    import lidu_jax.sharding as lidu_sharding
     from lidu_jax import lidu, lidu_sharded
-    from lidu_jax.sharding import user_mesh
+
+    placed = []  # devices each user block was laid out on
+
+    def recording_host_to_global(x, sharding):
+        arr = host_to_global_orig(x, sharding)
+        placed.append(len({str(sh.index) for sh in arr.addressable_shards}))  # distinct blocks
+        return arr
+
+    host_to_global_orig = lidu_sharding.host_to_global
+    monkeypatch.setattr(lidu_sharding, "host_to_global", recording_host_to_global)
 
     rng = np.random.default_rng(1)
     n_users, n_items, k = 37, 40, 5  # 37 users: not a multiple of 8, so the last block is padded
@@ -161,8 +171,8 @@ def test_sharded_lidu_equals_unsharded():
     np.testing.assert_array_equal(ranks, np.asarray(ref_ranks))
     np.testing.assert_allclose(values, np.asarray(ref_values), rtol=1e-5, atol=1e-5)
     assert np.all(values > 0)
-    # the sharded run used all 8 devices
-    assert user_mesh().devices.size == 8
+    # every input block was split into 8 distinct shards (2 users each), one per device, not replicated
+    assert placed and set(placed) == {8}
     with pytest.raises(ValueError, match="larger than the number of candidates"):
         lidu_sharded(mean, std, 5, candidates=np.zeros_like(cand))
     with pytest.raises(ValueError, match="std"):
