@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lidu_jax import study, synthetic_study
+from lidu_jax import study, study_cells, synthetic_study
 
 REPO = Path(__file__).resolve().parents[1]
 CLIS = {"study": (study, "python -m lidu_jax.study"), "synthetic": (synthetic_study, "python -m lidu_jax")}
@@ -214,7 +214,7 @@ def _estimator_called(*args, **kwargs):
 def test_study_divergence_is_a_training_failure_not_an_estimator_error(
     tiny_file, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(study, "lidu", _estimator_called)
+    monkeypatch.setattr(study_cells, "lidu", _estimator_called)  # the estimator of a cell
     assert study.main([*_study_tiny(tiny_file, tmp_path), "--lr", "1e30"]) == 3
     err = _one_error_line(capsys.readouterr().err, "python -m lidu_jax.study")
     assert "training failed" in err and "BPR-MF" in err and "NaN/inf" in err, err

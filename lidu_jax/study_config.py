@@ -1,0 +1,166 @@
+"""The settings of the real-data LiDu study (`lidu_jax.study`): `RealDataStudyConfig`, one field per
+command-line flag, and the checks that reject an impossible value on construction with a ``ValueError`` naming
+the flag, before any data is loaded or any model trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+
+from lidu_jax._cli import option
+
+__all__ = ["DATASETS", "LIDU_VARIANT_FLAGS", "MODELS", "SOURCES", "SPLITS", "RealDataStudyConfig"]
+
+DATASETS = ("ml-100k", "lastfm", "beauty")
+MODELS = ("bpr", "lightgcn", "mlp", "sasrec")
+SOURCES = ("ensemble", "bootstrap", "snapshot", "mc_dropout", "bayesian")
+LIDU_VARIANT_FLAGS = ("exact", "unordered", "top3", "sequential", "pairwise")
+SPLITS = ("leave_last_out", "random")
+_SEED_MAX = 2**32 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RealDataStudyConfig:
+    """Settings of one study run; each field is the command-line flag ``--field-name`` (its help text says
+    what it is, its unit and its valid range). Values are checked on construction: an impossible value is a
+    ``ValueError`` naming the flag."""
+
+    data: str = option(
+        "ml-100k",
+        f"data set: one of {', '.join(DATASETS)} (located as in lidu_jax.datasets), or the path of an "
+        "interaction file (table 'user item [rating [timestamp]]' or one 'user item1 item2 ...' line per "
+        "user)",
+    )
+    model: str = option(
+        "bpr",
+        f"recommender: one of {', '.join(MODELS)} (bpr = BPR-MF, mlp = NeuMF-style, sasrec = sequential)",
+    )
+    source: str = option(
+        "ensemble",
+        f"where the per-item score distribution comes from: one of {', '.join(SOURCES)} (mc_dropout needs "
+        "bpr, mlp or sasrec; bayesian is Bayesian MF and needs --model bpr)",
+    )
+    all: bool = option(
+        False,
+        "run the whole grid (every data set x every model) with --source, BPR cells with --dynamics and "
+        "--sweeps; --data and --model are then ignored",
+    )
+    split: str = option(
+        "leave_last_out",
+        f"held-out items: one of {', '.join(SPLITS)} (leave_last_out = each user's latest interaction; "
+        "random = a seeded 20%% of each user's items)",
+    )
+    min_rating: float | None = option(
+        None, "implicit-feedback threshold: keep ratings >= this (none = every interaction is a positive)"
+    )
+    k_core: int = option(
+        5, "k-core filter: users and items with fewer interactions are dropped (>= 0; 0 = off)"
+    )
+    n_models: int = option(
+        5, "distribution size: ensemble members, bootstrap copies or last-epoch snapshots (>= 2)"
+    )
+    n_samples: int = option(10, "MC-dropout passes / Bayesian posterior draws (>= 2)")
+    dropout: float = option(0.2, "dropout rate of the mc_dropout model, in [0, 1)")
+    epochs: int = option(20, "training epochs (>= 1; >= --n-models for --source snapshot)")
+    dim: int = option(0, "embedding width of the model (>= 0; 0 = the model's default)")
+    lr: float = option(0.0, "Adam learning rate (finite, > 0; 0 = the model's default)")
+    batch_size: int = option(0, "training batch size (>= 0; 0 = the model's default)")
+    k: int = option(10, "list length K of LiDu, NDCG@K and Recall@K (>= 1, < the number of items)")
+    grid_size: int = option(256, "grid cells of the exact LiDu estimator (>= 8)")
+    lidu_variants: str = option(
+        "exact,unordered,top3,sequential,pairwise",
+        f"comma-separated LiDu variants besides the exact one, a subset of {','.join(LIDU_VARIANT_FLAGS)}",
+    )
+    max_eval_users: int = option(
+        0, "evaluate a seeded random subset of this many users (>= 0; 0 = every user with a held-out item)"
+    )
+    chunk: int = option(256, "users per scoring / estimation chunk; bounds memory (>= 1)")
+    n_boot: int = option(200, "bootstrap resamples over users for the 95%% intervals (>= 1)")
+    dynamics: bool = option(
+        False, "track mean LiDu and mean NDCG@K during training (needs --source ensemble or bootstrap)"
+    )
+    dynamics_every: int = option(2, "with --dynamics: log every this many epochs (>= 1)")
+    dynamics_users: int = option(500, "users scored for --dynamics and --sweeps (>= 1)")
+    sweeps: bool = option(False, "also compute LiDu for the list lengths --sweep-ks and candidate sizes")
+    sweep_ks: str = option("1,3,5,10,20", "with --sweeps: comma-separated list lengths K (each >= 1)")
+    sweep_candidates: str = option(
+        "100,300,1000,0",
+        "with --sweeps: comma-separated candidate-set sizes (each > --k; 0 = all non-training items)",
+    )
+    seed: int = option(0, f"seed of training, sampling and the user subset (0 .. {_SEED_MAX})")
+    out_dir: str = option("runs/lidu_study", "directory for the tables, plots and JSON (created if missing)")
+    json: str | None = option(
+        None, "JSON path of a single run (none = <out-dir>/<data>_<model>_<source>.json)"
+    )
+    progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _int_list(config: RealDataStudyConfig, name: str) -> list[int]:
+    text = getattr(config, name)
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{_flag(name)} must be comma-separated integers, got {text!r}") from None
+
+
+def _check(config: RealDataStudyConfig) -> None:
+    """ValueError naming the flag of the first impossible setting of ``config``."""
+    c = config
+    for name, choices in (("model", MODELS), ("source", SOURCES), ("split", SPLITS)):
+        if getattr(c, name) not in choices:
+            raise ValueError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(c, name)!r}")
+    if not c.all and c.data not in DATASETS and not os.path.isfile(c.data):
+        raise ValueError(
+            f"--data must be one of {', '.join(DATASETS)} or an existing interaction file, got {c.data!r}"
+        )
+    if c.source == "bayesian" and c.model != "bpr":
+        raise ValueError("--source bayesian is Bayesian MF: use it with --model bpr")
+    if c.source == "mc_dropout" and c.model == "lightgcn":
+        raise ValueError("--source mc_dropout needs a model with dropout (bpr, mlp, sasrec), not lightgcn")
+    for name, low in (
+        ("k_core", 0), ("n_models", 2), ("n_samples", 2), ("epochs", 1), ("dim", 0), ("batch_size", 0),
+        ("k", 1), ("grid_size", 8), ("max_eval_users", 0), ("chunk", 1), ("n_boot", 1),
+        ("dynamics_every", 1), ("dynamics_users", 1),
+    ):  # fmt: skip
+        v = getattr(c, name)
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{_flag(name)} must be an integer >= {low}, got {v!r}")
+    if not (isinstance(c.seed, numbers.Integral) and 0 <= c.seed <= _SEED_MAX):
+        raise ValueError(f"--seed must be an integer in [0, {_SEED_MAX}], got {c.seed!r}")
+    if c.source == "snapshot" and c.n_models > c.epochs:
+        raise ValueError(f"--source snapshot: --n-models={c.n_models} must be <= --epochs={c.epochs}")
+    if not (math.isfinite(c.lr) and c.lr >= 0):
+        raise ValueError(f"--lr must be finite and > 0 (or 0 for the model's default), got {c.lr}")
+    if not 0.0 <= c.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {c.dropout}")
+    if c.min_rating is not None and not math.isfinite(c.min_rating):
+        raise ValueError(f"--min-rating must be finite (or none), got {c.min_rating}")
+    bad = {v.strip() for v in c.lidu_variants.split(",")} - set(LIDU_VARIANT_FLAGS) - {""}
+    if bad:
+        raise ValueError(
+            f"--lidu-variants must be a subset of {','.join(LIDU_VARIANT_FLAGS)}, got {sorted(bad)}"
+        )
+    ks = _int_list(c, "sweep_ks")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--sweep-ks must be one or more list lengths >= 1, got {c.sweep_ks!r}")
+    sizes = _int_list(c, "sweep_candidates")
+    if (c.sweeps or c.all) and (not sizes or min(sizes) < 0 or any(0 < s <= c.k for s in sizes)):
+        raise ValueError(
+            f"--sweep-candidates must be sizes > --k={c.k} (or 0 = all items), got {c.sweep_candidates!r}"
+        )
+    if c.dynamics and c.source not in ("ensemble", "bootstrap"):
+        raise ValueError("--dynamics needs a stacked source: --source ensemble or bootstrap")
+    if not c.out_dir or (os.path.exists(c.out_dir) and not os.path.isdir(c.out_dir)):
+        raise ValueError(f"--out-dir must be a directory (it is created if missing), got {c.out_dir!r}")
+    if c.json is not None and (not c.json or os.path.isdir(c.json)):
+        raise ValueError(f"--json must be a file path, got {c.json!r}")
