@@ -1,7 +1,8 @@
 """AST: the Adaptive Sparse Trainer (2:4 semi-structured sparse retraining), in JAX.
 
 The core is pure functions on arrays and pytrees: ``nm_mask`` (masks), ``sparse_adamw`` (Annealing SR-STE
-AdamW as an optax transform that keeps the masks), ``masked_params`` (straight-through forward weights),
+AdamW as a chain of optax pieces: ``with_nm_masks`` keeps the masks, ``scale_by_srste_adam`` is the
+decoupled moment update), ``masked_params`` (straight-through forward weights),
 ``kl_distill_loss`` (distillation), ``slorb_init`` (Sparse Low-Rank Boosting) and ``make_train_step`` (one
 pure distillation step to ``jax.jit``). ``python -m ast_jax`` runs the small end-to-end comparison.
 """
@@ -14,10 +15,13 @@ from ast_jax.distill import (
     kl_distill_loss,
     reverse_kl_distill_loss,
 )
+from ast_jax.mask_state import NMMaskState, refresh_masks, with_nm_masks
 from ast_jax.masks import check_nm, flip_count, nm_mask, wanda_scores
 from ast_jax.optim import (
     SparseAdamWState,
     annealing_decay,
+    decay_mask,
+    dense_adamw,
     get_masks,
     gpt2_recipe_schedule,
     mask_stats,
@@ -35,13 +39,17 @@ from ast_jax.sparsify import (
     strict_nm_report,
     wanda_masks,
 )
+from ast_jax.srste import add_srste_decay, annealing_schedule, mask_updates, scale_by_srste_adam
 from ast_jax.step import TrainState, evaluate_perplexity, final_params, init_train_state, make_train_step
 
 __all__ = [
     "LossConfig",
+    "NMMaskState",
     "SparseAdamWState",
     "TrainState",
+    "add_srste_decay",
     "annealing_decay",
+    "annealing_schedule",
     "apply_masks",
     "apply_with_slorb",
     "block_project",
@@ -49,7 +57,9 @@ __all__ = [
     "collect_input_norms",
     "compute_masks",
     "cross_entropy_loss",
+    "decay_mask",
     "default_sparse_filter",
+    "dense_adamw",
     "distill_loss",
     "evaluate_perplexity",
     "final_params",
@@ -62,9 +72,12 @@ __all__ = [
     "kl_distill_loss",
     "make_train_step",
     "mask_stats",
+    "mask_updates",
     "masked_params",
     "nm_mask",
+    "refresh_masks",
     "reverse_kl_distill_loss",
+    "scale_by_srste_adam",
     "slorb_init",
     "slorb_init_tree",
     "slorb_layer",
@@ -73,4 +86,5 @@ __all__ = [
     "strict_nm_report",
     "wanda_masks",
     "wanda_scores",
+    "with_nm_masks",
 ]

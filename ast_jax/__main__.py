@@ -44,8 +44,7 @@ from ast_jax.config import (
 )
 from ast_jax.data import batch_at, eval_batches, load_text_data
 from ast_jax.distill import LossConfig
-from ast_jax.loop import retrain, train_teacher
-from ast_jax.models.gpt2 import GPT2, GPT2Config
+from ast_jax.loop import build_gpt2, retrain, train_teacher
 from ast_jax.optim import annealing_decay
 from ast_jax.sparsify import apply_masks, compute_masks, count_params, is_strict_nm
 from ast_jax.step import evaluate_perplexity
@@ -219,18 +218,7 @@ def run(cfg: MainConfig) -> dict[str, Any]:
     check_output("--json", run.json)  # before any training
     if not run.no_plots:
         check_output("--out-dir", run.out_dir, directory=True)
-    mc = cfg.model
-    model = GPT2(
-        GPT2Config(
-            vocab_size=data.vocab_size,
-            max_len=d.seq_len,
-            n_layer=mc.n_layer,
-            n_head=mc.n_head,
-            d_model=mc.d_model,
-            d_mlp=mc.d_mlp,
-            remat=mc.remat,
-        )
-    )
+    model = build_gpt2(cfg.model, data.vocab_size, d.seq_len)
 
     def ppl_of(params: Any, windows: int = d.eval_windows, slorb: Any = None) -> float:
         return _heldout_ppl(model, params, data, cfg, windows, slorb)

@@ -28,9 +28,10 @@ import jax
 import optax
 from tqdm.auto import tqdm
 
-from ast_jax.config import OptimizerConfig, SparsityConfig, TeacherConfig
+from ast_jax.config import ModelConfig, OptimizerConfig, SparsityConfig, TeacherConfig
 from ast_jax.distill import LossConfig
 from ast_jax.masks import tree_size
+from ast_jax.models.gpt2 import GPT2, GPT2Config
 from ast_jax.optim import get_masks, get_sparse_state, sparse_adamw
 from ast_jax.slorb import slorb_init_tree, trainable_masks
 from ast_jax.sparsify import compute_masks, count_params, is_strict_nm
@@ -54,6 +55,22 @@ CE_ONLY = LossConfig(w_kl=0.0, w_ce=1.0)
 
 # ---------------------------------------------------------------------------------------------------------
 # Schedule and optimizers
+
+
+def build_gpt2(model: ModelConfig, vocab_size: int, max_len: int) -> GPT2:
+    """The GPT-2-style model (teacher and student architecture) of a :class:`ModelConfig`, for a vocabulary of
+    ``vocab_size`` tokens and sequences of up to ``max_len``."""
+    return GPT2(
+        GPT2Config(
+            vocab_size=vocab_size,
+            max_len=max_len,
+            n_layer=model.n_layer,
+            n_head=model.n_head,
+            d_model=model.d_model,
+            d_mlp=model.d_mlp,
+            remat=model.remat,
+        )
+    )
 
 
 def build_schedule(

@@ -22,8 +22,8 @@ import optax
 from ast_jax import sharding as shd
 from ast_jax.data import batch_at
 from ast_jax.distill import distill_loss
-from ast_jax.loop import CE_ONLY, build_optimizer, build_teacher_optimizer
-from ast_jax.models.gpt2 import GPT2, GPT2Config
+from ast_jax.loop import CE_ONLY, build_gpt2, build_optimizer, build_teacher_optimizer
+from ast_jax.models.gpt2 import GPT2
 from ast_jax.optim import get_masks
 from ast_jax.slorb import apply_with_slorb, slorb_init_tree
 from ast_jax.sparsify import apply_masks, compute_masks
@@ -51,18 +51,7 @@ NOT_COMPILED = (
 
 def build_model(cfg: TrainConfig) -> GPT2:
     """The byte-level GPT-2-style model (teacher and student architecture) of a :class:`TrainConfig`."""
-    mc = cfg.model
-    return GPT2(
-        GPT2Config(
-            vocab_size=256,
-            max_len=cfg.data.seq_len,
-            n_layer=mc.n_layer,
-            n_head=mc.n_head,
-            d_model=mc.d_model,
-            d_mlp=mc.d_mlp,
-            remat=mc.remat,
-        )
-    )
+    return build_gpt2(cfg.model, 256, cfg.data.seq_len)
 
 
 def checkpoint_tree(state: TrainState) -> dict[str, Any]:

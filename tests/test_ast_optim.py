@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _oracles import np_mask
 
 from ast_jax.optim import (
     annealing_decay,
@@ -26,18 +27,6 @@ from ast_jax.srste import annealing_schedule, mask_updates, scale_by_srste_adam
 
 # Compilation dominates these tests on CPU; XLA's lowest backend optimisation level roughly halves it.
 FAST = {"xla_backend_optimization_level": 0}
-
-
-def np_mask(w, n=2, m=4, allowed=None):
-    """Loop reference: keep the n largest |w| of each group of m rows (stable sort: lower index wins ties),
-    choosing only among the ``allowed`` entries when given."""
-    out = np.zeros(w.shape, bool)
-    allowed = np.ones(w.shape, bool) if allowed is None else allowed
-    for c in range(w.shape[1]):
-        for g in range(0, w.shape[0], m):
-            order = [i for i in np.argsort(-np.abs(w[g : g + m, c]), kind="stable") if allowed[g + i, c]]
-            out[g + np.asarray(order[:n], int), c] = True
-    return out
 
 
 def np_gmp_keep(t, n, m, ramp):
