@@ -409,7 +409,7 @@ def _retrain(name, cfg: ExperimentConfig, model, teacher, oneshot, train_batch, 
         ramp = max(sp.mask_every, round(sp.gmp_ramp * run.steps) // sp.mask_every * sp.mask_every)
         common["sparsity"] = dataclasses.replace(sp, ramp_steps=ramp)
         variant = "gmp" if name == "gmp" else "dense"
-        out = retrain(model, teacher, teacher_fwd, train_batch, variant=variant, seed=run.seed, **common)
+        out = retrain(model, teacher, teacher_fwd, train_batch, variant=variant, **common)
     else:
         mask_init = cfg.oneshot.mask_init
         if mask_init == "magnitude":
@@ -426,7 +426,6 @@ def _retrain(name, cfg: ExperimentConfig, model, teacher, oneshot, train_batch, 
             variant=_optimizer_variant(name),
             slorb=name == "ast_boosted",
             initial_masks=init_masks,
-            seed=run.seed,
             **common,
         )
     t_train = time.perf_counter()

@@ -286,7 +286,6 @@ def train_teacher(
     evaluate: Callable[[Any], float],
     eval_every: int,
     flat_tol: float,
-    seed: int = 0,
     log_every: int = 10,
     progress: bool = False,
     compiler_options: dict[str, Any] | None = None,
@@ -298,7 +297,7 @@ def train_teacher(
     Returns ``(params, history)`` with ``loss`` per step, ``eval_step``/``eval_loss``, ``steps``, ``seconds``.
     """
     tx = build_teacher_optimizer(optimizer, teacher)
-    state = init_train_state(params, tx, seed=seed)  # owns its buffers: donated below
+    state = init_train_state(params, tx)  # owns its buffers: donated below
     step = _jit(compiler_options)(make_train_step(model, None, tx, CE_ONLY), donate_argnums=0)
     evals: dict[str, list] = {"eval_step": [], "eval_loss": []}
     flat = 0
@@ -372,7 +371,6 @@ def retrain(
     loss: LossConfig,
     slorb: bool = False,
     initial_masks: Any = None,
-    seed: int = 0,
     name: str = "retrain",
     log_every: int = 10,
     progress: bool = False,
@@ -402,7 +400,7 @@ def retrain(
         tx = build_dense_optimizer(optimizer, steps)
     else:
         tx = build_optimizer(optimizer, sparsity, steps, variant=variant, initial_masks=masks0)
-    state = init_train_state(params, tx, slorb_params=slorb_params, seed=seed)  # owns its buffers
+    state = init_train_state(params, tx, slorb_params=slorb_params)  # owns its buffers
     step = jit(make_train_step(model, None, tx, loss), donate_argnums=0)
     out = fit(
         step,

@@ -55,16 +55,14 @@ def build_model(cfg: TrainConfig) -> GPT2:
 
 
 def checkpoint_tree(state: TrainState) -> dict[str, Any]:
-    """The pytree a checkpoint stores: ``{"params", "opt_state", "step", "rng", "data_position"}``.
+    """The pytree a checkpoint stores: ``{"params", "opt_state", "step", "data_position"}``.
 
-    ``rng`` is the raw ``uint32`` key data of the typed PRNG key (orbax stores plain arrays). Use
-    ``jax.eval_shape(checkpoint_tree, state)`` to build a restore target.
+    Use ``jax.eval_shape(checkpoint_tree, state)`` to build a restore target.
     """
     return {
         "params": state.params,
         "opt_state": state.opt_state,
         "step": state.step,
-        "rng": jax.random.key_data(state.rng),
         "data_position": state.data_position,
     }
 
@@ -75,7 +73,6 @@ def state_from_checkpoint_tree(tree: dict[str, Any]) -> TrainState:
         params=tree["params"],
         opt_state=tree["opt_state"],
         step=tree["step"],
-        rng=jax.random.wrap_key_data(tree["rng"]),
         data_position=tree["data_position"],
     )
 
@@ -121,7 +118,7 @@ def _student_parts(cfg: TrainConfig) -> tuple[GPT2, Any, optax.GradientTransform
         slorb = None
         if cfg.run.slorb:
             slorb = slorb_init_tree(teacher_params, compute_masks(teacher_params, sp.n, sp.m), sp.slorb_k)
-        return init_train_state(teacher_params, tx, slorb_params=slorb, seed=cfg.run.seed)
+        return init_train_state(teacher_params, tx, slorb_params=slorb)
 
     return model, init_fn, tx, make_state, jax.eval_shape(init_fn, jax.random.key(0))
 
@@ -165,7 +162,7 @@ def _build_programs(cfg: TrainConfig, mesh: Any) -> Programs:
     teacher_state = teacher_step = teacher_params = None
     if cfg.teacher.steps:
         ttx = build_teacher_optimizer(cfg.optimizer, cfg.teacher)
-        t_state = lambda p: init_train_state(p, ttx, seed=cfg.run.seed)
+        t_state = lambda p: init_train_state(p, ttx)
         tsh = rule(jax.eval_shape(t_state, abstract_params))
         teacher_state = jax.jit(t_state, in_shardings=(psh,), out_shardings=tsh)
         teacher_step = jax.jit(

@@ -47,15 +47,13 @@ class TrainState(struct.PyTreeNode):
 
     ``params`` is the trainable pytree of :func:`ast_jax.slorb.trainable_params`; ``opt_state`` holds the
     masks (for sparse optimizers); ``step`` (int32) counts updates; ``data_position`` (int32) is the index of
-    the next training batch (see :func:`ast_jax.data.batch_at`). ``rng`` is the PRNG key of ``seed``: nothing
-    in the step is random (no dropout; batches come from ``data_position``), so the step leaves it as it is;
-    it stays only because ``ast_jax.train``'s checkpoint format stores it, and goes with it.
+    the next training batch (see :func:`ast_jax.data.batch_at`). There is no PRNG key: nothing in the step is
+    random (no dropout; batches come from ``data_position``), so the state holds none.
     """
 
     params: Any
     opt_state: Any
     step: jax.Array
-    rng: jax.Array
     data_position: jax.Array
 
 
@@ -77,7 +75,6 @@ def init_train_state(
     tx: optax.GradientTransformation,
     *,
     slorb_params: Any = None,
-    seed: int = 0,
     data_position: int = 0,
 ) -> TrainState:
     """A fresh :class:`TrainState`: ``params = trainable_params(model_params, slorb_params)`` (copies),
@@ -91,7 +88,6 @@ def init_train_state(
         params=params,
         opt_state=tx.init(params),
         step=jnp.zeros((), jnp.int32),
-        rng=jax.random.key(seed),
         data_position=jnp.asarray(data_position, jnp.int32),
     )
 

@@ -51,7 +51,7 @@ def setup(data):
     ]
     tx = sparse_adamw(3e-3, max_decay=0.1, ramp_steps=5, mask_every=5, weight_decay=0.1)
     slorb = slorb_init_tree(teacher, compute_masks(teacher), k=4)
-    state0 = init_train_state(teacher, tx, slorb_params=slorb, seed=3)
+    state0 = init_train_state(teacher, tx, slorb_params=slorb)
     step = jax.jit(make_train_step(model, teacher, tx, LossConfig()), compiler_options=FAST)
     return model, teacher, tx, state0, step
 
@@ -76,7 +76,6 @@ def test_ast_step_is_deterministic_resumable_and_refreshes_from_the_weights(setu
     assert int(s12.step) == 12 and int(s12.data_position) == 12
     assert [int(m["refreshes"]) for m in mets] == [0] * 4 + [1] * 5 + [2] * 3
     assert all(bool(m["finite"]) for m in mets)
-    chex.assert_trees_all_equal(s12.rng, state0.rng)  # nothing in the step is random
     # Resuming from the middle (state + data position) continues the same run.
     resumed, _ = _run(step, states[6], data, 5)
     chex.assert_trees_all_equal(resumed, s12)
