@@ -15,6 +15,7 @@ from ast_jax.distill import (
     kl_distill_loss,
     reverse_kl_distill_loss,
 )
+from ast_jax.generate import generate
 from ast_jax.mask_state import NMMaskState, refresh_masks, with_nm_masks
 from ast_jax.masks import check_nm, flip_count, nm_mask, wanda_scores
 from ast_jax.optim import (
@@ -64,6 +65,7 @@ __all__ = [
     "evaluate_perplexity",
     "final_params",
     "flip_count",
+    "generate",
     "get_masks",
     "gpt2_recipe_schedule",
     "hidden_mse_loss",

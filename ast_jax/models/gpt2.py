@@ -17,13 +17,47 @@ MLP; attention logits and softmax are computed in float32.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["GPT2", "GPT2Config"]
+__all__ = ["GPT2", "GPT2Config", "KVCache", "cached_attention_mask"]
+
+
+class KVCache(NamedTuple):
+    """Static-shape key/value cache shared by the ``ast_jax`` decoders (one compiled decode step per run).
+
+    ``k[l]``, ``v[l]``: ``(B, S, n_kv_heads, head_dim)`` for layer ``l``; slot ``j`` of row ``b`` holds
+    the key and value of that row's token at position ``j``. ``pos``: ``(B,)`` int32, the position the next
+    token of each row is written to (rows may differ, so right-padded prompts of different lengths share one
+    cache).
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    pos: jax.Array
+
+
+def cached_attention_mask(positions: jax.Array, slots: int) -> jax.Array:
+    """Causal mask over cache slots: ``(B, 1, T, S)`` bool, True where slot ``j <= positions[b, t]``.
+
+    Slot index equals token position, so this is the causal mask; slots past a row's position hold padding or
+    stale values and are never attended to.
+    """
+    return (jnp.arange(slots)[None, None, :] <= positions[:, :, None])[:, None]
+
+
+def write_cache(
+    k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter ``k, v`` (B, T, Hkv, hd) into caches (B, S, Hkv, hd) at per-row slots ``positions`` (B, T)."""
+    rows = jnp.arange(k.shape[0])[:, None]
+    return (
+        k_cache.at[rows, positions].set(k.astype(k_cache.dtype)),
+        v_cache.at[rows, positions].set(v.astype(v_cache.dtype)),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +105,25 @@ class CausalSelfAttention(nn.Module):
     cfg: GPT2Config
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, layer_cache: tuple[jax.Array, jax.Array] | None = None, positions: Any = None
+    ) -> Any:
+        """Without ``layer_cache``: (B, T, D) -> (B, T, D). With ``layer_cache`` (k, v) of shape
+        (B, S, H, hd) and ``positions`` (B, T): returns ``(y, (k, v))`` with this step's keys/values written.
+        """
         cfg = self.cfg
         b, t, d = x.shape
         h, hd = cfg.n_head, d // cfg.n_head
         q = _dense(d, "q", cfg)(x).reshape(b, t, h, hd)
         k = _dense(d, "k", cfg)(x).reshape(b, t, h, hd)
         v = _dense(d, "v", cfg)(x).reshape(b, t, h, hd)
+        if layer_cache is not None:
+            k_all, v_all = write_cache(*layer_cache, k, v, positions)
+            att = jnp.einsum("bqhd,bkhd->bhqk", q, k_all).astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
+            att = jnp.where(cached_attention_mask(positions, k_all.shape[1]), att, jnp.finfo(jnp.float32).min)
+            att = jax.nn.softmax(att, axis=-1).astype(v_all.dtype)
+            y = jnp.einsum("bhqk,bkhd->bqhd", att, v_all).reshape(b, t, d)
+            return _dense(d, "proj", cfg, std=0.02 / (2 * cfg.n_layer) ** 0.5)(y), (k_all, v_all)
         # softmax(q k^T / sqrt(hd) + causal) v, logits in float32 for stability under bfloat16 compute.
         att = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(hd))
         causal = jnp.tril(jnp.ones((t, t), bool))
@@ -105,39 +151,67 @@ class Block(nn.Module):
     cfg: GPT2Config
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, layer_cache: tuple[jax.Array, jax.Array] | None = None, positions: Any = None
+    ) -> Any:
         cfg = self.cfg
-        x = x + CausalSelfAttention(cfg, name="attn")(
-            nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="ln_1")(x)
-        )
-        return x + MLP(cfg, name="mlp")(nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="ln_2")(x))
+        attn = CausalSelfAttention(cfg, name="attn")
+        mlp = MLP(cfg, name="mlp")
+        if layer_cache is not None:
+            a, new_cache = attn(
+                nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="ln_1")(x), layer_cache, positions
+            )
+            x = x + a
+            return x + mlp(nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="ln_2")(x)), new_cache
+        x = x + attn(nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="ln_1")(x))
+        return x + mlp(nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="ln_2")(x))
 
 
 class GPT2(nn.Module):
-    """GPT-2-style decoder. ``__call__(tokens (B, T) int32, return_hidden=False) -> logits (B, T, V)``."""
+    """GPT-2-style decoder. ``__call__(tokens (B, T) int32, return_hidden=False) -> logits (B, T, V)``.
+
+    With ``cache`` (a :class:`KVCache`, slots ``S``): the tokens sit at positions ``cache.pos[b] + t``;
+    returns ``(logits (B, T, V), new_cache)`` with their keys/values written and ``pos`` advanced by ``T``.
+    """
 
     cfg: GPT2Config
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, return_hidden: bool = False) -> Any:
+    def __call__(self, tokens: jax.Array, return_hidden: bool = False, cache: KVCache | None = None) -> Any:
         cfg = self.cfg
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape (B, T), got {tokens.shape}")
+        if cache is not None and return_hidden:
+            raise ValueError("return_hidden is not supported together with a KV cache")
         t = tokens.shape[1]
         if t > cfg.max_len:
             raise ValueError(f"sequence length {t} exceeds GPT2Config.max_len={cfg.max_len}")
         wte = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(0.02), name="wte")
         wpe = nn.Embed(cfg.max_len, cfg.d_model, embedding_init=nn.initializers.normal(0.01), name="wpe")
-        x = (wte(tokens) + wpe(jnp.arange(t))[None]).astype(cfg.dtype)
         block_cls = nn.remat(Block) if cfg.remat else Block
+
+        def head(x: jax.Array) -> jax.Array:
+            x = nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="ln_f")(x)
+            if cfg.tie_embeddings:
+                logits = wte.attend(x.astype(jnp.float32))
+            else:
+                logits = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head")(x.astype(jnp.float32))
+            return logits.astype(jnp.float32)
+
+        if cache is not None:
+            positions = cache.pos[:, None] + jnp.arange(t)[None]  # (B, T) per-row positions
+            x = (wte(tokens) + wpe(positions)).astype(cfg.dtype)
+            ks, vs = [], []
+            for i in range(cfg.n_layer):
+                x, (k, v) = block_cls(cfg, name=f"block_{i}")(x, (cache.k[i], cache.v[i]), positions)
+                ks.append(k)
+                vs.append(v)
+            new_cache = KVCache(tuple(ks), tuple(vs), cache.pos + t)
+            return head(x), new_cache
+        x = (wte(tokens) + wpe(jnp.arange(t))[None]).astype(cfg.dtype)
         hidden = [x]
         for i in range(cfg.n_layer):
             x = block_cls(cfg, name=f"block_{i}")(x)
             hidden.append(x)
-        x = nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="ln_f")(x)
-        if cfg.tie_embeddings:
-            logits = wte.attend(x.astype(jnp.float32))
-        else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head")(x.astype(jnp.float32))
-        logits = logits.astype(jnp.float32)
+        logits = head(x)
         return (logits, tuple(hidden)) if return_hidden else logits

@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ast_jax.models.gpt2 import KVCache, cached_attention_mask, write_cache
+
 __all__ = ["Llama", "LlamaBlock", "LlamaConfig", "apply_rope", "rope_tables"]
 
 
@@ -125,17 +127,18 @@ class LlamaConfig:
 
 
 def rope_tables(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """Rotary tables for integer ``positions`` (T,): ``cos, sin`` of shape ``(T, head_dim // 2)``.
+    """Rotary tables for integer ``positions`` (T,) or (B, T): ``cos, sin`` of shape ``(..., head_dim // 2)``.
 
     Angle of position ``p`` and frequency ``i``: ``p · base^(-2i / head_dim)``, ``i = 0 .. head_dim/2 - 1``.
     """
     inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x`` of shape ``(B, T, heads, head_dim)`` by the rotary tables ``(T, head_dim // 2)``.
+    """Rotate ``x`` of shape ``(B, T, heads, head_dim)`` by the rotary tables ``(T, head_dim // 2)``
+    (shared by all rows) or ``(B, T, head_dim // 2)`` (per-row positions, as in cached decoding).
 
     With ``x = [x1, x2]`` split into halves: ``out = [x1·cos − x2·sin, x2·cos + x1·sin]`` (rotate-half
     convention), computed in float32 and cast back to ``x.dtype``.
@@ -143,8 +146,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     x1 = x[..., :half].astype(jnp.float32)
     x2 = x[..., half:].astype(jnp.float32)
-    c = cos[None, :, None, :]
-    s = sin[None, :, None, :]
+    # A (T, hd/2) table broadcasts over rows; a (B, T, hd/2) table is per row.
+    c = cos[None, :, None, :] if cos.ndim == 2 else cos[:, :, None, :]
+    s = sin[None, :, None, :] if sin.ndim == 2 else sin[:, :, None, :]
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
@@ -185,7 +189,16 @@ class Attention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        layer_cache: tuple[jax.Array, jax.Array] | None = None,
+        positions: Any = None,
+    ) -> Any:
+        """x (B, T, D) -> (B, T, D). With ``layer_cache`` (k, v) of shape (B, S, Hkv, hd) and ``positions``
+        (B, T) the keys/values are written at those slots and ``(y, (k, v))`` is returned."""
         cfg = self.cfg
         b, t, _ = x.shape
         hd = cfg.head_dim
@@ -194,6 +207,11 @@ class Attention(nn.Module):
         v = _dense(cfg, cfg.n_kv_heads * hd, "v_proj")(x).reshape(b, t, cfg.n_kv_heads, hd)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        if layer_cache is not None:
+            k_all, v_all = write_cache(*layer_cache, k, v, positions)
+            mask = cached_attention_mask(positions, k_all.shape[1])
+            out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask)
+            return _dense(cfg, cfg.d_model, "o_proj")(out.reshape(b, t, cfg.n_heads * hd)), (k_all, v_all)
         # jax.nn.dot_product_attention handles GQA (Hkv | H) and the causal mask, and can dispatch to a fused
         # kernel on GPU; softmax is computed in float32 internally for low-precision inputs.
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
@@ -219,10 +237,18 @@ class LlamaBlock(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, layer_cache: tuple[jax.Array, jax.Array] | None = None, positions: Any = None
+    ) -> Any:
         cfg = self.cfg
-        cos, sin = rope_tables(jnp.arange(x.shape[1]), cfg.head_dim, cfg.rope_base)
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        if layer_cache is not None:
+            # Cached decoding: rows sit at their own positions (B, T), so the rotary tables are per row.
+            cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_base)
+            a, new_cache = Attention(cfg, name="attn")(norm("attn_norm")(x), cos, sin, layer_cache, positions)
+            h = x + a
+            return h + MLP(cfg, name="mlp")(norm("mlp_norm")(h)), new_cache
+        cos, sin = rope_tables(jnp.arange(x.shape[1]), cfg.head_dim, cfg.rope_base)
         h = x + Attention(cfg, name="attn")(norm("attn_norm")(x), cos, sin)
         return h + MLP(cfg, name="mlp")(norm("mlp_norm")(h))
 
@@ -233,6 +259,9 @@ class Llama(nn.Module):
     ``tokens`` (B, T) int32 -> logits (B, T, V) float32; ``return_hidden=True`` also returns the tuple of the
     embedding output and the ``n_layers`` block outputs, ``n_layers + 1`` arrays (B, T, D).
     ``logits = RMSNorm(h_L) Eᵀ`` when embeddings are tied.
+    With ``cache`` (a :class:`~ast_jax.models.gpt2.KVCache`): the tokens sit at positions
+    ``cache.pos[b] + t``; returns ``(logits (B, T, V), new_cache)`` with their keys/values written and
+    ``pos`` advanced by ``T``.
 
     """
 
@@ -270,15 +299,24 @@ class Llama(nn.Module):
         logits = self.embed.attend(h) if self.cfg.tie_embeddings else self.lm_head(h)
         return logits.astype(jnp.float32)
 
-    def __call__(
-        self, tokens: jax.Array, return_hidden: bool = False
-    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
+    def __call__(self, tokens: jax.Array, return_hidden: bool = False, cache: KVCache | None = None) -> Any:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape (B, T), got {tokens.shape}")
         if tokens.shape[1] > self.cfg.max_len:
             raise ValueError(
                 f"sequence length {tokens.shape[1]} exceeds LlamaConfig.max_len={self.cfg.max_len}"
             )
+        if cache is not None:
+            if return_hidden:
+                raise ValueError("return_hidden is not supported together with a KV cache")
+            positions = cache.pos[:, None] + jnp.arange(tokens.shape[1])[None]  # (B, T) per-row positions
+            h = self.embed_tokens(tokens)
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                h, (k, v) = layer(h, (cache.k[i], cache.v[i]), positions)
+                ks.append(k)
+                vs.append(v)
+            return self.head(h), KVCache(tuple(ks), tuple(vs), cache.pos + tokens.shape[1])
         h = self.embed_tokens(tokens)
         hidden = [h]
         for layer in self.layers:
