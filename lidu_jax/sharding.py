@@ -29,7 +29,15 @@ from lidu_jax.backend import default_tile_size, gaussian_log_prob, resolve_backe
 from lidu_jax.estimators import DEFAULT_GRID_SIZE, METHODS, top_k_rankings
 from lidu_jax.standardise import host_locate, standardise
 from lidu_jax.types import LiduResult
-from lidu_jax.validation import check_count, check_grid, check_method, check_values, renamed
+from lidu_jax.validation import (
+    check_count,
+    check_grid,
+    check_k,
+    check_method,
+    check_shapes,
+    check_values,
+    renamed,
+)
 
 __all__ = ["lidu_sharded", "user_mesh"]
 
@@ -45,15 +53,12 @@ def user_mesh(devices: Sequence[Any] | None = None) -> Mesh:
 
 
 def _validate(mean: np.ndarray, std: np.ndarray, k: int, candidates: np.ndarray | None) -> None:
-    """The checks of the eager estimators (same messages), on the host arrays in their own dtype."""
+    """The eager estimators' checks (the same functions, so the same messages) on the host arrays in their
+    own dtype; the users must be one axis, since they are what is sharded."""
+    check_shapes(mean, std, None, candidates)
     if mean.ndim != 2:
         raise ValueError(f"mean must have shape (n_users, n_items), got {mean.shape}")
-    if std.shape != mean.shape:
-        raise ValueError(f"std shape {std.shape} must equal mean shape {mean.shape}")
-    if candidates is not None and candidates.shape != mean.shape:
-        raise ValueError(f"candidates shape {candidates.shape} must equal mean shape {mean.shape}")
-    if not isinstance(k, int | np.integer) or isinstance(k, bool) or not 1 <= k <= mean.shape[1]:
-        raise ValueError(f"k must be an int in [1, n_items={mean.shape[1]}], got {k!r}")
+    check_k(k, mean.shape[1])
     check_values(mean, std, None, candidates, k=int(k))
 
 

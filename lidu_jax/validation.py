@@ -43,7 +43,7 @@ def check_count(name: str, value: Any, *, allow_none: bool = True) -> None:
 
 
 def check_k(k: int, n_items: int) -> None:
-    if not isinstance(k, int | np.integer) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:  # True is an int in Python
         raise ValueError(f"k must be a positive int, got {k!r}")
     if k > n_items:
         raise ValueError(f"k={k} is larger than the number of items {n_items}")
