@@ -188,3 +188,9 @@ def collect_dense_inputs(
     with nn.intercept_methods(hook):
         model.apply({"params": params}, batch, **dict(apply_kwargs or {}))
     return captured
+
+
+if __name__ == "__main__":  # python -m ast_jax.export: the command line lives in ast_jax.export_cli
+    from ast_jax.export_cli import main
+
+    raise SystemExit(main())

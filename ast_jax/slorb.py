@@ -34,13 +34,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ast_jax.sparsify import get_path, key_path, path_str
+from ast_jax.sparsify import get_path, key_path, path_str, set_path
 
 __all__ = [
     "SLORB_INITS",
     "apply_with_slorb",
     "block_project",
     "block_projection_matrix",
+    "fold_slorb",
     "slorb_delta",
     "slorb_init",
     "slorb_init_tree",
@@ -218,6 +219,36 @@ def apply_with_slorb(
         return model.apply({"params": params}, *args, **kwargs)
     with slorb_intercept(slorb_params):
         return model.apply({"params": params}, *args, **kwargs)
+
+
+def fold_slorb(params: Any, slorb_params: dict[str, Any] | None) -> Any:
+    """Params of a plain model computing the same function: every kernel with a SLoRB entry becomes
+
+        W' = M ⊙ W + Xᵀ · S        (d, out)
+
+    (with ``X`` the block indicator unless the entry has a trainable ``"X"``), since
+    ``x·(M ⊙ W) + (x·Xᵀ)·S = x·W'``. ``params`` must already be hard-masked. The folded kernels are dense:
+    folding trades the N:M structure for a model that any program runs (``W'`` has no zero in a block
+    where ``S`` is non-zero). Other leaves are returned unchanged.
+    """
+    if not slorb_params:
+        return params
+    out = params
+    for path, leaf in jax.tree_util.tree_flatten_with_path(slorb_params)[0]:
+        kp = key_path(path)
+        if kp[-1] != "S":
+            continue
+        module = kp[:-1]
+        entry = get_path(slorb_params, module)
+        kernel = get_path(params, (*module, "kernel"))
+        d = kernel.shape[0]
+        proj = entry.get("X")
+        if proj is None:
+            proj = block_projection_matrix(d, d // leaf.shape[0], jnp.float32)
+        delta = proj.T.astype(jnp.float32) @ jnp.asarray(leaf, jnp.float32)
+        folded = jnp.asarray(kernel, jnp.float32) + delta
+        out = set_path(out, (*module, "kernel"), folded.astype(kernel.dtype))
+    return out
 
 
 def trainable_params(model_params: Any, slorb_params: dict[str, Any] | None = None) -> dict[str, Any]:

