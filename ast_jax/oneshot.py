@@ -300,6 +300,18 @@ def gpt2_blockwise(cfg: Any) -> BlockwiseModel:
     )
 
 
+def blockwise_for(model: Any) -> BlockwiseModel:
+    """The :class:`BlockwiseModel` of one of our decoders (``Llama`` or ``GPT2``), by its type."""
+    from ast_jax.models.gpt2 import GPT2
+    from ast_jax.models.llama import Llama
+
+    if isinstance(model, GPT2):
+        return gpt2_blockwise(model.cfg)
+    if isinstance(model, Llama):
+        return llama_blockwise(model.cfg)
+    raise TypeError(f"no block-by-block runner for {type(model).__name__}; expected Llama or GPT2")
+
+
 @dataclasses.dataclass(frozen=True)
 class OneShotConfig:
     """Settings of :func:`prune_model`.

