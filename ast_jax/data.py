@@ -18,6 +18,7 @@ import dataclasses
 import pathlib
 import sysconfig
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -114,8 +115,13 @@ def load_text_data(
     heldout_fraction: float = 0.1,
     block_bytes: int = 2048,
     max_bytes: int | None = None,
+    tokenizer: Any = None,
 ) -> TextData:
-    """The built-in corpus (``text_path=None``) or a user's UTF-8 text file, byte-tokenised and split."""
+    """The built-in corpus (``text_path=None``) or a user's UTF-8 text file, tokenised and split.
+
+    Tokens are bytes unless ``tokenizer`` (a ``tokenizers.Tokenizer`` or an object with ``.inner`` one) is
+    given: then its ids (int32, no special tokens), and ``block_bytes`` counts tokens.
+    """
     if text_path is None:
         text, source = builtin_corpus(max_bytes), "python-stdlib-docstrings"
     else:
@@ -125,7 +131,11 @@ def load_text_data(
         text, source = path.read_text(encoding="utf-8", errors="replace"), str(path)
         if max_bytes is not None:
             text = text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
-    tokens = encode(text)
+    if tokenizer is None:
+        tokens = encode(text)
+    else:
+        inner = getattr(tokenizer, "inner", tokenizer)
+        tokens = np.asarray(inner.encode(text, add_special_tokens=False).ids, dtype=np.int32)
     train, heldout = split_tokens(tokens, heldout_fraction, block_bytes)
     return TextData(train=train, heldout=heldout, source=source)
 

@@ -16,6 +16,7 @@ the same ``--model PATH`` / ``--from PATH``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LoadedModel", "byte_tokenizer", "describe_source", "load_model", "model_config"]
+__all__ = ["LoadedModel", "byte_tokenizer", "describe_source", "load_model", "model_config", "pretrained"]
 
 
 class LoadedModel(NamedTuple):
@@ -105,6 +106,13 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, max_layers:
     return _truncate(loaded, max_layers) if max_layers else loaded
 
 
+@functools.lru_cache(maxsize=2)
+def pretrained(path: str) -> LoadedModel:
+    """:func:`load_model` of ``path`` in float32, cached: a training run builds its programs, restore target
+    and its export from the same loaded teacher without reading the file again."""
+    return load_model(path)
+
+
 def _truncate(loaded: LoadedModel, max_layers: int) -> LoadedModel:
     """Keep blocks ``0 .. max_layers-1`` of a Llama (``layers_i``) or GPT2 (``block_i``)."""
     cfg = loaded.model.cfg
@@ -177,7 +185,11 @@ def _load_checkpoint(directory: str, dtype: Any) -> LoadedModel:
     params, slorb = cast(hard["model"]), (None if hard.get("slorb") is None else cast(hard["slorb"]))
     model = build_model(cfg)
     sparsity = {"n": cfg.sparsity.n, "m": cfg.sparsity.m}
-    return LoadedModel(model, params, byte_tokenizer(), None, "checkpoint", directory, slorb, sparsity)
+    tok, hf_config = byte_tokenizer(), None
+    if cfg.model.model is not None:  # retrained from a pretrained teacher: its tokenizer and HF config
+        teacher = pretrained(cfg.model.model)
+        tok, hf_config = teacher.tokenizer, teacher.hf_config
+    return LoadedModel(model, params, tok, hf_config, "checkpoint", directory, slorb, sparsity)
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:

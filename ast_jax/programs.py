@@ -11,6 +11,7 @@ resumed run in the same process compiles nothing again.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -45,13 +46,47 @@ __all__ = [
 NOT_COMPILED = (
     "mesh", "coordinator_address", "num_processes", "process_id", "text", "max_bytes", "checkpoint_dir",
     "save_every", "keep", "restart", "allow_optimizer_change", "loss_spike", "log_every", "progress",
-    "eval_windows", "export_dir", "export_bits", "json",
+    "eval_windows", "export_dir", "export_bits", "export_format", "json",
 )  # fmt: skip
 
 
-def build_model(cfg: TrainConfig) -> GPT2:
-    """The byte-level GPT-2-style model (teacher and student architecture) of a :class:`TrainConfig`."""
-    return build_gpt2(cfg.model, 256, cfg.data.seq_len)
+def build_model(cfg: TrainConfig) -> Any:
+    """The teacher and student architecture of a :class:`TrainConfig`: the byte-level GPT-2-style model, or
+    the architecture of the pretrained ``--model`` (with ``--remat`` applied)."""
+    if cfg.model.model is None:
+        return build_gpt2(cfg.model, 256, cfg.data.seq_len)
+    from ast_jax.model_source import pretrained
+
+    model = pretrained(cfg.model.model).model
+    if cfg.data.seq_len > model.cfg.max_len:
+        raise ValueError(
+            f"--seq-len {cfg.data.seq_len} exceeds the context of --model {cfg.model.model} "
+            f"({model.cfg.max_len} tokens)"
+        )
+    return type(model)(dataclasses.replace(model.cfg, remat=cfg.model.remat))
+
+
+def pretrained_tokenizer(cfg: TrainConfig) -> Any:
+    """The tokenizer of ``--model`` (``None`` for the byte-level model: its tokens are bytes)."""
+    if cfg.model.model is None:
+        return None
+    from ast_jax.model_source import pretrained
+
+    tok = pretrained(cfg.model.model).tokenizer
+    if tok is None:
+        raise ValueError(f"--model {cfg.model.model}: no tokenizer found beside the model")
+    return tok
+
+
+def initial_params(cfg: TrainConfig, progs: Programs) -> Any:
+    """The teacher's starting params with the run's shardings: the pretrained ``--model`` weights, or a
+    fresh init of the byte-level model from ``--seed``."""
+    if cfg.model.model is None:
+        return progs.init(jax.random.key(cfg.run.seed))
+    from ast_jax.model_source import pretrained
+
+    params = pretrained(cfg.model.model).params
+    return jax.tree.map(lambda x, s: shd.host_to_global(np.asarray(x, np.float32), s), params, progs.psh)
 
 
 def checkpoint_tree(state: TrainState) -> dict[str, Any]:
@@ -86,7 +121,7 @@ def all_finite(tree: Any) -> jax.Array:
 class Programs(NamedTuple):
     """The jitted functions of one run, with their shardings."""
 
-    model: GPT2
+    model: Any  # GPT2, or the architecture of --model
     psh: Any  # NamedSharding pytree of the model params (teacher and student)
     ssh: Any  # NamedSharding pytree of the student TrainState
     bsh: Any  # NamedSharding of a batch

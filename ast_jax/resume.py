@@ -41,7 +41,7 @@ __all__ = [
 RUN_CONTROL = {
     "mesh", "coordinator_address", "num_processes", "process_id", "min_shard_size", "steps",
     "checkpoint_dir", "save_every", "keep", "restart", "allow_optimizer_change", "loss_spike",
-    "log_every", "progress", "eval_windows", "export_dir", "export_bits", "json",
+    "log_every", "progress", "eval_windows", "export_dir", "export_bits", "export_format", "json",
 }  # fmt: skip
 
 # Optimizer settings that keep every array shape: with --allow-optimizer-change a resumed run may change them.
@@ -61,6 +61,9 @@ TEACHER_SETTINGS = (
 
 
 _UNRECORDED = object()
+# Settings added after checkpoints were already being written, with the value that reproduces the behaviour of
+# those older runs: a checkpoint that does not record one of them was written with that value.
+_ADDED_LATER = {"model": None}
 
 
 class SettingsMismatchError(CheckpointMismatchError):
@@ -120,9 +123,8 @@ def settings_check(
                 )
             return
         # A setting the checkpoint does not record (written before the setting existed) differs too.
-        diffs = {
-            k: (saved.get(k, _UNRECORDED), now[k]) for k in fields if saved.get(k, _UNRECORDED) != now[k]
-        }
+        recorded = lambda k: saved.get(k, _ADDED_LATER.get(k, _UNRECORDED))
+        diffs = {k: (recorded(k), now[k]) for k in fields if recorded(k) != now[k]}
         refused = {k: v for k, v in diffs.items() if k not in allowed}
         if refused:
             items = []

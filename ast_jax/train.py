@@ -81,6 +81,8 @@ from ast_jax.programs import (
     checkpoint_tree,
     global_batch,
     init_distributed,
+    initial_params,
+    pretrained_tokenizer,
     programs,
     say,
     state_from_checkpoint_tree,
@@ -178,14 +180,33 @@ class CheckpointConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportSection(Section):
-    """The compressed N:M export of the final student (default: none)."""
+class TrainModelConfig(ModelConfig):
+    """The byte-level GPT-2 of :class:`ast_jax.config.ModelConfig`, or (``--model PATH``) a pretrained
+    teacher: a Hugging Face directory or a GGUF file (:func:`ast_jax.model_source.load_model`). With
+    ``--model`` the GPT-2 size flags and the teacher training (``--teacher-*``) do not apply: the teacher
+    is the loaded model and its own tokenizer tokenises ``--text``."""
 
-    export_dir: str | None = option(None, "write the compressed N:M export of the final student here")
-    export_bits: int | None = option(None, "quantise exported kept values to 4 or 8 bits (none = exact)")
+    model: str | None = option(
+        None, "pretrained teacher: Hugging Face directory or GGUF file (none = train a byte-level GPT-2)"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSection(Section):
+    """The export of the final student (default: none)."""
+
+    export_dir: str | None = option(
+        None, "write the final student here (a directory; a .gguf file for --export-format gguf)"
+    )
+    export_format: str = option("compact", "compact (N:M, smallest), hf, compressed-tensors or gguf")
+    export_bits: int | None = option(
+        None, "compact: quantise kept values to 4 or 8 bits; compressed-tensors: 4 (default) or 8"
+    )
 
     def __post_init__(self) -> None:
         self.require(self.export_bits in (None, 4, 8), "export_bits", "none, 4 or 8")
+        formats = ("compact", "hf", "compressed-tensors", "gguf")
+        self.require(self.export_format in formats, "export_format", ", ".join(formats))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +214,7 @@ class TrainConfig(Config):
     """All settings of one run: the :mod:`ast_jax.config` sections plus parallelism, checkpoints and export
     (one leaf = one ``--flag``); impossible values raise ``ValueError`` naming the flag when it is built."""
 
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    model: TrainModelConfig = dataclasses.field(default_factory=TrainModelConfig)
     data: TextDataConfig = dataclasses.field(default_factory=TextDataConfig)
     sparsity: SparsityConfig = dataclasses.field(default_factory=SparsityConfig)
     loss: DistillConfig = dataclasses.field(default_factory=DistillConfig)
@@ -205,7 +226,8 @@ class TrainConfig(Config):
     export: ExportSection = dataclasses.field(default_factory=ExportSection)
 
     def __post_init__(self) -> None:
-        check_gpt_widths(self.model, self.sparsity, slorb=self.run.slorb)
+        if self.model.model is None:  # a pretrained model's widths are checked when it is loaded
+            check_gpt_widths(self.model, self.sparsity, slorb=self.run.slorb)
 
 
 class RunResult(NamedTuple):
@@ -238,7 +260,7 @@ def _train_teacher(cfg, progs: Programs, tokens, params, teacher_store, signals)
     ``params`` is ``None`` when a signal stopped the teacher phase (it is not checkpointed part-way).
     """
     steps, run = cfg.teacher.steps, cfg.run
-    if steps == 0:
+    if steps == 0 or cfg.model.model is not None:  # a pretrained teacher is used as it is
         return params, None
     if teacher_store is not None:
         check = settings_check(cfg, TEACHER_SETTINGS, {}, required=False, directory=teacher_store.directory)
@@ -333,7 +355,7 @@ def run(config: TrainConfig, *, devices: Sequence[Any] | None = None) -> RunResu
 
 def _run(cfg: TrainConfig, mesh, signals: SignalCatcher, teacher_store, store) -> RunResult:
     d, run = cfg.data, cfg.run
-    data = load_text_data(d.text, max_bytes=d.max_bytes)
+    data = load_text_data(d.text, max_bytes=d.max_bytes, tokenizer=pretrained_tokenizer(cfg))
     if len(data.train) < d.seq_len + 1:
         raise ValueError(
             f"--text: only {len(data.train)} training tokens, need more than --seq-len {d.seq_len}"
@@ -350,7 +372,7 @@ def _run(cfg: TrainConfig, mesh, signals: SignalCatcher, teacher_store, store) -
     # -- teacher (dense), sharded like any params tree ---------------------------------------------------
     progs = programs(cfg, mesh)
     t0 = time.perf_counter()
-    params0 = progs.init(jax.random.key(run.seed))
+    params0 = initial_params(cfg, progs)
     teacher, teacher_loss = _train_teacher(cfg, progs, data.train, params0, teacher_store, signals)
     teacher_seconds = time.perf_counter() - t0
     if teacher is None:
@@ -462,7 +484,7 @@ def _finish(cfg: TrainConfig, model, data, teacher, state, summary) -> None:
             f"{summary['perplexity']['student']:.3f} (strict {n}:{m}: {summary['strict_nm']})"
         )
     ex = cfg.export
-    if ex.export_dir and jax.process_index() == 0:
+    if ex.export_dir and jax.process_index() == 0 and ex.export_format == "compact":
         from ast_jax.export import ExportConfig, compress_params, save_compressed, size_report
 
         exported = compress_params(hard, ExportConfig(n=n, m=m, bits=ex.export_bits))
@@ -473,6 +495,19 @@ def _finish(cfg: TrainConfig, model, data, teacher, state, summary) -> None:
             f"export: {ex.export_dir} ({rep['compressed_bytes']:,} bytes of sparse layers, "
             f"{rep['ratio_fp32']:.2f}x smaller than FP32)"
         )
+    elif ex.export_dir and jax.process_index() == 0:
+        from ast_jax.export_cli import export_model
+        from ast_jax.model_source import byte_tokenizer, pretrained
+
+        source = None if cfg.model.model is None else pretrained(cfg.model.model)
+        summary["export"] = export_model(
+            model, model_params, ex.export_dir, format=ex.export_format, n=n, m=m, bits=ex.export_bits,
+            tokenizer=byte_tokenizer() if source is None else source.tokenizer,
+            hf_config=None if source is None else source.hf_config,
+            tokenizer_dir=source.source if source is not None and source.kind == "hf" else None,
+            dtype="float32", slorb=slorb, fold_slorb=False,
+        )  # fmt: skip
+        say(f"export: {ex.export_format} {summary['export']['path']} ({summary['export']['bytes']:,} bytes)")
 
 
 # ---------------------------------------------------------------------------------------------------------
