@@ -111,3 +111,27 @@ def test_generate_rejects_bad_arguments():
         generate(model, params, PROMPTS, max_new_tokens=2, temperature=1.0)
     with pytest.raises(ValueError, match="non-empty"):
         generate(model, params, [[1], []], max_new_tokens=2)
+
+
+def test_stream_yields_the_uncached_greedy_tokens(model_params):
+    from ast_jax.generate import generate_stream
+
+    model, params = model_params
+    prompt = [3, 9, 27, 4, 1]
+    want = _uncached_greedy(model, params, [prompt], 6)[0]
+    got = list(generate_stream(model, params, prompt, max_new_tokens=6))
+    assert got == list(want)
+    # Stops right after EOS (yielded), so a stream never runs past the end of text.
+    stopped = list(generate_stream(model, params, prompt, max_new_tokens=6, eos_id=int(want[2])))
+    assert stopped == list(want[: list(want).index(want[2]) + 1])
+
+
+def test_generate_cli_errors_are_one_line(capsys, tmp_path):
+    from ast_jax.generate.__main__ import main
+
+    assert main(["--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    assert "model path not found" in capsys.readouterr().err
+    assert main(["--prompt", ""]) == 2
+    assert "--prompt is required" in capsys.readouterr().err
+    assert main(["--prompt", "x", "--top-p", "1.5"]) == 2
+    assert "--top-p" in capsys.readouterr().err
