@@ -20,8 +20,8 @@ values: ``d = max|x| / 127`` stored as float16, ``q = round(x / d)`` int8, so ``
 matrices F16 and norms F32. A pruned weight is written as exactly ``+0.0`` (Q8_0 stores it as ``q = 0``), so
 the N:M pattern of the sparse matrices is in the file; llama.cpp itself computes them densely.
 
-Only the plain llama architecture is written: q/k/v biases (Qwen2), RoPE scaling and GPT-2 models raise
-``ValueError``.
+Only the plain llama architecture is written: q/k/v biases (Qwen2), RoPE scaling, a sliding window
+(Mistral), a head size other than ``d_model / n_heads`` and GPT-2 models raise ``ValueError``.
 """
 
 from __future__ import annotations
@@ -58,6 +58,15 @@ def _check_model(model_cfg: Any) -> None:
         )
     if getattr(model_cfg, "rope_scaling", None) is not None:
         raise ValueError("RoPE scaling is not written by save_gguf (llama arch without rope.scaling.* only)")
+    if getattr(model_cfg, "sliding_window", None) is not None:
+        raise ValueError(
+            "a sliding attention window (Mistral) is not part of llama.cpp's 'llama' architecture"
+        )
+    if model_cfg.head_dim * model_cfg.n_heads != model_cfg.d_model:
+        raise ValueError(
+            f"head_dim={model_cfg.head_dim} is not d_model / n_heads: the llama GGUF metadata written here "
+            "derives the head size from embedding_length / head_count"
+        )
 
 
 def _gguf_tensors(model_cfg: Any, params: Any) -> dict[str, np.ndarray]:

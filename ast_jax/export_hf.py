@@ -411,16 +411,7 @@ def _base_config(model_cfg: Any) -> dict[str, Any]:
             "bos_token_id": None,
             "eos_token_id": None,
         }
-    if getattr(model_cfg, "rope_scaling", None) is not None:
-        raise ValueError(
-            "the model config uses RoPE scaling; pass hf_config (the source model's config.json) so the "
-            "scaling parameters are written exactly as the source states them"
-        )
-    if getattr(model_cfg, "attn_bias", False):
-        raise ValueError(
-            "a model with q/k/v biases (Qwen2) needs hf_config: LlamaForCausalLM has no such biases"
-        )
-    return {
+    cfg: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": model_cfg.vocab_size,
@@ -442,6 +433,32 @@ def _base_config(model_cfg: Any) -> dict[str, Any]:
         "tie_word_embeddings": model_cfg.tie_embeddings,
         "use_cache": True,
     }
+    scaling = getattr(model_cfg, "rope_scaling", None)
+    if scaling is not None:
+        rope = {"rope_type": scaling.kind, "factor": scaling.factor}
+        if scaling.kind == "llama3":
+            rope |= {
+                "low_freq_factor": scaling.low_freq_factor,
+                "high_freq_factor": scaling.high_freq_factor,
+                "original_max_position_embeddings": scaling.original_max_len,
+            }
+        cfg["rope_parameters"] |= rope
+        cfg["rope_scaling"] = rope
+    window = getattr(model_cfg, "sliding_window", None)
+    if getattr(model_cfg, "attn_bias", False):
+        # Qwen2 is the LLaMA layout plus q/k/v biases; its window (if any) covers every layer from
+        # max_window_layers = 0 on, i.e. all of them, as our single window does.
+        cfg |= {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "use_sliding_window": window is not None,
+        }
+        cfg |= {"sliding_window": window, "max_window_layers": 0}
+        del cfg["attention_bias"], cfg["mlp_bias"]
+    elif window is not None:
+        cfg |= {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window}
+        del cfg["attention_bias"], cfg["mlp_bias"]
+    return cfg
 
 
 def _config(model_cfg: Any, hf_config: Mapping[str, Any] | None, dtype: str) -> dict[str, Any]:
@@ -568,7 +585,8 @@ def save_hf(
       params: the model params (``{"params": ...}`` is unwrapped); nothing else (SLoRB: ``ValueError``).
       hf_config: the source model's ``config.json`` as a dict, kept (architecture, token ids, RoPE scaling)
         except ``tie_word_embeddings`` and the dtype; its sizes must agree with ``model_cfg``. Without it a
-        ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` config is built from ``model_cfg``.
+        config is built from ``model_cfg``: ``GPT2LMHeadModel``, ``Qwen2ForCausalLM`` (q/k/v biases),
+        ``MistralForCausalLM`` (sliding window) or ``LlamaForCausalLM``, with its RoPE scaling.
       tokenizer_dir: copy the tokenizer files found there; or ``tokenizer``: a ``tokenizers.Tokenizer`` (or an
         object with ``.inner``) saved as ``tokenizer.json``.
       generation_config: entries of ``generation_config.json`` (bos/eos/pad ids come from the config).

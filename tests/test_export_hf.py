@@ -349,3 +349,35 @@ def test_quantisation_and_packing_equal_the_package_functions(bits):
         np.testing.assert_array_equal(pack_int32(qq, bits), packed)
         np.testing.assert_array_equal(unpack_int32(packed, bits, cols), qq)
         np.testing.assert_array_equal(unpack_from_int32(torch.tensor(packed), bits, (5, cols)).numpy(), qq)
+
+
+_FIELDS = set(LlamaConfig.__dataclass_fields__)
+
+
+@pytest.mark.skipif(
+    not {"attn_bias", "sliding_window", "rope_scaling"} <= _FIELDS,
+    reason="LlamaConfig without Qwen2/Mistral fields",
+)
+@pytest.mark.parametrize("variant", ["qwen2", "mistral", "linear", "llama3"])
+def test_architecture_and_rope_scaling_come_from_the_model_config(tmp_path, variant):
+    from ast_jax.models.llama import RopeScaling
+
+    extra = {
+        "qwen2": {"attn_bias": True},
+        "mistral": {"sliding_window": 4},
+        "linear": {"rope_scaling": RopeScaling("linear", 4.0)},
+        "llama3": {"rope_scaling": RopeScaling("llama3", 8.0, 1.0, 4.0, 16)},
+    }[variant]
+    cfg = LlamaConfig.tiny(rope_base=50.0, **extra)
+    model = Llama(cfg)
+    params = _pruned(model)
+    # non-zero biases, so a dropped or misplaced bias shows in the logits
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.1 if key_path(p)[-1] == "bias" else x, params
+    )
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(TOKENS, jnp.int32)))
+    out = save_hf(tmp_path / variant, cfg, params, dtype="float32")
+    hf = _load(out)
+    want = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(variant, "LlamaForCausalLM")
+    assert type(hf).__name__ == want
+    np.testing.assert_allclose(_logits(hf), ours, rtol=0, atol=1e-4)
