@@ -24,10 +24,45 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ast_jax.models.gpt2 import KVCache, cached_attention_mask, write_cache
 
-__all__ = ["Llama", "LlamaBlock", "LlamaConfig", "apply_rope", "rope_tables"]
+__all__ = ["Llama", "LlamaBlock", "LlamaConfig", "RopeScaling", "apply_rope", "rope_inv_freq", "rope_tables"]
+
+_ROPE_SCALING_KINDS = ("linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rescaled rotary frequencies for context extension (hashable, so configs stay usable as static args).
+
+    Attributes:
+      kind: ``"linear"`` (position interpolation: every frequency divided by ``factor``) or ``"llama3"`` (the
+        Llama-3.1 rule: wavelengths longer than ``original_max_len / low_freq_factor`` are divided by
+        ``factor``, shorter than ``original_max_len / high_freq_factor`` are kept, and the band in between is
+        interpolated linearly in ``original_max_len / wavelength``).
+      factor: the scale factor (> 0).
+      low_freq_factor, high_freq_factor: band edges of ``"llama3"`` (``high_freq_factor > low_freq_factor``).
+      original_max_len: the pre-extension context length of ``"llama3"``.
+    """
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in _ROPE_SCALING_KINDS:
+            raise ValueError(f"RopeScaling.kind={self.kind!r}; supported: {list(_ROPE_SCALING_KINDS)}")
+        if not self.factor > 0:
+            raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor}")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(
+                f"RopeScaling high_freq_factor={self.high_freq_factor} must exceed "
+                f"low_freq_factor={self.low_freq_factor}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +73,7 @@ class LlamaConfig:
       vocab_size: V, number of token ids.
       d_model: D, width of the residual stream.
       n_layers: number of transformer blocks.
-      n_heads: H, query heads; ``head_dim = d_model // n_heads``.
+      n_heads: H, query heads; ``head_dim = d_model // n_heads`` unless ``head_dim_override`` is set.
       n_kv_heads: key/value heads (grouped-query attention); must divide ``n_heads``.
       d_ff: hidden width of the SwiGLU MLP.
       max_len: longest sequence the model accepts (rotary tables are computed on the fly, this is a guard).
@@ -49,6 +84,12 @@ class LlamaConfig:
       param_dtype: dtype of freshly initialised parameters.
       remat: gradient checkpointing of every block (recompute activations in the backward pass).
       init_std: standard deviation of the normal initialiser of every weight matrix.
+      head_dim_override: per-head width when it is not ``d_model // n_heads`` (Mistral-Nemo, Qwen3, ...);
+        q/k/v then project to ``n_heads·head_dim`` / ``n_kv_heads·head_dim`` and ``o_proj`` back to D.
+      attn_bias: q/k/v projections carry a bias (Qwen2); ``o_proj`` never does.
+      rope_scaling: :class:`RopeScaling` of the rotary frequencies, ``None`` for plain RoPE.
+      sliding_window: W, each query attends to itself and the ``W - 1`` tokens before it (Mistral);
+        ``None``: full causal attention.
     """
 
     vocab_size: int = 49152
@@ -65,13 +106,25 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     remat: bool = False
     init_std: float = 0.02
+    head_dim_override: int | None = None
+    attn_bias: bool = False
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
-        if self.d_model % self.n_heads:
+        for name in ("head_dim_override", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"LlamaConfig.{name} must be None or a positive int, got {value!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(
+                f"LlamaConfig.rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}"
+            )
+        if self.head_dim_override is None and self.d_model % self.n_heads:
             raise ValueError(
                 f"LlamaConfig.d_model={self.d_model} is not a multiple of n_heads={self.n_heads}"
             )
@@ -89,6 +142,8 @@ class LlamaConfig:
 
     @property
     def head_dim(self) -> int:
+        if self.head_dim_override is not None:
+            return self.head_dim_override
         return self.d_model // self.n_heads
 
     @classmethod
@@ -126,11 +181,41 @@ class LlamaConfig:
         return cls(**base)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+def rope_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Rotary frequencies ``ω_i`` (head_dim // 2,) float32: ``ω_i = base^(-2i / head_dim)``, then rescaled.
+
+    ``"linear"``: ``ω_i / factor``. ``"llama3"``: with wavelength ``λ_i = 2π / ω_i``,
+    ``L = original_max_len``, ``s_i = (L / λ_i − low) / (high − low)``: ``ω_i / factor`` where
+    ``λ_i > L / low``, ``ω_i`` where ``λ_i < L / high``, and ``(1 − s_i) ω_i / factor + s_i ω_i`` in between.
+    """
+    inv = float(base) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is not None and scaling.kind == "linear":
+        inv = inv / scaling.factor
+    elif scaling is not None and scaling.kind == "llama3":
+        wavelen = 2 * np.pi / inv
+        ctx, low, high = scaling.original_max_len, scaling.low_freq_factor, scaling.high_freq_factor
+        smooth = (ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv / scaling.factor + smooth * inv
+        inv = np.where(
+            wavelen > ctx / low, inv / scaling.factor, np.where(wavelen < ctx / high, inv, blended)
+        )
+    return inv.astype(np.float32)
+
+
+def rope_tables(
+    positions: jax.Array, head_dim: int, base: float, scaling: RopeScaling | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Rotary tables for integer ``positions`` (T,) or (B, T): ``cos, sin`` of shape ``(..., head_dim // 2)``.
 
-    Angle of position ``p`` and frequency ``i``: ``p · base^(-2i / head_dim)``, ``i = 0 .. head_dim/2 - 1``.
+    Angle of position ``p`` and frequency ``i``: ``p · ω_i`` with ``ω_i = base^(-2i / head_dim)``,
+    ``i = 0 .. head_dim/2 - 1``, rescaled by ``scaling`` (see :func:`rope_inv_freq`).
     """
+    if scaling is not None:
+        angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(
+            rope_inv_freq(head_dim, base, scaling)
+        )
+        return jnp.cos(angles), jnp.sin(angles)
+    # Kept as it was before scaling existed, so unscaled models stay bitwise identical.
     inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
@@ -167,10 +252,10 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def _dense(cfg: LlamaConfig, features: int, name: str) -> nn.Dense:
+def _dense(cfg: LlamaConfig, features: int, name: str, bias: bool = False) -> nn.Dense:
     return nn.Dense(
         features,
-        use_bias=False,
+        use_bias=bias,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
         kernel_init=nn.initializers.normal(cfg.init_std),
@@ -202,19 +287,28 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         hd = cfg.head_dim
-        q = _dense(cfg, cfg.n_heads * hd, "q_proj")(x).reshape(b, t, cfg.n_heads, hd)
-        k = _dense(cfg, cfg.n_kv_heads * hd, "k_proj")(x).reshape(b, t, cfg.n_kv_heads, hd)
-        v = _dense(cfg, cfg.n_kv_heads * hd, "v_proj")(x).reshape(b, t, cfg.n_kv_heads, hd)
+        bias = cfg.attn_bias
+        q = _dense(cfg, cfg.n_heads * hd, "q_proj", bias)(x).reshape(b, t, cfg.n_heads, hd)
+        k = _dense(cfg, cfg.n_kv_heads * hd, "k_proj", bias)(x).reshape(b, t, cfg.n_kv_heads, hd)
+        v = _dense(cfg, cfg.n_kv_heads * hd, "v_proj", bias)(x).reshape(b, t, cfg.n_kv_heads, hd)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if layer_cache is not None:
             k_all, v_all = write_cache(*layer_cache, k, v, positions)
             mask = cached_attention_mask(positions, k_all.shape[1])
+            if cfg.sliding_window is not None:
+                slots = jnp.arange(k_all.shape[1])[None, None, None, :]
+                mask = mask & (slots > positions[:, None, :, None] - cfg.sliding_window)
             out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask)
             return _dense(cfg, cfg.d_model, "o_proj")(out.reshape(b, t, cfg.n_heads * hd)), (k_all, v_all)
         # jax.nn.dot_product_attention handles GQA (Hkv | H) and the causal mask, and can dispatch to a fused
         # kernel on GPU; softmax is computed in float32 internally for low-precision inputs.
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        if cfg.sliding_window is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Key j is visible to query i iff i - W < j <= i (the query itself counts in the window).
+            window = (cfg.sliding_window - 1, 0)
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
         return _dense(cfg, cfg.d_model, "o_proj")(out.reshape(b, t, cfg.n_heads * hd))
 
 
@@ -244,11 +338,11 @@ class LlamaBlock(nn.Module):
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
         if layer_cache is not None:
             # Cached decoding: rows sit at their own positions (B, T), so the rotary tables are per row.
-            cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_base)
+            cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
             a, new_cache = Attention(cfg, name="attn")(norm("attn_norm")(x), cos, sin, layer_cache, positions)
             h = x + a
             return h + MLP(cfg, name="mlp")(norm("mlp_norm")(h)), new_cache
-        cos, sin = rope_tables(jnp.arange(x.shape[1]), cfg.head_dim, cfg.rope_base)
+        cos, sin = rope_tables(jnp.arange(x.shape[1]), cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
         h = x + Attention(cfg, name="attn")(norm("attn_norm")(x), cos, sin)
         return h + MLP(cfg, name="mlp")(norm("mlp_norm")(h))
 

@@ -36,6 +36,7 @@ from ast_jax.sparsify import key_path
 __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
+    "SafetensorsCheckpoint",
     "gpt2_config_from_hf",
     "llama_config_from_gguf",
     "load_gpt2_safetensors",
@@ -383,11 +384,91 @@ def _gpt2_entries(cfg: Any, prefix: str) -> list[_Entry]:
     return e
 
 
+class SafetensorsCheckpoint:
+    """The tensors of a Hugging Face checkpoint directory: ``model.safetensors``, or the shards listed by
+    ``model.safetensors.index.json``.
+
+    ``shapes``: tensor name -> shape; ``dtypes``: name -> safetensors dtype tag (``"F32"``, ``"BF16"``, ...);
+    :meth:`read` returns one tensor as a numpy array (bfloat16 as ``ml_dtypes.bfloat16``, which numpy casts to
+    float32 exactly). Only the headers are read on construction.
+    """
+
+    def __init__(self, directory: Any):
+        from safetensors import safe_open
+
+        directory = os.fspath(directory)
+        single = os.path.join(directory, "model.safetensors")
+        index = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.isfile(single):
+            files = [single]
+            self.source = single
+        elif os.path.isfile(index):
+            with open(index) as fh:
+                weight_map = json.load(fh).get("weight_map", {})
+            files = [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
+            absent = [f for f in files if not os.path.isfile(f)]
+            if absent:
+                raise ValueError(f"{index} lists shards that are absent: {absent}")
+            self.source = index
+        else:
+            raise ValueError(
+                f"checkpoint directory {directory} lacks model.safetensors (or model.safetensors.index.json)"
+            )
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        self._file: dict[str, str] = {}
+        for file in files:
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    self.shapes[name] = tuple(sl.get_shape())
+                    self.dtypes[name] = sl.get_dtype()
+                    self._file[name] = file
+
+    def read(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as stored (its own dtype and shape)."""
+        from safetensors import safe_open
+
+        # safetensors' numpy backend has no bfloat16; its flax backend does (via ml_dtypes).
+        framework = "flax" if self.dtypes[name] == "BF16" else "numpy"
+        with safe_open(self._file[name], framework=framework) as f:
+            return np.asarray(f.get_tensor(name))
+
+
+def _gpt2_params(ckpt: SafetensorsCheckpoint, cfg: Any, dtype: Any, strict: bool) -> dict[str, Any]:
+    from ast_jax.models.gpt2 import GPT2
+
+    found = ckpt.shapes
+    prefix = "transformer." if any(n.startswith("transformer.") for n in found) else ""
+    entries = _gpt2_entries(cfg, prefix)
+
+    def ignore(name: str) -> bool:
+        return name.endswith(_GPT2_BUFFERS) or (name == "lm_head.weight" and cfg.tie_embeddings)
+
+    target = _flat_shapes(
+        jax.eval_shape(lambda: GPT2(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    )
+    _check(ckpt.source, entries, found, target, strict=strict, ignore=ignore)
+    _check_tied(ckpt, "lm_head.weight", prefix + "wte.weight", cfg.tie_embeddings)
+    return _assemble(entries, ckpt.read, dtype)
+
+
+def _check_tied(ckpt: SafetensorsCheckpoint, head: str, embed: str, tied: bool) -> None:
+    """A tied model may still store its head; accept it only if it equals the embedding."""
+    if tied and head in ckpt.shapes:
+        h, e = ckpt.read(head), ckpt.read(embed)
+        if h.shape != e.shape or not np.array_equal(h, e):
+            raise CheckpointMismatchError(
+                ckpt.source, LoadReport(unexpected=(f"{head} (differs from {embed}, config ties them)",))
+            )
+
+
 def load_gpt2_safetensors(
     directory: Any, *, dtype: Any = jnp.float32, strict: bool = True, **config_overrides: Any
 ) -> tuple[Any, dict[str, Any]]:
-    """Read a Hugging Face GPT-2 checkpoint directory (``config.json`` + ``model.safetensors``) into
-    ``(GPT2Config, params)`` for :class:`ast_jax.models.gpt2.GPT2`.
+    """Read a Hugging Face GPT-2 checkpoint directory (``config.json`` + ``model.safetensors``, or sharded
+    ``model.safetensors.index.json`` + shards) into ``(GPT2Config, params)`` for
+    :class:`ast_jax.models.gpt2.GPT2`; ``dtype`` is the dtype of the returned params.
 
     Accepts the key names of both ``GPT2LMHeadModel`` (``transformer.h.0.attn.c_attn.weight``, ...) and the
     bare ``GPT2Model`` (``h.0.attn.c_attn.weight``, ...). Conv1D weights are already ``(in, out)`` and are
@@ -396,37 +477,10 @@ def load_gpt2_safetensors(
     accepted and skipped. Raises :class:`CheckpointMismatchError` naming missing, unexpected (when
     ``strict``) and mis-shaped tensors before converting anything.
     """
-    from safetensors import safe_open
-
-    from ast_jax.models.gpt2 import GPT2
-
     directory = os.fspath(directory)
     cfg_path = os.path.join(directory, "config.json")
-    st_path = os.path.join(directory, "model.safetensors")
-    for p in (cfg_path, st_path):
-        if not os.path.isfile(p):
-            raise ValueError(f"GPT-2 checkpoint directory {directory} lacks {os.path.basename(p)}")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"GPT-2 checkpoint directory {directory} lacks config.json")
     with open(cfg_path) as fh:
         cfg = gpt2_config_from_hf(json.load(fh), **config_overrides)
-
-    with safe_open(st_path, framework="numpy") as f:
-        found = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
-        prefix = "transformer." if any(n.startswith("transformer.") for n in found) else ""
-        entries = _gpt2_entries(cfg, prefix)
-
-        def ignore(name: str) -> bool:
-            return name.endswith(_GPT2_BUFFERS) or (name == "lm_head.weight" and cfg.tie_embeddings)
-
-        target = _flat_shapes(
-            jax.eval_shape(lambda: GPT2(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-        )
-        _check(st_path, entries, found, target, strict=strict, ignore=ignore)
-        if cfg.tie_embeddings and "lm_head.weight" in found:
-            head, wte = f.get_tensor("lm_head.weight"), f.get_tensor(prefix + "wte.weight")
-            if head.shape != wte.shape or not np.array_equal(head, wte):
-                raise CheckpointMismatchError(
-                    st_path,
-                    LoadReport(unexpected=("lm_head.weight (differs from wte.weight, config ties them)",)),
-                )
-        params = _assemble(entries, f.get_tensor, dtype)
-    return cfg, params
+    return cfg, _gpt2_params(SafetensorsCheckpoint(directory), cfg, dtype, strict)
