@@ -1,5 +1,7 @@
 """Pretrained checkpoints into our Flax models: GGUF -> :class:`~ast_jax.models.llama.Llama`, and Hugging Face
-GPT-2 ``model.safetensors`` -> :class:`~ast_jax.models.gpt2.GPT2`.
+GPT-2 ``model.safetensors`` (single file or sharded) -> :class:`~ast_jax.models.gpt2.GPT2`. Whole Hugging Face
+model directories of every supported architecture are read by :func:`ast_jax.models.hf.from_pretrained`,
+which shares this module's plumbing (:class:`SafetensorsCheckpoint`, the checked ``_Entry`` tables).
 
 Both loaders check every tensor against the shapes of the target model (from ``jax.eval_shape`` of its
 ``init``) and raise :class:`CheckpointMismatchError` naming each missing tensor, each unexpected one and each
