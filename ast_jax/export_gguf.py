@@ -115,6 +115,8 @@ def _walk(node: Any) -> list[dict[str, Any]]:
 def _pre_tag(spec: Mapping[str, Any]) -> str:
     nodes = _walk(spec.get("pre_tokenizer"))
     types = {n.get("type") for n in nodes}
+    if not spec["model"].get("merges") and types <= {"ByteLevel", "Sequence", "Digits", None}:
+        return "gpt2"  # with no merges every byte is its own token, however the text is split first
     if any(n.get("type") == "Digits" and n.get("individual_digits") for n in nodes) and "ByteLevel" in types:
         return "smollm"  # digits split one by one, then the GPT-2 regex (llama.cpp's "smollm" tag)
     if types <= {"ByteLevel", "Sequence", None} and all(
@@ -149,7 +151,9 @@ def gguf_tokenizer_metadata(
 
     Byte-level BPE (BPE model, ``ByteLevel`` pre-tokenizer): ``model = "gpt2"``, ``pre`` (``"smollm"`` when
     digits are split one by one, else ``"gpt2"``, or ``tokenizer_pre``), ``tokens``, ``merges``,
-    ``token_type`` (3 special added tokens, 4 other added tokens, 1 normal). SentencePiece-style BPE
+    ``token_type`` (3 special added tokens, 4 other added tokens, 1 normal); a vocabulary without merges
+    (one token per byte) gets ``pre = "gpt2"`` and no ``merges`` key, because gguf cannot write an empty
+    array (llama.cpp's loader wants the key, so such a file is for our reader only). SentencePiece-style BPE
     (``Metaspace`` or ``byte_fallback``) or Unigram: ``model = "llama"``, ``tokens``, ``scores`` (Unigram:
     the model's log-probabilities; BPE: ``-rank`` of the merge that forms the token, 0 for the base symbols),
     ``token_type`` (6 ``<0xXX>`` byte tokens, 3 control, 2 unknown, 1 normal), ``add_space_prefix``.
@@ -236,7 +240,8 @@ def _write_tokenizer(writer: Any, meta: Mapping[str, Any]) -> None:
     if "pre" in meta:
         writer.add_tokenizer_pre(meta["pre"])
     writer.add_token_list(meta["tokens"])
-    if "merges" in meta:
+    if meta.get("merges"):
+        # gguf's writer refuses empty arrays, so a merge-less vocabulary has no merges key at all.
         writer.add_token_merges(meta["merges"])
     if "scores" in meta:
         writer.add_token_scores(meta["scores"])

@@ -145,6 +145,20 @@ def test_byte_level_tokenizer_round_trips(tmp_path, byte_level_tokenizer):
     assert len(encode(tok, text)) > 100
 
 
+def test_merge_less_byte_tokenizer_round_trips(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    cfg = LlamaConfig.tiny(vocab_size=256, n_layers=1)
+    path = save_gguf(tmp_path / "bytes.gguf", cfg, _pruned(cfg), tokenizer=tok)
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.tokens"].contents() == sorted(alphabet)
+    assert "tokenizer.ggml.merges" not in reader.fields  # gguf cannot write an empty array
+
+
 def test_sentencepiece_style_tokenizer_metadata(tmp_path):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
