@@ -159,9 +159,27 @@ def test_bfloat16_checkpoint_loads_into_float32(tmp_path):
     assert params16["embed"]["embedding"].dtype == jnp.bfloat16
 
 
-def test_cached_greedy_generation_matches_transformers(tmp_path):
+GENERATION_CASES = {
     # A window of 4 is shorter than prompt + generation, so the cached path's banded mask is exercised.
-    hf = _hf_model("mistral", sliding_window=4)
+    "mistral-window4": lambda: _hf_model("mistral", sliding_window=4),
+    # Biases and rescaled rotary tables at per-row positions in the cached path.
+    "qwen2-llama3-rope": lambda: _hf_model(
+        "qwen2",
+        max_position_embeddings=256,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GENERATION_CASES))
+def test_cached_greedy_generation_matches_transformers(case, tmp_path):
+    hf = GENERATION_CASES[case]()
     hf.save_pretrained(tmp_path)
     model, params, _, _ = from_pretrained(tmp_path)
     prompt = [int(t) for t in TOKENS[0, :5]]
