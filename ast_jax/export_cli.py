@@ -117,16 +117,11 @@ def prune_oneshot(
 
 
 def _sparsity(params: Any, n: int, m: int) -> dict[str, Any] | None:
-    from ast_jax.sparsify import default_sparse_filter, is_strict_nm, key_path
+    """``{"n", "m"}`` when every block linear kernel is strictly N:M (the writers verify it again on the bytes
+    they write and record it), else ``None``."""
+    from ast_jax.sparsify import is_strict_nm
 
-    if not is_strict_nm(params, n, m):
-        return None
-    paths = [
-        "/".join(key_path(p))
-        for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-        if default_sparse_filter(key_path(p), leaf)
-    ]
-    return {"n": n, "m": m, "layers": paths}
+    return {"n": n, "m": m} if is_strict_nm(params, n, m) else None
 
 
 def export_model(

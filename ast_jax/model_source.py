@@ -175,7 +175,7 @@ def _load_checkpoint(directory: str, dtype: Any) -> LoadedModel:
             raise ValueError(f"{directory}: checkpoint step {steps[-1]} records no settings ('config')")
         known = TrainConfig.flag_fields()
         cfg = TrainConfig.from_flags(**{k: v for k, v in flags.items() if k in known})
-        mesh = shd.make_mesh("1,1", jax.devices()[:1])
+        mesh = shd.make_mesh("data=1,fsdp=1", jax.devices()[:1])
         found = store.restore_latest(checkpoint_target(cfg, mesh))
     if found is None:
         raise ValueError(f"{directory}: no usable checkpoint")

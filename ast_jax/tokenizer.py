@@ -146,9 +146,11 @@ def _gguf_tokenizer(source: Any) -> tuple[Any, int | None, int | None, bool]:
     bos = None if bos is None else int(bos)
     eos = None if eos is None else int(eos)
     if model == "gpt2":
-        merges = get("tokenizer.ggml.merges")
-        if tokens is None or merges is None:
-            raise ValueError("GGUF file lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+        # A vocabulary without merges (one token per byte) is stored without the key: the gguf writer cannot
+        # write an empty array.
+        merges = get("tokenizer.ggml.merges", [])
+        if tokens is None:
+            raise ValueError("GGUF file lacks tokenizer.ggml.tokens")
         tok = tokenizer_from_metadata(
             tokens, merges, get("tokenizer.ggml.token_type"), pre=get("tokenizer.ggml.pre", "gpt2")
         )
