@@ -780,7 +780,12 @@ def save_compressed_tensors(
     quantised = _sparse_names(model_cfg, params, src, sparse_filter)
     bad = [f"{n} (in={sd[n].shape[1]})" for n in quantised if sd[n].shape[1] % group_size]
     if bad:
-        raise ValueError(f"group_size={group_size} does not divide the input dimension of {bad}")
+        widths = sorted({int(sd[n].shape[1]) for n in quantised})
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ValueError(
+            f"group_size={group_size} does not divide the input dimension of {shown}; input widths here: "
+            f"{widths} (choose a group size dividing all of them, e.g. --group-size 64 for 576 and 1536)"
+        )
     linear = [n for n in src if n.endswith(".weight")]
     ignore = sorted({"lm_head"} | {n[: -len(".weight")] for n in linear if n not in quantised})
     cfg = _config(model_cfg, hf_config, dtype)
