@@ -162,13 +162,17 @@ def export_model(
         params = jax.tree.map(np.asarray, fold(params, slorb))
     sparsity = _sparsity(params, n, m)
     cfg = model.cfg
+    generation_config = None
+    if hf_config is not None:  # from_pretrained carries generation_config.json inside the config dict
+        hf_config = dict(hf_config)
+        generation_config = hf_config.pop("_generation_config", None) or None
     out = Path(out)
     if format == "hf":
         from ast_jax.export_hf import save_hf
 
         path = save_hf(
             out, cfg, params, hf_config=hf_config, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer,
-            dtype=dtype, sparsity=sparsity,
+            dtype=dtype, sparsity=sparsity, generation_config=generation_config,
         )  # fmt: skip
     elif format == "compressed-tensors":
         from ast_jax.export_hf import save_compressed_tensors
@@ -176,6 +180,7 @@ def export_model(
         path = save_compressed_tensors(
             out, cfg, params, bits=bits or 4, group_size=group_size, hf_config=hf_config,
             tokenizer_dir=tokenizer_dir, tokenizer=tokenizer, dtype=dtype, sparsity=sparsity,
+            generation_config=generation_config,
         )  # fmt: skip
     elif format == "gguf":
         from ast_jax.export_gguf import save_gguf

@@ -122,7 +122,11 @@ def _truncate(loaded: LoadedModel, max_layers: int) -> LoadedModel:
     keep = lambda k: not k.startswith(prefix) or int(k[len(prefix) :]) < max_layers
     params = {k: v for k, v in loaded.params.items() if keep(k)}
     model = type(loaded.model)(dataclasses.replace(cfg, **{field: max_layers}))
-    return loaded._replace(model=model, params=params)
+    hf_config = loaded.hf_config
+    if hf_config is not None:  # an export of the truncated model must describe it
+        key = "n_layer" if field == "n_layer" else "num_hidden_layers"
+        hf_config = {**hf_config, key: max_layers}
+    return loaded._replace(model=model, params=params, hf_config=hf_config)
 
 
 def byte_tokenizer() -> Any:
