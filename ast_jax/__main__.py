@@ -6,7 +6,9 @@
    retraining with CE only, AST-Naive (Annealing SR-STE + mask refresh + KL distillation) and AST-Boosted
    (AST-Naive + SLoRB).
 3. Print a table of held-out perplexities, flip rates and parameter counts; save plots (loss, flip rate,
-   λ(t)); ``--json PATH`` writes the numbers.
+   λ(t)); ``--json PATH`` writes the numbers; ``--log-dir DIR`` writes every step's scalars as TensorBoard
+   event files and JSON lines, one run per subdirectory (``teacher``, ``magnitude_oneshot``, each variant;
+   :mod:`ast_jax.logs`).
 
 Every flag maps one-to-one onto a leaf of :class:`MainConfig` (``--teacher-steps`` -> ``cfg.teacher.steps``;
 the sections and the reasons for their defaults: :mod:`ast_jax.config`).
@@ -44,6 +46,7 @@ from ast_jax.config import (
 )
 from ast_jax.data import batch_at, eval_batches, load_text_data
 from ast_jax.distill import LossConfig
+from ast_jax.logs import MetricsLogger
 from ast_jax.loop import build_gpt2, retrain, train_teacher
 from ast_jax.optim import annealing_decay
 from ast_jax.sparsify import apply_masks, compute_masks, count_params, is_strict_nm
@@ -83,6 +86,12 @@ class MainRunConfig(RunConfig):
     )
     fast_compile: bool = option(
         False, "XLA backend optimisation level 0: for smoke runs where compiling dominates"
+    )
+    log_dir: str | None = option(
+        None,
+        "write TensorBoard event files and metrics.jsonl of every step (losses, lambda, flip rate, learning "
+        "rate, tokens/s, perplexity) to <log-dir>/<run>, one run per variant and the teacher "
+        "(none = no logs)",
     )
 
     def __post_init__(self) -> None:
@@ -211,14 +220,22 @@ def run(cfg: MainConfig) -> dict[str, Any]:
     non-finite.
     """
     t_start = time.perf_counter()
-    d, sp, run = cfg.data, cfg.sparsity, cfg.run
+    d, run = cfg.data, cfg.run
     data = load_text_data(d.text, max_bytes=d.max_bytes)
     if len(data.heldout) < d.seq_len + 1 or len(data.train) < d.seq_len + 1:
         raise ValueError(f"the text is too short for --seq-len {d.seq_len} (need several KB)")
     check_output("--json", run.json)  # before any training
+    check_output("--log-dir", run.log_dir, directory=True)
     if not run.no_plots:
         check_output("--out-dir", run.out_dir, directory=True)
     model = build_gpt2(cfg.model, data.vocab_size, d.seq_len)
+    with MetricsLogger(run.log_dir) as logger:
+        return _run(cfg, data, model, logger, t_start)
+
+
+def _run(cfg: MainConfig, data: Any, model: Any, logger: MetricsLogger, t_start: float) -> dict[str, Any]:
+    """:func:`run` after its checks: teacher, variants, report; scalars to ``logger``."""
+    d, sp, run = cfg.data, cfg.sparsity, cfg.run
 
     def ppl_of(params: Any, windows: int = d.eval_windows, slorb: Any = None) -> float:
         return _heldout_ppl(model, params, data, cfg, windows, slorb)
@@ -237,13 +254,16 @@ def run(cfg: MainConfig) -> dict[str, Any]:
         log_every=run.log_every,
         progress=run.progress,
         compiler_options=_compiler_options(cfg),
+        logger=logger,
     )
     ppl = {"dense": ppl_of(teacher)}
+    logger.scalars("teacher", teacher_hist["steps"], {"eval/perplexity": ppl["dense"]})
 
     # 2. one-shot magnitude, then every variant at the same budget on the same batches (seed + 1, i)
     masks = _jit(cfg, lambda p: compute_masks(p, sp.n, sp.m))(teacher)
     oneshot = _jit(cfg, apply_masks)(teacher, masks)
     ppl["magnitude_oneshot"] = ppl_of(oneshot)
+    logger.scalars("magnitude_oneshot", 0, {"eval/perplexity": ppl["magnitude_oneshot"]})
     strict = {"magnitude_oneshot": is_strict_nm(oneshot, sp.n, sp.m, masks=masks)}
     runs = {}
     for name, spec in _variant_specs(cfg).items():
@@ -262,9 +282,11 @@ def run(cfg: MainConfig) -> dict[str, Any]:
             log_every=run.log_every,
             progress=run.progress,
             compiler_options=_compiler_options(cfg),
+            logger=logger,
         )
         runs[name] = out.report
         ppl[name] = ppl_of(out.params, slorb=out.slorb)
+        logger.scalars(name, run.steps, {"eval/perplexity": ppl[name]})
         strict[name] = out.report["strict_nm"]
 
     # 3. the report

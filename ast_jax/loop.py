@@ -7,8 +7,9 @@ Every AST entry point trains through :func:`fit`::
 
 with the metrics read back to the host in blocks (every ``report_every`` steps, at ``report_at`` steps, at
 the end), so the host never stalls the device queue between reports. A report hook checks, logs, saves or
-stops the run; a stop hook (signals) ends it early. The step is :func:`ast_jax.step.make_train_step` (pure,
-jitted here or, with shardings, by :mod:`ast_jax.programs`).
+stops the run; a stop hook (signals) ends it early; a :class:`ast_jax.logs.RunLog` gets every step's metrics
+of a report (TensorBoard + JSON lines, with the learning rate and tokens/s). The step is
+:func:`ast_jax.step.make_train_step` (pure, jitted here or, with shardings, by :mod:`ast_jax.programs`).
 
 The optimizers come from one place: :func:`build_optimizer` (sparse: :func:`ast_jax.optim.sparse_adamw`) and
 :func:`build_dense_optimizer` (the teacher and the dense controls), both on :func:`build_schedule`.
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ast_jax.config import ModelConfig, OptimizerConfig, SparsityConfig, TeacherConfig
 from ast_jax.distill import LossConfig
+from ast_jax.logs import MetricsLogger, RunLog
 from ast_jax.masks import tree_size
 from ast_jax.models.gpt2 import GPT2, GPT2Config
 from ast_jax.optim import get_masks, get_sparse_state, sparse_adamw
@@ -211,6 +213,7 @@ def fit(
     step_args: tuple[Any, ...] = (),
     desc: str = "",
     progress: bool = False,
+    log: RunLog | None = None,
 ) -> Fit:
     """Run ``state, metrics = step(state, batch_at(i), *step_args)`` for ``i`` in ``[start, stop)``.
 
@@ -220,30 +223,42 @@ def fit(
     step ``done`` and ``last`` true for the final report (end or stop). It may raise (e.g.
     :class:`ast_jax.step.TrainingDivergedError`) or return ``True`` to end the loop early.
     ``stop_requested()`` is asked after every step (e.g. whether a signal arrived).
+
+    ``log`` gets each report's rows before ``on_report`` (so a diverging loss is logged before the hook
+    raises), with the tokens (``batch["inputs"].size``) and wall time of the timed steps since the previous
+    report: the first step (compilation) and the time spent in the hooks are left out.
     """
     history: dict[str, list[float]] = {"step": [], "loss": [], "flip_rate": [], "decay": []}
     pending: list[tuple[int, dict[str, Any]]] = []
     done, stopped = start, False
     t0 = time.perf_counter()
     t_first, timed = None, 0
+    t_mark, tokens = 0.0, 0  # start and tokens of the timed steps since the last report
     bar = tqdm(range(start, stop), desc=desc, disable=not progress, leave=False, file=sys.stderr)
     for i in bar:
-        state, metrics = step(state, batch_at(i), *step_args)
+        batch = batch_at(i)
+        state, metrics = step(state, batch, *step_args)
         done = i + 1
         pending.append((done, metrics))
         if t_first is None:
             jax.block_until_ready(metrics["loss"])
-            t_first = time.perf_counter()  # compilation + first step excluded from the timed steps
+            t_first = t_mark = time.perf_counter()  # compilation + first step excluded from the timed steps
         else:
             timed += 1
+            if log is not None:
+                tokens += int(batch["inputs"].size)  # a shape, no transfer
         stop_now = stop_requested is not None and stop_requested()
         last = stop_now or done == stop
         if last or done % report_every == 0 or (report_at is not None and report_at(done)):
-            rows = jax.device_get(pending)
+            rows = jax.device_get(pending)  # the last step's metrics are ready: its step has run
             pending = []
             _record(history, rows)
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
-            if on_report is not None and on_report(rows, state, last) and not last:
+            if log is not None:
+                log.train_rows(rows, tokens=tokens, seconds=time.perf_counter() - t_mark)
+            end_now = on_report is not None and on_report(rows, state, last) and not last
+            t_mark, tokens = time.perf_counter(), 0
+            if end_now:
                 stopped = True
                 break
         if stop_now:
@@ -289,14 +304,21 @@ def train_teacher(
     log_every: int = 10,
     progress: bool = False,
     compiler_options: dict[str, Any] | None = None,
+    logger: MetricsLogger | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Dense CE training of ``params`` for at most ``teacher.steps`` steps (:func:`build_teacher_optimizer`).
 
     Every ``eval_every`` steps ``evaluate(params)`` gives the held-out perplexity; training stops after two
     evaluations in a row that improve the held-out loss (its log) by less than ``flat_tol`` of itself.
     Returns ``(params, history)`` with ``loss`` per step, ``eval_step``/``eval_loss``, ``steps``, ``seconds``.
+    ``logger``: the steps and the stopping rule's perplexities (``eval/monitor_perplexity``) go to its run
+    ``teacher``.
     """
     tx = build_teacher_optimizer(optimizer, teacher)
+    log = None
+    if logger is not None:
+        schedule = build_schedule(optimizer, teacher.steps, lr=teacher.lr, min_lr_ratio=teacher.min_lr_ratio)
+        log = logger.run("teacher", lr_schedule=schedule)
     state = init_train_state(params, tx)  # owns its buffers: donated below
     step = _jit(compiler_options)(make_train_step(model, None, tx, CE_ONLY), donate_argnums=0)
     evals: dict[str, list] = {"eval_step": [], "eval_loss": []}
@@ -309,7 +331,10 @@ def train_teacher(
         done = rows[-1][0]
         if done % eval_every and done != teacher.steps:
             return False
-        ev = math.log(evaluate(st.params["model"]))
+        ppl = evaluate(st.params["model"])
+        if log is not None:  # not eval/perplexity: the entry point logs its final evaluation there
+            log.scalars(done, {"eval/monitor_perplexity": ppl})
+        ev = math.log(ppl)
         prev = evals["eval_loss"][-1] if evals["eval_loss"] else None
         evals["eval_step"].append(done)
         evals["eval_loss"].append(ev)
@@ -326,6 +351,7 @@ def train_teacher(
         on_report=report,
         desc="teacher",
         progress=progress,
+        log=log,
     )
     hist = {"loss": out.history["loss"], **evals, "steps": out.done, "seconds": out.seconds}
     return out.state.params["model"], hist
@@ -375,6 +401,7 @@ def retrain(
     log_every: int = 10,
     progress: bool = False,
     compiler_options: dict[str, Any] | None = None,
+    logger: MetricsLogger | None = None,
 ) -> Retrained:
     """Retraining of ``params`` for ``steps`` steps with ``loss`` against the frozen ``teacher`` params
     (passed to every step), optionally with SLoRB.
@@ -383,7 +410,9 @@ def retrain(
     to n:m over ``sparsity.ramp_steps`` updates), or ``"dense"`` (:func:`build_dense_optimizer`, no masks:
     the dense controls). ``initial_masks`` (model structure, ``None`` at dense leaves; default: magnitude
     masks of ``params``) start the optimizer and SLoRB. A non-finite loss raises
-    :class:`TrainingDivergedError`. GMP and dense runs report no flip rate (NaN).
+    :class:`TrainingDivergedError`. GMP and dense runs report no flip rate (NaN). ``logger``: every step's
+    metrics go to its run ``name`` (the caller adds the run's perplexity there:
+    ``logger.scalars(name, steps, {"eval/perplexity": ppl})``).
     """
     n, m = sparsity.n, sparsity.m
     jit = _jit(compiler_options)
@@ -402,6 +431,7 @@ def retrain(
         tx = build_optimizer(optimizer, sparsity, steps, variant=variant, initial_masks=masks0)
     state = init_train_state(params, tx, slorb_params=slorb_params)  # owns its buffers
     step = jit(make_train_step(model, None, tx, loss), donate_argnums=0)
+    log = None if logger is None else logger.run(name, lr_schedule=build_schedule(optimizer, steps))
     out = fit(
         step,
         state,
@@ -412,6 +442,7 @@ def retrain(
         step_args=(teacher,),
         desc=name,
         progress=progress,
+        log=log,
     )
     model_params, slorb_out = jit(final_params)(out.state)
     masks = get_masks(out.state.opt_state)

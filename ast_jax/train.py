@@ -24,7 +24,10 @@ What a run does:
    that are not finite or give such a loss -- stops the run with :class:`TrainingDivergedError` before that
    state is saved, so every checkpoint on disk is a good state;
 8. optionally: held-out perplexity, a strict N:M check, a compressed export (:mod:`ast_jax.export`) and a
-   JSON summary.
+   JSON summary;
+9. with ``--log-dir``: every step's loss terms, λ(t), flip rate, learning rate, tokens/s and the held-out
+   perplexities as TensorBoard event files and JSON lines under ``<log-dir>/teacher`` and
+   ``<log-dir>/student``, written by process 0 (:mod:`ast_jax.logs`).
 
 Resuming compares the settings saved with the newest intact checkpoint with the current ones *before* reading
 any array: a difference stops the run (nothing on disk is touched) unless it is one of the optimizer settings
@@ -73,7 +76,8 @@ from ast_jax.config import (
     option,
 )
 from ast_jax.data import eval_batches, load_text_data
-from ast_jax.loop import LossWatch, fit
+from ast_jax.logs import MetricsLogger
+from ast_jax.loop import LossWatch, build_schedule, fit
 from ast_jax.optim import VARIANTS, get_masks
 from ast_jax.programs import (
     Programs,
@@ -121,6 +125,11 @@ class TrainRunConfig(RunConfig):
 
     variant: str = option("annealing", f"sparse optimizer variant, one of {', '.join(VARIANTS)}")
     slorb: bool = option(False, "add SLoRB with block size --slorb-k (AST-Boosted)")
+    log_dir: str | None = option(
+        None,
+        "write TensorBoard event files and metrics.jsonl of every step (losses, lambda, flip rate, learning "
+        "rate, tokens/s, perplexity) to <log-dir>/teacher and <log-dir>/student (none = no logs)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -254,7 +263,7 @@ class RunResult(NamedTuple):
 # The run
 
 
-def _train_teacher(cfg, progs: Programs, tokens, params, teacher_store, signals) -> tuple[Any, Any]:
+def _train_teacher(cfg, progs: Programs, tokens, params, teacher_store, signals, logger) -> tuple[Any, Any]:
     """Dense CE pretraining of the teacher (or restore it from ``teacher_store``) -> ``(params, loss)``.
 
     ``params`` is ``None`` when a signal stopped the teacher phase (it is not checkpointed part-way).
@@ -285,6 +294,8 @@ def _train_teacher(cfg, progs: Programs, tokens, params, teacher_store, signals)
         if run.progress:
             say(f"teacher step {done}/{steps} loss {loss:.4f}")
 
+    t = cfg.teacher
+    schedule = build_schedule(cfg.optimizer, steps, lr=t.lr, min_lr_ratio=t.min_lr_ratio)
     out = fit(
         progs.teacher_step,
         progs.teacher_state(params),
@@ -293,6 +304,7 @@ def _train_teacher(cfg, progs: Programs, tokens, params, teacher_store, signals)
         report_every=run.log_every,
         on_report=report,
         stop_requested=signals.any_process,
+        log=logger.run("teacher", lr_schedule=schedule),
     )
     if out.stopped and out.done < steps:
         return None, None
@@ -311,6 +323,7 @@ def _check_outputs(cfg: TrainConfig) -> tuple[CheckpointStore | None, Checkpoint
     if jax.process_index() == 0:  # only process 0 writes these
         check_output("--json", cfg.run.json)
         check_output("--export-dir", cfg.export.export_dir, directory=True)
+        check_output("--log-dir", cfg.run.log_dir, directory=True)
     ck = cfg.checkpoint
     if ck.checkpoint_dir is None:
         return None, None
@@ -335,7 +348,7 @@ def run(config: TrainConfig, *, devices: Sequence[Any] | None = None) -> RunResu
     returns with ``stopped_by`` set; during teacher training it returns at once.
     """
     with SignalCatcher() as signals:
-        teacher_store = store = None
+        teacher_store = store = logger = None
         try:
             init_distributed(config)
             mesh = shd.make_mesh(config.parallel.mesh, devices)
@@ -346,14 +359,15 @@ def run(config: TrainConfig, *, devices: Sequence[Any] | None = None) -> RunResu
                     f"(mesh {dict(mesh.shape)})"
                 )
             teacher_store, store = _check_outputs(config)
-            return _run(config, mesh, signals, teacher_store, store)
+            logger = MetricsLogger(config.run.log_dir)  # after the check: --log-dir is writable
+            return _run(config, mesh, signals, teacher_store, store, logger)
         finally:
-            for s in (teacher_store, store):
+            for s in (teacher_store, store, logger):
                 if s is not None:
                     s.close()
 
 
-def _run(cfg: TrainConfig, mesh, signals: SignalCatcher, teacher_store, store) -> RunResult:
+def _run(cfg: TrainConfig, mesh, signals: SignalCatcher, teacher_store, store, logger) -> RunResult:
     d, run = cfg.data, cfg.run
     data = load_text_data(d.text, max_bytes=d.max_bytes, tokenizer=pretrained_tokenizer(cfg))
     if len(data.train) < d.seq_len + 1:
@@ -373,7 +387,7 @@ def _run(cfg: TrainConfig, mesh, signals: SignalCatcher, teacher_store, store) -
     progs = programs(cfg, mesh)
     t0 = time.perf_counter()
     params0 = initial_params(cfg, progs)
-    teacher, teacher_loss = _train_teacher(cfg, progs, data.train, params0, teacher_store, signals)
+    teacher, teacher_loss = _train_teacher(cfg, progs, data.train, params0, teacher_store, signals, logger)
     teacher_seconds = time.perf_counter() - t0
     if teacher is None:
         say(f"received {signals.received} during teacher training: stopping (the teacher is not saved)")
@@ -433,6 +447,7 @@ def _run(cfg: TrainConfig, mesh, signals: SignalCatcher, teacher_store, store) -
         on_report=report,
         stop_requested=signals.any_process,
         step_args=(teacher,),
+        log=logger.run("student", lr_schedule=build_schedule(cfg.optimizer, run.steps)),
     )
     state, done = out.state, out.done
     stopped_by = None
@@ -461,6 +476,11 @@ def _run(cfg: TrainConfig, mesh, signals: SignalCatcher, teacher_store, store) -
     }
     if stopped_by is None:
         _finish(cfg, progs.model, data, teacher, state, summary)
+        if "perplexity" in summary:
+            ppl = summary["perplexity"]
+            teacher_step = 0 if cfg.model.model is not None else cfg.teacher.steps  # a loaded teacher: step 0
+            logger.scalars("teacher", teacher_step, {"eval/perplexity": ppl["teacher"]})
+            logger.scalars("student", done, {"eval/perplexity": ppl["student"]})
     if run.json and jax.process_index() == 0:
         Path(run.json).write_text(json.dumps(summary, indent=1, default=float))
     return RunResult(state, done, losses, resumed_from, stopped_by, summary)
