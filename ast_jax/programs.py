@@ -46,7 +46,7 @@ __all__ = [
 NOT_COMPILED = (
     "mesh", "coordinator_address", "num_processes", "process_id", "text", "max_bytes", "checkpoint_dir",
     "save_every", "keep", "restart", "allow_optimizer_change", "loss_spike", "log_every", "progress",
-    "eval_windows", "export_dir", "export_bits", "export_format", "json",
+    "eval_windows", "export_dir", "export_bits", "export_format", "json", "log_dir",
 )  # fmt: skip
 
 

