@@ -28,6 +28,8 @@ __all__ = [
     "load_teacher",
     "random_windows",
     "read_text",
+    "sequence_window_starts",
+    "sequence_windows",
     "smollm2_gguf_path",
     "text_path",
     "window_batches",
@@ -106,6 +108,27 @@ def random_windows(ids: np.ndarray, count: int, length: int, rng: np.random.Gene
         raise ValueError(f"token stream of {len(ids)} tokens is too short for windows of {length}")
     starts = rng.integers(0, len(ids) - length, size=count)
     return np.stack([ids[s : s + length] for s in starts]).astype(np.int32)
+
+
+def sequence_window_starts(
+    seqs: np.ndarray, shape: tuple[int, ...], length: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, offsets)`` of ``shape`` windows of ``length`` tokens inside the rows of ``seqs`` (N, L): a
+    row uniform over the N sequences, then an offset uniform over the ``L - length + 1`` starts inside it, so
+    no window crosses from one sequence into the next."""
+    n, total = seqs.shape
+    if length > total:
+        raise ValueError(f"sequences of {total} tokens are too short for windows of {length}")
+    rows = rng.integers(0, n, size=shape)
+    offsets = rng.integers(0, total - length + 1, size=shape)
+    return rows, offsets
+
+
+def sequence_windows(seqs: np.ndarray, count: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` windows ``(count, length)`` int32 inside the rows of ``seqs``
+    (:func:`sequence_window_starts`; calibration on generated text)."""
+    rows, offsets = sequence_window_starts(seqs, (count,), length, rng)
+    return np.stack([seqs[r, o : o + length] for r, o in zip(rows, offsets, strict=True)]).astype(np.int32)
 
 
 def load_teacher(gguf: str, max_layers: int = 0) -> tuple[str, LlamaConfig, dict[str, Any], Any]:
