@@ -227,8 +227,10 @@ def encode_pair(
     scored as ``"Answer:"`` + ``" x"``); then the whole string ``context + continuation`` and ``context``
     alone are encoded, and the continuation ids are the whole encoding *after the first len(context_ids)
     ids* -- even where the context's own tokens are not a prefix of the whole encoding (a merge across the
-    boundary), exactly as lm-eval does. No special tokens unless ``add_bos`` (lm-eval's ``add_bos_token``,
-    off by default for causal models). An empty context is replaced by the tokenizer's EOS (else BOS) id.
+    boundary), exactly as lm-eval does. No special tokens unless ``add_bos``. lm-eval 0.4.13's default
+    (``add_bos_token=None``) lets the tokenizer decide: the same as ``add_bos=False`` for byte-level BPE
+    tokenizers without a BOS post-processor (GPT-2, SmolLM2, Qwen2), ``add_bos=True`` for those that add one
+    (LLaMA-2, Mistral, Llama-3). An empty context is replaced by the tokenizer's EOS (else BOS) id.
     """
     if context == "":
         return [_prefix_token(tokenizer)], _tokenize(tokenizer, continuation, add_bos=False)
