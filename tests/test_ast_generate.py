@@ -135,3 +135,17 @@ def test_generate_cli_errors_are_one_line(capsys, tmp_path):
     assert "--prompt is required" in capsys.readouterr().err
     assert main(["--prompt", "x", "--top-p", "1.5"]) == 2
     assert "--top-p" in capsys.readouterr().err
+
+
+def test_generate_on_a_mesh_equals_the_unsharded_run():
+    from ast_jax.sharding import make_mesh
+
+    model, params = _model("llama")
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12], [13], [14, 15, 16], [17, 18]]
+    want = generate(model, params, prompts, max_new_tokens=4)
+    mesh = make_mesh("data=-1,fsdp=1")
+    got = generate(model, params, prompts, max_new_tokens=4, mesh=mesh)
+    assert got.tokens.sharding.num_devices == len(jax.devices())  # the batch really is split
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    with pytest.raises(ValueError, match="multiple of it"):
+        generate(model, params, prompts[:3], max_new_tokens=2, mesh=mesh)

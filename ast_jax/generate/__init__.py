@@ -140,6 +140,7 @@ def generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     key: jax.Array | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` tokens after each prompt with a KV cache.
 
@@ -154,6 +155,10 @@ def generate(
       eos_id: a row stops after emitting it (its later entries are ``eos_id``); decoding ends when all rows
         stopped. ``None``: always N tokens.
       key: ``jax.random`` key, required when sampling; a fixed key gives the same tokens.
+      mesh: run data-parallel on this ``(data, fsdp)`` mesh (:func:`ast_jax.sharding.make_mesh`): the batch
+        (prompts, cache, outputs) is split over all its devices, B must be a multiple of their number;
+        params already sharded on the mesh (e.g. FSDP from training) keep their sharding, others are
+        replicated. Every row's tokens equal the unsharded run's.
 
     Returns:
       :class:`GenerateOutput` with ``tokens`` (B, N) int32 and ``lengths`` (B,) int32.
@@ -179,17 +184,44 @@ def generate(
     padded = np.zeros((len(rows), p), np.int32)
     for i, r in enumerate(rows):
         padded[i, : r.size] = r
+    tokens, lens = jnp.asarray(padded), jnp.asarray(lengths)
+    if mesh is not None:
+        tokens, lens, params = _on_mesh(mesh, padded, lengths, params)
     return _generate(
         model,
         params,
-        jnp.asarray(padded),
-        jnp.asarray(lengths),
+        tokens,
+        lens,
         jax.random.key(0) if key is None else key,
         max_new_tokens=int(max_new_tokens),
         temperature=float(temperature),
         top_k=top_k,
         top_p=top_p,
         eos_id=eos_id,
+    )
+
+
+def _on_mesh(mesh: jax.sharding.Mesh, padded: np.ndarray, lengths: np.ndarray, params: Any) -> tuple:
+    """Batch arrays split over every device of ``mesh``; params replicated unless already on the mesh."""
+    from ast_jax import sharding as shd
+
+    if padded.shape[0] % mesh.devices.size:
+        raise ValueError(
+            f"generate on a mesh of {mesh.devices.size} devices needs a batch that is a multiple of it, "
+            f"got {padded.shape[0]} prompts"
+        )
+    bsh, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
+
+    def place(x: Any) -> Any:
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh == mesh:
+            return x
+        return shd.host_to_global(np.asarray(x), rep)
+
+    return (
+        shd.host_to_global(padded, bsh),
+        shd.host_to_global(lengths, bsh),
+        jax.tree.map(place, params),
     )
 
 
