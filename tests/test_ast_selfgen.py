@@ -171,7 +171,7 @@ def test_teacher_mode_data_path_with_a_stub(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(exp, "encode", lambda tok, text: np.arange(len(text), dtype=np.int32) % VOCAB)
     seen: dict[str, list] = {}
 
-    def fake_retrain(name, cfg, model, teacher, oneshot, train_batch, evaluate):
+    def fake_retrain(name, cfg, model, teacher, oneshot, train_batch, evaluate, logger=None):
         seen[name] = [train_batch(i) for i in range(cfg.run.steps)]
         return {"perplexity": 1.0, "wall_s": 0.0}
 
