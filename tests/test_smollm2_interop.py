@@ -50,7 +50,7 @@ def test_wanda_hf_export_matches_transformers(tmp_path):
 
     loaded = load_model("")
     model, tok = loaded.model, loaded.tokenizer
-    calib = calibration_tokens(tok, str(WIKITEXT / "valid.txt"), 8, 256, 0)
+    calib = calibration_tokens(tok, str(WIKITEXT / "valid.txt"), 4, 128, 0)
     pruned, _ = prune_oneshot(model, loaded.params, calib, "wanda")
     out = tmp_path / "smollm2-2of4"
     info = export_model(model, pruned, out, format="hf", tokenizer=tok, dtype="float32")
