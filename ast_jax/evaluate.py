@@ -587,6 +587,9 @@ class EvaluateArgs:
         None, f"comma-separated NAME=FILE.jsonl zero-shot tasks; NAME in {', '.join(TASKS)}"
     )
     limit: int | None = option(None, "score only the first N items of each task (none = all)")
+    max_tokens: int | None = option(
+        None, "perplexity of the first N tokens of --ppl-text only (a quick run; none = the whole text)"
+    )
     batch_size: int = option(8, "sequences per jitted batch")
     add_bos: bool = option(False, "prepend the tokenizer's BOS token (lm-eval's add_bos_token)")
     json: str | None = option(None, "also write the results to this JSON file")
@@ -595,6 +598,8 @@ class EvaluateArgs:
         from ast_jax.model_source import describe_source
 
         describe_source(self.model)  # a missing / unknown model path fails here, before anything loads
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ValueError(f"--max-tokens must be >= 2, got {self.max_tokens}")
         if self.ppl_text is None and not self.task:
             raise ValueError("nothing to evaluate: give --ppl-text and/or --task")
         if self.ppl_text is not None and not os.path.isfile(self.ppl_text):
@@ -641,6 +646,8 @@ def _body(args: EvaluateArgs) -> int:
     if args.ppl_text is not None:
         text = Path(args.ppl_text).read_text(encoding="utf-8")
         ids = np.asarray(_tokenize(loaded.tokenizer, text, args.add_bos), np.int32)
+        if args.max_tokens is not None:
+            ids = ids[: args.max_tokens]
         r = perplexity(
             loaded.model,
             loaded.params,
@@ -654,6 +661,7 @@ def _body(args: EvaluateArgs) -> int:
             **r._asdict(),
             "context": args.context,
             "stride": args.stride or args.context,
+            "max_tokens": args.max_tokens,
         }
         rows.append(("perplexity", "ppl", f"{r.ppl:.4f}", "", f"{r.tokens_scored} tokens"))
     for name, items in tasks:
