@@ -129,6 +129,31 @@ def _generate(
     return GenerateOutput(out, n_gen)
 
 
+def _check_decoding(
+    model: nn.Module,
+    longest: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    key: jax.Array | None,
+) -> None:
+    """The argument checks shared by :func:`generate` and :func:`generate_stream`, before any tracing."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature > 0.0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs a jax.random key")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    max_len = _cache_dims(model)[4]
+    if longest + max_new_tokens > max_len:
+        raise ValueError(
+            f"longest prompt {longest} + max_new_tokens {max_new_tokens} exceeds the model max_len {max_len}"
+        )
+
+
 def generate(
     model: nn.Module,
     params: Any,
@@ -166,21 +191,9 @@ def generate(
     rows = [np.asarray(r, np.int32).reshape(-1) for r in prompts]
     if not rows or any(r.size == 0 for r in rows):
         raise ValueError("generate needs at least one prompt and every prompt must be non-empty")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature > 0.0 and key is None:
-        raise ValueError("sampling (temperature > 0) needs a jax.random key")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     lengths = np.array([r.size for r in rows], np.int32)
     p = int(lengths.max())
-    max_len = _cache_dims(model)[4]
-    if p + max_new_tokens > max_len:
-        raise ValueError(
-            f"longest prompt {p} + max_new_tokens {max_new_tokens} exceeds the model max_len {max_len}"
-        )
+    _check_decoding(model, p, max_new_tokens, temperature, top_k, top_p, key)
     padded = np.zeros((len(rows), p), np.int32)
     for i, r in enumerate(rows):
         padded[i, : r.size] = r
@@ -259,15 +272,7 @@ def generate_stream(
     row = np.asarray(prompt, np.int32).reshape(-1)
     if row.size == 0:
         raise ValueError("generate_stream needs a non-empty prompt")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature > 0.0 and key is None:
-        raise ValueError("sampling (temperature > 0) needs a jax.random key")
-    max_len = _cache_dims(model)[4]
-    if row.size + max_new_tokens > max_len:
-        raise ValueError(
-            f"prompt {row.size} + max_new_tokens {max_new_tokens} exceeds the model max_len {max_len}"
-        )
+    _check_decoding(model, row.size, max_new_tokens, temperature, top_k, top_p, key)
     key = jax.random.key(0) if key is None else key
     last, cache = _prefill(model, params, jnp.asarray(row[None]), slots=int(row.size + max_new_tokens))
     for i in range(max_new_tokens):
