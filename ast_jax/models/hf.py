@@ -26,19 +26,15 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from ast_jax.models.llama import Llama, LlamaConfig, RopeScaling
 from ast_jax.models.loading import (
     SafetensorsCheckpoint,
-    _assemble,
-    _check,
-    _check_tied,
     _Entry,
-    _flat_shapes,
     _gpt2_params,
     _identity,
+    _safetensors_params,
     _transpose,
     gpt2_config_from_hf,
 )
@@ -227,19 +223,10 @@ def load_hf_llama_params(
     missing, mis-shaped and (when ``strict``) unexpected tensors before any tensor is read. A tied model's
     stored ``lm_head.weight`` is accepted only if it equals the embedding.
     """
-    found = ckpt.shapes
-    prefix = "model." if any(n.startswith("model.") for n in found) else ""
-    entries = _llama_entries(cfg, prefix)
-
-    def ignore(name: str) -> bool:
-        return name.endswith(_LLAMA_BUFFERS) or (name == "lm_head.weight" and cfg.tie_embeddings)
-
-    target = _flat_shapes(
-        jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    entries = lambda prefix: _llama_entries(cfg, prefix)
+    return _safetensors_params(
+        ckpt, Llama(cfg), entries, "model.", "embed_tokens.weight", _LLAMA_BUFFERS, dtype, strict
     )
-    _check(ckpt.source, entries, found, target, strict=strict, ignore=ignore)
-    _check_tied(ckpt, "lm_head.weight", prefix + "embed_tokens.weight", cfg.tie_embeddings)
-    return _assemble(entries, ckpt.read, dtype)
 
 
 def _read_json(path: str) -> dict[str, Any]:

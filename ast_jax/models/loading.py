@@ -104,6 +104,12 @@ def _flat_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {key_path(path): tuple(leaf.shape) for path, leaf in flat}
 
 
+def _module_shapes(module: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``{param path: shape}`` of a Flax decoder, by tracing its ``init`` (nothing is allocated)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return _flat_shapes(jax.eval_shape(lambda: module.init(jax.random.key(0), tokens))["params"])
+
+
 def _check(
     source: str,
     entries: list[_Entry],
@@ -299,9 +305,7 @@ def load_llama_gguf(
     entries = _gguf_entries(cfg)
     tensors = {t.name: t for t in reader.tensors}
     found = {name: _gguf_tensor_shape(t) for name, t in tensors.items()}
-    target = _flat_shapes(
-        jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    )
+    target = _module_shapes(Llama(cfg))
     _check(str(path), entries, found, target, strict=strict)
 
     def read(name: str) -> np.ndarray:
@@ -437,22 +441,40 @@ class SafetensorsCheckpoint:
             return np.asarray(f.get_tensor(name))
 
 
+def _safetensors_params(
+    ckpt: SafetensorsCheckpoint,
+    module: Any,
+    entries_for: Callable[[str], list[_Entry]],
+    root: str,
+    embedding: str,
+    buffers: tuple[str, ...],
+    dtype: Any,
+    strict: bool,
+) -> dict[str, Any]:
+    """Params of ``module`` from an HF checkpoint whose names may carry the ``root`` prefix (``"model."``,
+    ``"transformer."``): every tensor checked against the module's shapes before any is read; ``buffers``
+    (name suffixes) and a tied ``lm_head.weight`` equal to ``root + embedding`` are accepted and skipped."""
+    found = ckpt.shapes
+    prefix = root if any(n.startswith(root) for n in found) else ""
+    entries = entries_for(prefix)
+    tied = module.cfg.tie_embeddings
+
+    def ignore(name: str) -> bool:
+        return name.endswith(buffers) or (name == "lm_head.weight" and tied)
+
+    target = _module_shapes(module)
+    _check(ckpt.source, entries, found, target, strict=strict, ignore=ignore)
+    _check_tied(ckpt, "lm_head.weight", prefix + embedding, tied)
+    return _assemble(entries, ckpt.read, dtype)
+
+
 def _gpt2_params(ckpt: SafetensorsCheckpoint, cfg: Any, dtype: Any, strict: bool) -> dict[str, Any]:
     from ast_jax.models.gpt2 import GPT2
 
-    found = ckpt.shapes
-    prefix = "transformer." if any(n.startswith("transformer.") for n in found) else ""
-    entries = _gpt2_entries(cfg, prefix)
-
-    def ignore(name: str) -> bool:
-        return name.endswith(_GPT2_BUFFERS) or (name == "lm_head.weight" and cfg.tie_embeddings)
-
-    target = _flat_shapes(
-        jax.eval_shape(lambda: GPT2(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    entries = lambda prefix: _gpt2_entries(cfg, prefix)
+    return _safetensors_params(
+        ckpt, GPT2(cfg), entries, "transformer.", "wte.weight", _GPT2_BUFFERS, dtype, strict
     )
-    _check(ckpt.source, entries, found, target, strict=strict, ignore=ignore)
-    _check_tied(ckpt, "lm_head.weight", prefix + "wte.weight", cfg.tie_embeddings)
-    return _assemble(entries, ckpt.read, dtype)
 
 
 def _check_tied(ckpt: SafetensorsCheckpoint, head: str, embed: str, tied: bool) -> None:
