@@ -134,8 +134,9 @@ def load_text_data(
     if tokenizer is None:
         tokens = encode(text)
     else:
-        inner = getattr(tokenizer, "inner", tokenizer)
-        tokens = np.asarray(inner.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+        from ast_jax.tokenizer import encode as token_ids
+
+        tokens = token_ids(tokenizer, text)
     train, heldout = split_tokens(tokens, heldout_fraction, block_bytes)
     return TextData(train=train, heldout=heldout, source=source)
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ast_jax._cli import config_parser, option, run_cli
+from ast_jax.tokenizer import encode
 
 __all__ = [
     "TASKS",
@@ -201,13 +202,7 @@ def perplexity(
 
 def _tokenize(tokenizer: Any, text: str, add_bos: bool = False) -> list[int]:
     """Token ids of ``text`` without special tokens, ``bos_id`` first when ``add_bos``."""
-    if hasattr(tokenizer, "inner") and hasattr(tokenizer, "bos_id"):  # ast_jax.tokenizer.TextTokenizer
-        return [int(i) for i in tokenizer.encode(text, add_bos=add_bos)]
-    if add_bos:
-        raise ValueError(
-            "add_bos needs a tokenizer that knows its BOS token (ast_jax.tokenizer.TextTokenizer)"
-        )
-    return list(tokenizer.encode(text, add_special_tokens=False).ids)
+    return [int(i) for i in encode(tokenizer, text, add_bos)]
 
 
 def _prefix_token(tokenizer: Any) -> int:

@@ -82,18 +82,14 @@ class ExportArgs:
             raise ValueError(f"--calib-text file not found: {self.calib_text}")
 
 
-def _encode(tokenizer: Any, text: str) -> np.ndarray:
-    inner = getattr(tokenizer, "inner", tokenizer)
-    return np.asarray(inner.encode(text, add_special_tokens=False).ids, dtype=np.int32)
-
-
 def calibration_tokens(tokenizer: Any, text: str | None, seqs: int, length: int, seed: int) -> np.ndarray:
     """``(seqs, length)`` int32 windows at random starts of the tokenised ``text`` (default: the built-in
     corpus of :func:`ast_jax.data.builtin_corpus`); ``ValueError`` when the text is shorter than a window."""
     from ast_jax.data import builtin_corpus
+    from ast_jax.tokenizer import encode
 
     body = builtin_corpus() if text is None else Path(text).read_text(encoding="utf-8")
-    ids = _encode(tokenizer, body)
+    ids = encode(tokenizer, body)
     if len(ids) <= length:
         raise ValueError(f"calibration text has {len(ids)} tokens, fewer than --calib-len {length} + 1")
     starts = np.random.default_rng(seed).integers(0, len(ids) - length, size=seqs)

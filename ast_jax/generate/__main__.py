@@ -54,21 +54,12 @@ def _eos(tok) -> int | None:
     return eos
 
 
-def _encode(tok, text: str, add_bos: bool | None) -> list[int]:
-    if hasattr(tok, "encode") and hasattr(tok, "inner"):  # ast_jax.tokenizer's wrapper: BOS rules inside
-        return [int(i) for i in tok.encode(text, add_bos=add_bos)]
-    ids = list(tok.encode(text, add_special_tokens=False).ids)
-    bos = getattr(tok, "bos_id", None)
-    if add_bos and bos is not None:
-        ids = [int(bos), *ids]
-    return ids
-
-
 def _body(a: GenerateArgs) -> int:
     import jax
 
     from ast_jax.generate import generate_stream
     from ast_jax.model_source import describe_source, load_model
+    from ast_jax.tokenizer import encode
 
     describe_source(a.model)  # a bad path fails before anything is loaded
     loaded = load_model(a.model)
@@ -82,7 +73,7 @@ def _body(a: GenerateArgs) -> int:
     else:
         params = loaded.params
     inner = getattr(tok, "inner", tok)
-    ids = _encode(tok, a.prompt, a.add_bos)
+    ids = [int(i) for i in encode(tok, a.prompt, a.add_bos)]
     stream = generate_stream(
         loaded.model, params, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
         top_k=a.top_k, top_p=a.top_p, eos_id=_eos(tok) if a.stop_at_eos else None,
