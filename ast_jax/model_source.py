@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LoadedModel", "byte_tokenizer", "describe_source", "load_model", "model_config", "pretrained"]
+__all__ = ["LoadedModel", "byte_tokenizer", "describe_source", "load_model", "pretrained"]
 
 
 class LoadedModel(NamedTuple):
@@ -50,11 +49,6 @@ class LoadedModel(NamedTuple):
     source: str
     slorb: Any = None
     sparsity: dict[str, int] | None = None
-
-
-def model_config(model: Any) -> Any:
-    """The architecture dataclass of one of our Flax models (``LlamaConfig`` or ``GPT2Config``)."""
-    return model.cfg
 
 
 def describe_source(path: str) -> str:
@@ -208,15 +202,3 @@ def _load_checkpoint(directory: str, dtype: Any) -> LoadedModel:
         teacher = pretrained(cfg.model.model)
         tok, hf_config = teacher.tokenizer, teacher.hf_config
     return LoadedModel(model, params, tok, hf_config, "checkpoint", directory, slorb, sparsity)
-
-
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON object from ``path`` (``ValueError`` naming the file when it is not one)."""
-    try:
-        with open(path) as fh:
-            out = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: {e}") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return out
