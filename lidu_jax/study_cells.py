@@ -230,6 +230,7 @@ def _chunk_estimates(
             candidates=cand,
             activity=split.user_activity()[users],
             item_popularity=split.item_popularity(),
+            profile=~np.asarray(cand),  # the user's training items (NDCG excludes them from the list)
             key=key,
         )
     )
