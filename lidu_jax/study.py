@@ -23,6 +23,9 @@ candidate subsets of several sizes. Users are processed in chunks, so memory is 
 ``n_models * chunk * n_items`` scores; ``--max-eval-users`` evaluates a seeded random subset of users on large
 data (the exact estimator itself is never approximated: it prunes only items that provably cannot matter).
 
+Two more protocols share these flags: ``--protocol models`` (model selection by mean uncertainty across a
+population of recommenders, `lidu_jax.study_models`) and ``--protocol dynamics`` (`lidu_jax.study_dynamics`).
+
 This module runs cells, writes their tables and plots, runs the grid and is the command line; the settings are
 `lidu_jax.study_config` and the per-cell machinery (data, models, score sources, estimators, dynamics, sweeps)
 is `lidu_jax.study_cells`. Their public names are importable from here as well.
@@ -310,14 +313,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _body(config: RealDataStudyConfig) -> None:
-    if config.all:
+    # The other protocols live in their own modules, imported only when chosen.
+    if config.protocol == "models":
+        from lidu_jax.study_models import run_models_protocol
+
+        run_models_protocol(config)
+    elif config.protocol == "dynamics":
+        from lidu_jax.study_dynamics import run_dynamics_protocol
+
+        run_dynamics_protocol(config)
+    elif config.all:
         run_all(config)
     else:
         run(config)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: flags -> `RealDataStudyConfig` -> `run` (or `run_all` with ``--all``); returns the exit status.
+    """CLI: flags -> `RealDataStudyConfig` -> `run` (or `run_all` with ``--all``; with ``--protocol models``
+    `lidu_jax.study_models.run_models_protocol`, with ``--protocol dynamics``
+    `lidu_jax.study_dynamics.run_dynamics_protocol`); returns the exit status.
 
     A rejected flag value, a missing or malformed data file is one ``error:`` line on stderr and status 2; a
     diverged training run (`TrainingFailedError`) is one line and status 3. Use `run` for the results.

@@ -12,13 +12,25 @@ import os
 
 from lidu_jax._cli import option
 
-__all__ = ["DATASETS", "LIDU_VARIANT_FLAGS", "MODELS", "SOURCES", "SPLITS", "RealDataStudyConfig"]
+__all__ = [
+    "DATASETS",
+    "LIDU_VARIANT_FLAGS",
+    "MODELS",
+    "POPULATIONS",
+    "PROTOCOLS",
+    "SOURCES",
+    "SPLITS",
+    "RealDataStudyConfig",
+]
 
 DATASETS = ("ml-100k", "lastfm", "beauty")
 MODELS = ("bpr", "lightgcn", "mlp", "sasrec")
 SOURCES = ("ensemble", "bootstrap", "snapshot", "mc_dropout", "bayesian")
 LIDU_VARIANT_FLAGS = ("exact", "unordered", "top3", "sequential", "pairwise")
 SPLITS = ("leave_last_out", "random")
+PROTOCOLS = ("users", "models", "dynamics")
+POPULATIONS = ("full", "small")  # their tables: lidu_jax.study_models.POPULATIONS
+_USERS_VARIANTS = "exact,unordered,top3,sequential,pairwise"
 _SEED_MAX = 2**32 - 1
 
 
@@ -28,6 +40,22 @@ class RealDataStudyConfig:
     what it is, its unit and its valid range). Values are checked on construction: an impossible value is a
     ``ValueError`` naming the flag."""
 
+    protocol: str = option(
+        "users",
+        f"what is evaluated: one of {', '.join(PROTOCOLS)} (users = per-user LiDu of one cell; models = "
+        "model selection by mean uncertainty over a population of recommenders, lidu_jax.study_models; "
+        "dynamics = LiDu over training and inference changes, lidu_jax.study_dynamics)",
+    )
+    population: str = option(
+        "full",
+        f"with --protocol models: the population table, one of {', '.join(POPULATIONS)} (full = 6 models per "
+        "family; small = tiny dims and epochs, for tests)",
+    )
+    population_families: str = option(
+        ",".join(MODELS),
+        f"with --protocol models: comma-separated families of the population, a subset of {','.join(MODELS)} "
+        "(sasrec is skipped, with a note, on data without time order)",
+    )
     data: str = option(
         "ml-100k",
         f"data set: one of {', '.join(DATASETS)} (located as in lidu_jax.datasets), or the path of an "
@@ -60,7 +88,9 @@ class RealDataStudyConfig:
         5, "k-core filter: users and items with fewer interactions are dropped (>= 0; 0 = off)"
     )
     n_models: int = option(
-        5, "distribution size: ensemble members, bootstrap copies or last-epoch snapshots (>= 2)"
+        0,
+        "distribution size: ensemble members, bootstrap copies or last-epoch snapshots (>= 2; 0 = the "
+        "protocol's default: 5 for users and dynamics, 3 seeds per model for models)",
     )
     n_samples: int = option(10, "MC-dropout passes / Bayesian posterior draws (>= 2)")
     dropout: float = option(0.2, "dropout rate of the mc_dropout model, in [0, 1)")
@@ -70,9 +100,11 @@ class RealDataStudyConfig:
     batch_size: int = option(0, "training batch size (>= 0; 0 = the model's default)")
     k: int = option(10, "list length K of LiDu, NDCG@K and Recall@K (>= 1, < the number of items)")
     grid_size: int = option(256, "grid cells of the exact LiDu estimator (>= 8)")
-    lidu_variants: str = option(
-        "exact,unordered,top3,sequential,pairwise",
-        f"comma-separated LiDu variants besides the exact one, a subset of {','.join(LIDU_VARIANT_FLAGS)}",
+    lidu_variants: str | None = option(
+        None,
+        f"comma-separated LiDu variants besides the exact one, a subset of {','.join(LIDU_VARIANT_FLAGS)} "
+        f"(none = the protocol's default: {_USERS_VARIANTS} for users and dynamics, exact,pairwise for "
+        "models)",
     )
     max_eval_users: int = option(
         0, "evaluate a seeded random subset of this many users (>= 0; 0 = every user with a held-out item)"
@@ -98,6 +130,12 @@ class RealDataStudyConfig:
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
+        # The protocol's defaults are resolved here, so every later reader sees concrete values.
+        if self.n_models == 0 and not isinstance(self.n_models, bool):
+            object.__setattr__(self, "n_models", 3 if self.protocol == "models" else 5)
+        if self.lidu_variants is None:
+            variants = "exact,pairwise" if self.protocol == "models" else _USERS_VARIANTS
+            object.__setattr__(self, "lidu_variants", variants)
         _check(self)
 
 
@@ -116,7 +154,10 @@ def _int_list(config: RealDataStudyConfig, name: str) -> list[int]:
 def _check(config: RealDataStudyConfig) -> None:
     """ValueError naming the flag of the first impossible setting of ``config``."""
     c = config
-    for name, choices in (("model", MODELS), ("source", SOURCES), ("split", SPLITS)):
+    for name, choices in (
+        ("protocol", PROTOCOLS), ("population", POPULATIONS), ("model", MODELS), ("source", SOURCES),
+        ("split", SPLITS),
+    ):  # fmt: skip
         if getattr(c, name) not in choices:
             raise ValueError(f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(c, name)!r}")
     if not c.all and c.data not in DATASETS and not os.path.isfile(c.data):
@@ -164,3 +205,7 @@ def _check(config: RealDataStudyConfig) -> None:
         raise ValueError(f"--out-dir must be a directory (it is created if missing), got {c.out_dir!r}")
     if c.json is not None and (not c.json or os.path.isdir(c.json)):
         raise ValueError(f"--json must be a file path, got {c.json!r}")
+    if c.protocol == "models":
+        from lidu_jax.study_models import check_models_config  # it imports this module
+
+        check_models_config(c)
