@@ -183,6 +183,14 @@ def test_models_cli_end_to_end(tiny_file, tmp_path):
     assert row["diagnostics"]["spread_ratio"] == pytest.approx(
         row["diagnostics"]["ensemble_spread"] / row["diagnostics"]["item_spread"]
     )
+    # The scale-free row: each model's stds times one factor that brings its spread ratio to the common
+    # one; a larger spread (factor > 1) makes the consensus list less probable, a smaller one more.
+    target = payload["scale_free"]["target_spread_ratio"]
+    for r in payload["models"]:
+        d = r["diagnostics"]
+        assert d["spread_ratio"] * d["temperature_factor"] == pytest.approx(target)
+        change = r["means"][study_models.SCALE_FREE] - r["means"]["LiDu"]
+        assert change * (d["temperature_factor"] - 1) >= -1e-3, r["name"]
     sel = payload["selection"]
     assert {"LiDu", study_models.SCALE_FREE, "random choice", "oracle"} <= set(sel)
     ndcg = [r["mean_ndcg"] for r in payload["models"]]
