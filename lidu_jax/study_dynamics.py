@@ -58,6 +58,7 @@ from lidu_jax.models.sasrec import SASRec
 from lidu_jax.samples import sample_moments
 from lidu_jax.study_cells import build_source, load_data, score_stacked
 from lidu_jax.study_config import MODELS, RealDataStudyConfig
+from lidu_jax.training import TrainingFailedError
 from lidu_jax.types import InteractionSplit
 
 __all__ = [
@@ -404,6 +405,7 @@ def _edge_changes(split: InteractionSplit, us: _Users, change: str) -> tuple[np.
     n_edges = int(split.train_users.shape[0])
     codes = split.train_users.astype(np.int64) * split.n_items + split.train_items
     order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
     h = max(1, max(x.size for x in us.hidden))
     a = max(1, max(x.size for x in us.added))
     drop = np.full((us.ids.size, h), n_edges, np.int64)
@@ -411,7 +413,7 @@ def _edge_changes(split: InteractionSplit, us: _Users, change: str) -> tuple[np.
     add_ok = np.zeros((us.ids.size, a), bool)
     for row, u in enumerate(us.ids):
         if change == "hide" and us.hidden[row].size:
-            pos = np.searchsorted(codes[order], int(u) * split.n_items + us.hidden[row])
+            pos = np.searchsorted(sorted_codes, int(u) * split.n_items + us.hidden[row])
             drop[row, : pos.size] = order[pos]
         if change == "add":
             add[row, : us.added[row].size] = us.added[row]
@@ -594,7 +596,15 @@ def _run_family(
         return callback
 
     t0 = time.perf_counter()
-    _, model, params = build_source(split, cfg, jax.random.fold_in(key, 1), make_callback)
+    try:
+        _, model, params = build_source(split, cfg, jax.random.fold_in(key, 1), make_callback)
+    except TrainingFailedError as e:
+        raise TrainingFailedError(
+            f"{e} [dynamics protocol {split.name}/{family}: --seed {config.seed}, "
+            f"--lr {config.lr or 'the model default'}, --epochs {config.epochs}]",
+            model=e.model,
+            members=e.members,
+        ) from e
     t1 = time.perf_counter()
     base_scores = score_stacked(model, params, us.ids, config.chunk)
     before = _per_user(base_scores, base_cand, us.test, config)
@@ -806,7 +816,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     ax.bar(x - 0.2, delta, 0.4, label="τ(−ΔLiDu, ΔNDCG)")
     ax.bar(x + 0.2, sign, 0.4, label="τ(signs)")
     ax.axhline(0.0, color="k", lw=0.6)
-    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_xticks(x, labels, fontsize=7, rotation=45, ha="right")
     ax.set_title("inference-time changes (n/a shown as 0)")
     ax.legend(fontsize=7)
     for extra in flat[len(trained) + 1 :]:
