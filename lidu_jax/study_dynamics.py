@@ -700,6 +700,7 @@ def run_dynamics_protocol(config: RealDataStudyConfig, *, split: InteractionSpli
     config_dict.update({n: _option(config, n) for n in DEFAULTS})
     result["config"] = config_dict
     evaluation.write_json(_json_safe(result), out / f"{stem}.json")
+    print(f"dynamics {split.name}: {result['seconds']} s; wrote {', '.join(f for f in files.values() if f)}")
     return result
 
 
