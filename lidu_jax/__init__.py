@@ -16,6 +16,7 @@ maths, one function per estimator; `lidu_jax.backend` chooses between it and the
 """
 
 from lidu_jax import baselines, metrics
+from lidu_jax.correlated import lidu_correlated
 from lidu_jax.estimators import (
     checked_lidu,
     checked_list_log_prob,
@@ -36,6 +37,7 @@ __all__ = [
     "checked_list_log_prob",
     "lidu",
     "lidu_chunked",
+    "lidu_correlated",
     "lidu_from_samples",
     "lidu_sharded",
     "list_log_prob",
