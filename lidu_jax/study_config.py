@@ -116,6 +116,24 @@ class RealDataStudyConfig:
     )
     dynamics_every: int = option(2, "with --dynamics: log every this many epochs (>= 1)")
     dynamics_users: int = option(500, "users scored for --dynamics and --sweeps (>= 1)")
+    dynamics_hide_fraction: float = option(
+        0.5, "with --protocol dynamics: fraction of each user's training items hidden at inference, in (0, 1)"
+    )
+    dynamics_add_fraction: float = option(
+        0.5,
+        "with --protocol dynamics: random items added to each user's history, as a fraction of its profile, "
+        "in (0, 1]",
+    )
+    dynamics_candidates: str = option(
+        "100,1000",
+        "with --protocol dynamics: comma-separated candidate-set sizes (each > --k; capped by the number of "
+        "items)",
+    )
+    dynamics_families: str = option(
+        "bpr,lightgcn,mlp,sasrec",
+        "with --protocol dynamics: comma-separated families, a subset of bpr,lightgcn,mlp,sasrec (sasrec is "
+        "skipped, with the reason, on data without time order)",
+    )
     sweeps: bool = option(False, "also compute LiDu for the list lengths --sweep-ks and candidate sizes")
     sweep_ks: str = option("1,3,5,10,20", "with --sweeps: comma-separated list lengths K (each >= 1)")
     sweep_candidates: str = option(

@@ -31,8 +31,8 @@ reason is recorded):
    and ``dynamics_<data>.png`` (mean LiDu and mean NDCG vs epoch per family, and a bar panel of the
    inference-change correlations; skipped, with the reason in the JSON, when matplotlib is missing).
 
-Settings beyond `RealDataStudyConfig` are read with ``getattr(config, name, default)`` so the protocol runs
-on a config that does not have them yet: ``dynamics_hide_fraction`` (0.5), ``dynamics_add_fraction`` (0.5),
+Its own settings are the ``dynamics_*`` options of `RealDataStudyConfig` (read with ``getattr(config,
+name, default)``, so a config class without them still runs): ``dynamics_hide_fraction`` (0.5), ``dynamics_add_fraction`` (0.5),
 ``dynamics_candidates`` ("100,1000") and ``dynamics_families`` ("bpr,lightgcn,mlp,sasrec").
 """
 
