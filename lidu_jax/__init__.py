@@ -16,6 +16,7 @@ maths, one function per estimator; `lidu_jax.backend` chooses between it and the
 """
 
 from lidu_jax import baselines, metrics
+from lidu_jax.agreement import list_self_agreement
 from lidu_jax.correlated import lidu_correlated
 from lidu_jax.estimators import (
     checked_lidu,
@@ -42,6 +43,7 @@ __all__ = [
     "lidu_sharded",
     "list_log_prob",
     "list_log_prob_from_samples",
+    "list_self_agreement",
     "metrics",
     "sample_moments",
     "top_k_rankings",

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import stats
 
 from lidu_jax import baselines, datasets, distributions, metrics
+from lidu_jax.agreement import list_self_agreement
 from lidu_jax.correlated import lidu_correlated
 from lidu_jax.estimators import lidu
 from lidu_jax.models.base import RecModel
@@ -202,6 +203,7 @@ LIDU_VARIANTS = (
     "LiDu sequential approx.",
     "LiDu pairwise approx.",
     "LiDu correlated (ours)",
+    "LiDu self-agreement (ours)",
 )
 
 
@@ -223,6 +225,13 @@ def _chunk_estimates(
         out["LiDu sequential approx."] = np.asarray(lidu(mean, std, k, method="sequential", **kw)[0])
     if "pairwise" in variants:
         out["LiDu pairwise approx."] = np.asarray(lidu(mean, std, k, method="pairwise", **kw)[0])
+    if "agreement" in variants:
+        # our addition (lidu_jax.agreement): the expected share of the list's items each draw reproduces
+        out["LiDu self-agreement (ours)"] = np.asarray(
+            list_self_agreement(mean, std, k, key=jax.random.fold_in(key, 19), candidates=cand, chunk_size=b)[
+                0
+            ]
+        )
     if "correlated" in variants and samples is not None and samples.shape[0] >= 2:
         # our addition (lidu_jax.correlated): the members' joint moves, correlations shrunk by half; one
         # orthogonal block of 2(M - 1) draws per user keeps it within ~2(M - 1)x the exact estimator's cost

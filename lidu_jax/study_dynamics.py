@@ -32,8 +32,9 @@ reason is recorded):
    inference-change correlations; skipped, with the reason in the JSON, when matplotlib is missing).
 
 Its own settings are the ``dynamics_*`` options of `RealDataStudyConfig` (read with ``getattr(config,
-name, default)``, so a config class without them still runs): ``dynamics_hide_fraction`` (0.5), ``dynamics_add_fraction`` (0.5),
-``dynamics_candidates`` ("100,1000") and ``dynamics_families`` ("bpr,lightgcn,mlp,sasrec").
+name, default)``, so a config class without them still runs): ``dynamics_hide_fraction`` (0.5),
+``dynamics_add_fraction`` (0.5), ``dynamics_candidates`` ("100,1000") and ``dynamics_families``
+("bpr,lightgcn,mlp,sasrec").
 """
 
 from __future__ import annotations

@@ -33,21 +33,22 @@ def test_study_cli_writes_json_with_synthetic_study_schema(tiny_file, tmp_path):
         "--data", str(tiny_file), "--model", "bpr", "--source", "ensemble", "--k-core", "2",
         "--n-models", "2", "--epochs", "2", "--k", "5", "--grid-size", "32", "--n-boot", "20",
         "--chunk", "64", "--dynamics", "--dynamics-every", "1", "--sweeps", "--sweep-ks", "1",
-        "--sweep-candidates", "10", "--lidu-variants", "exact,correlated",
+        "--sweep-candidates", "10", "--lidu-variants", "exact,correlated,agreement",
         "--out-dir", str(tmp_path), "--json", str(out), "--no-progress",
     ]  # fmt: skip
     assert study.main(argv) == 0
     payload = json.loads(out.read_text())
     est = payload["estimators"]
-    # The exact LiDu and the correlated one only, to keep compilation short (the grid variants share the
+    # The exact LiDu and our two variants only, to keep compilation short (the grid variants share the
     # exact code path; the estimator tests cover them, and the flag that selects them is checked below).
-    expected = {"LiDu", "LiDu correlated (ours)"}
+    ours = {"LiDu correlated (ours)", "LiDu self-agreement (ours)"}
+    expected = {"LiDu", *ours}
     expected |= {"mean top-K score", "score margin K/K+1", "softmax entropy", "Plackett-Luce top-K entropy"}
     expected |= {"mean std of top-K", "sampled top-K instability", "user activity", "popularity of top-K"}
     expected |= {"NQC", "WIG", "user clarity", "profile entropy"}
     expected |= {"ensemble RBO disagreement", "ensemble mutual information"}
     assert expected <= set(est)
-    assert {n for n in est if n.startswith("LiDu")} == {"LiDu", "LiDu correlated (ours)"}
+    assert {n for n in est if n.startswith("LiDu")} == {"LiDu", *ours}
     for block in (est, payload["recall"]["estimators"]):
         for name, row in block.items():
             lo, hi = row["ci"]
