@@ -167,6 +167,7 @@ def grid_section(src: Path) -> tuple[list[str], dict[str, Any]]:
                 f"{mean_diff:+.3f}."
             )
     summary = {
+        "missing": missing,
         "ours_words": ours_words,
         "cells": len(cells),
         "tally": tally,
@@ -363,6 +364,18 @@ def build(src: Path) -> str:
             if gpu
             else "It has **not** run on an accelerator: none was lent to the sessions that did this work."
         ),
+        "",
+    ]
+    no_models = [DATA_NAMES[d] for d in DATA_NAMES if not (src / f"models_{d}.json").is_file()]
+    no_dyn = [DATA_NAMES[d] for d, res in dyn if res is None]
+    lines += [
+        "## 7. Not measured (yet)",
+        "",
+        f"- Grid cells without JSON: {', '.join(summary['missing']) or 'none'} (2-core CPU time ran out; a "
+        "whole-Beauty cell takes about 25 minutes here).",
+        f"- Model-level protocol not run on: {', '.join(no_models) or 'none'}.",
+        f"- Dynamics not run on: {', '.join(no_dyn) or 'none'}.",
+        "- No accelerator run of `benchmarks/bench_lidu_gpu.py`." if gpu is None else "",
         "",
     ]
     return "\n".join(lines)
