@@ -44,9 +44,12 @@ python benchmarks/lidu_signal.py --data beauty --max-eval-users 4000 \\
 MODELS_CMD = """python -m lidu_jax.study --protocol models --data ml-100k --out-dir runs/models --n-boot 1000
 cp runs/models/models_ml-100k.json docs/measured/lidu16/"""
 
-DYN_CMD = """python -m lidu_jax.study --protocol dynamics --data ml-100k --epochs 15 --dynamics-users 500 \\
-    --out-dir runs/dyn
-cp runs/dyn/dynamics_ml-100k.json docs/measured/lidu16/; cp runs/dyn/dynamics_ml-100k.png docs/figures/"""
+DYN_CMD = """for d in ml-100k lastfm; do
+  python -m lidu_jax.study --protocol dynamics --data $d --epochs 15 --dynamics-users 500 --out-dir runs/dyn
+done
+python -m lidu_jax.study --protocol dynamics --data beauty --epochs 15 --dynamics-users 500 \\
+    --dynamics-families bpr --out-dir runs/dyn
+cp runs/dyn/dynamics_*.json docs/measured/lidu16/; cp runs/dyn/dynamics_*.png docs/figures/"""
 
 
 def _f(v: Any, fmt: str = "+.3f") -> str:
@@ -162,7 +165,7 @@ def grid_section(src: Path) -> tuple[list[str], dict[str, Any]]:
             worse = sum(r["tau_diff_ci"][1] < 0 for _, r in rs)
             mean_diff = sum(r["tau_diff"] for _, r in rs) / len(rs)
             ours_words.append(
-                f"`{v}` against exact LiDu over {len(rs)} cells: significantly better in {better}, "
+                f"- `{v}` against exact LiDu over {len(rs)} cells: significantly better in {better}, "
                 f"significantly worse in {worse}, tied in {len(rs) - better - worse}; mean difference in tau "
                 f"{mean_diff:+.3f}."
             )
@@ -394,14 +397,19 @@ def build(src: Path) -> str:
         "",
     ]
     no_models = [DATA_NAMES[d] for d in DATA_NAMES if not (src / f"models_{d}.json").is_file()]
-    no_dyn = [DATA_NAMES[d] for d, res in dyn if res is None]
+    no_dyn = [
+        DATA_NAMES[d] if res is None else f"{DATA_NAMES[d]} x {MODEL_NAMES[f]}"
+        for d, res in dyn
+        for f in (MODEL_NAMES if res is None else [f for f in MODEL_NAMES if f not in res["families"]])
+    ]
+    no_dyn = list(dict.fromkeys(no_dyn))
     lines += [
         "## 7. Not measured (yet)",
         "",
         f"- Grid cells without JSON: {', '.join(summary['missing']) or 'none'} (2-core CPU time ran out; a "
         "whole-Beauty cell takes about 25 minutes here).",
         f"- Model-level protocol not run on: {', '.join(no_models) or 'none'}.",
-        f"- Dynamics not run on: {', '.join(no_dyn) or 'none'}.",
+        f"- Dynamics not run on: {', '.join(no_dyn) or 'none'} (`--dynamics-families` picks the families).",
         "- No accelerator run of `benchmarks/bench_lidu_gpu.py`." if gpu is None else "",
         "",
     ]
