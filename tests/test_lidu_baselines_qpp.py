@@ -119,7 +119,7 @@ def test_clarity_and_entropy_match_numpy(data, lam):
     np.testing.assert_allclose(baselines.user_clarity(profile, pop, lam), want_c, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(baselines.profile_entropy(profile, pop, lam), want_h, rtol=1e-5, atol=1e-6)
     if lam == 0.0:  # unsmoothed: the entropy is log |profile|
-        np.testing.assert_allclose(want_h, np.log(profile.sum(1)), rtol=1e-12)
+        np.testing.assert_allclose(want_h, np.log(profile.sum(1)), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(("k", "p"), [(K, 0.9), (1, 0.6), (5, 1.0)])
@@ -173,13 +173,13 @@ def test_rank_disagreement_and_mi_by_hand():
     cand = np.array([[True, True, False]])
     for p in (0.9, 0.5):
         got = baselines.ensemble_rank_disagreement(s, 2, cand, p=p)
-        np.testing.assert_allclose(got, [1 - p / (1 + p)], rtol=1e-6)
+        np.testing.assert_allclose(got, [1 - p / (1 + p)], rtol=1e-6, atol=1e-6)
     # disjoint top-1 lists: RBO 0
-    np.testing.assert_allclose(baselines.ensemble_rank_disagreement(s, 1, cand), [1.0], rtol=1e-6)
+    np.testing.assert_allclose(baselines.ensemble_rank_disagreement(s, 1, cand), [1.0], rtol=1e-6, atol=1e-6)
     # softmaxes (q, 1 - q) and (1 - q, q), q = sigmoid(2): the mean is uniform, MI = log 2 - H(q)
     q = 1 / (1 + math.exp(-2.0))
     want = math.log(2) + q * math.log(q) + (1 - q) * math.log(1 - q)
-    np.testing.assert_allclose(baselines.ensemble_mutual_information(s, cand), [want], rtol=1e-5)
+    np.testing.assert_allclose(baselines.ensemble_mutual_information(s, cand), [want], rtol=1e-5, atol=1e-6)
 
 
 def test_clarity_is_zero_when_the_profile_is_the_catalogue():
@@ -188,18 +188,20 @@ def test_clarity_is_zero_when_the_profile_is_the_catalogue():
     full = np.ones((1, n), bool)
     for lam in (0.0, 0.5):
         np.testing.assert_allclose(baselines.user_clarity(full, np.ones(n), lam), [0.0], atol=1e-6)
-        np.testing.assert_allclose(baselines.profile_entropy(full, np.ones(n), lam), [math.log(n)], rtol=1e-6)
+        np.testing.assert_allclose(
+            baselines.profile_entropy(full, np.ones(n), lam), [math.log(n)], rtol=1e-6, atol=1e-6
+        )
     # the catalogue is uniform over the user's 3 items and 0 elsewhere: the same distributions
     pop = np.array([0, 4, 0, 4, 4, 0, 0, 0], np.float64)
     prof = (pop > 0)[None]
     np.testing.assert_allclose(baselines.user_clarity(prof, pop), [0.0], atol=1e-6)
-    np.testing.assert_allclose(baselines.profile_entropy(prof, pop), [math.log(3)], rtol=1e-6)
+    np.testing.assert_allclose(baselines.profile_entropy(prof, pop), [math.log(3)], rtol=1e-6, atol=1e-6)
     # one item of a uniform catalogue, unsmoothed: KL = log n; a niche user is clearer than a broad one
     one = np.zeros((2, n), bool)
     one[0, 2] = True
     one[1, :6] = True
     got = np.asarray(baselines.user_clarity(one, np.ones(n), 0.0))
-    np.testing.assert_allclose(got, [-math.log(n), -math.log(n / 6)], rtol=1e-6)
+    np.testing.assert_allclose(got, [-math.log(n), -math.log(n / 6)], rtol=1e-6, atol=1e-6)
 
 
 def test_nqc_wig_affine_invariance_and_direction(data):
@@ -218,7 +220,9 @@ def test_nqc_wig_affine_invariance_and_direction(data):
     two = np.zeros((2, N), np.float32)
     two[0, :K] = 1.0
     two[1] = np.arange(N)[::-1]
-    np.testing.assert_allclose(baselines.wig(two, K), [-math.sqrt(8 / 3), -4 / math.sqrt(10)], rtol=1e-6)
+    np.testing.assert_allclose(
+        baselines.wig(two, K), [-math.sqrt(8 / 3), -4 / math.sqrt(10)], rtol=1e-6, atol=1e-6
+    )
     np.testing.assert_allclose(
         baselines.nqc(two, K), [0.0, -math.sqrt(2 / 3) / math.sqrt(10)], rtol=1e-6, atol=1e-7
     )
@@ -306,7 +310,9 @@ def test_jit_matches_eager_and_gives_nan_for_bad_users(data):
             bad[0][1, 2, 0] = np.nan
         got = np.asarray(jitted(*bad))
         assert np.isnan(got[2]), name
-        np.testing.assert_allclose(np.delete(got, 2), np.delete(fn(*args), 2), rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            np.delete(got, 2), np.delete(fn(*args), 2), rtol=1e-6, atol=1e-6, err_msg=name
+        )
 
 
 def test_all_baselines_adds_the_qpp_family(data, monkeypatch):
@@ -331,8 +337,10 @@ def test_all_baselines_adds_the_qpp_family(data, monkeypatch):
     assert qpp <= set(out) and len(out) == 14
     for name, v in out.items():
         assert v.shape == (U,) and v.dtype == np.float64 and np.all(np.isfinite(v)), name
-    np.testing.assert_allclose(out["NQC"], baselines.nqc(mean, K, cand), rtol=1e-6)
-    np.testing.assert_allclose(out["user clarity"], baselines.user_clarity(profile, pop), rtol=1e-6)
+    np.testing.assert_allclose(out["NQC"], baselines.nqc(mean, K, cand), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        out["user clarity"], baselines.user_clarity(profile, pop), rtol=1e-6, atol=1e-6
+    )
     # one draw: no ensemble baselines; no profile: no clarity / entropy
     out = baselines.all_baselines(mean, std, samples[:1], rankings, candidates=cand, item_popularity=pop)
     assert {"NQC", "WIG", "sampled top-K instability"} <= set(out)
