@@ -406,8 +406,9 @@ def build(src: Path) -> str:
     lines += [
         "## 7. Not measured (yet)",
         "",
-        f"- Grid cells without JSON: {', '.join(summary['missing']) or 'none'} (2-core CPU time ran out; a "
-        "whole-Beauty cell takes about 25 minutes here).",
+        f"- Grid cells without JSON: {', '.join(summary['missing']) or 'none'} (2-core CPU time ran out: a "
+        "whole-Beauty cell took 25 minutes here for BPR-MF; SASRec was stopped halfway through its "
+        "estimators after 51 minutes).",
         f"- Model-level protocol not run on: {', '.join(no_models) or 'none'}.",
         f"- Dynamics not run on: {', '.join(no_dyn) or 'none'} (`--dynamics-families` picks the families).",
         "- No accelerator run of `benchmarks/bench_lidu_gpu.py`." if gpu is None else "",
