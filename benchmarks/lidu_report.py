@@ -66,6 +66,11 @@ def _verdict(row: dict[str, Any]) -> str:
     return "L" if lo > 0 else ("W" if hi < 0 else "T")
 
 
+def _demote(body: list[str]) -> list[str]:
+    """Headings two levels down, so an embedded page's ``#`` sits under this page's ``##`` sections."""
+    return [("##" + ln) if ln.startswith("#") else ln for ln in body]
+
+
 def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -363,7 +368,7 @@ def build(src: Path) -> str:
     else:
         lines += [*models_words(models, study_models.SCALE_FREE), ""]
         body = study_models.markdown(models).splitlines()
-        lines += [ln.replace("# ", "### ", 1) if ln.startswith("# ") else ln for ln in body] + [""]
+        lines += [*_demote(body), ""]
     dyn = [(d, _load(src / f"dynamics_{d}.json")) for d in DATA_NAMES]
     lines += [
         "## 5. Dynamics: through training and under inference-time changes",
@@ -378,7 +383,7 @@ def build(src: Path) -> str:
             continue
         lines += ["", dynamics_words(DATA_NAMES[d], res)]
         body = study_dynamics.markdown(res).splitlines()
-        lines += ["", *[("#" + ln) if ln.startswith("#") else ln for ln in body]]
+        lines += ["", *_demote(body)]
         lines += ["", f"![dynamics on {DATA_NAMES[d]}](figures/dynamics_{d}.png)"]
     gpu = _load(src / "bench_lidu_gpu.json")
     lines += [
