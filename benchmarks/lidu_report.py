@@ -344,7 +344,7 @@ def build(src: Path) -> str:
         "",
         *summary["ours_words"],
         "",
-        "## 3. Why LiDu loses signal on large sparse catalogues: the terms of -log P",
+        "## 3. Where the per-user signal sits: the terms of -log P (issue 16: why it weakens on sparse data)",
         "",
         "```bash",
         SIGNAL_CMD,
@@ -368,7 +368,7 @@ def build(src: Path) -> str:
     else:
         lines += [*models_words(models, study_models.SCALE_FREE), ""]
         body = study_models.markdown(models).splitlines()
-        lines += [*_demote(body), ""]
+        lines += [*_demote(body), "", "![models on ML-100K](figures/models_ml-100k.png)", ""]
     dyn = [(d, _load(src / f"dynamics_{d}.json")) for d in DATA_NAMES]
     lines += [
         "## 5. Dynamics: through training and under inference-time changes",
