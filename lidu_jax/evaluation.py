@@ -22,6 +22,7 @@ __all__ = [
     "best_baseline",
     "evaluate_estimators",
     "format_table",
+    "json_safe",
     "plot_binned",
     "write_json",
 ]
@@ -213,6 +214,18 @@ def _to_jsonable(obj: Any) -> Any:
         return obj.tolist()
     if isinstance(obj, np.generic):
         return obj.item()
+    return obj
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN / inf floats as None, for payloads that may hold undefined statistics (strict JSON has
+    no NaN)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float | np.floating) and not np.isfinite(obj):
+        return None
     return obj
 
 

@@ -700,20 +700,9 @@ def run_dynamics_protocol(config: RealDataStudyConfig, *, split: InteractionSpli
     config_dict = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     config_dict.update({n: _option(config, n) for n in DEFAULTS})
     result["config"] = config_dict
-    evaluation.write_json(_json_safe(result), out / f"{stem}.json")
+    evaluation.write_json(evaluation.json_safe(result), out / f"{stem}.json")
     print(f"dynamics {split.name}: {result['seconds']} s; wrote {', '.join(f for f in files.values() if f)}")
     return result
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN / inf floats become None (strict JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float | np.floating) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 # ------------------------------------------------------------------------------------------ tables, plot

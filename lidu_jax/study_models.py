@@ -634,21 +634,12 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
     result["files"] = files
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / f"{stem}.md").write_text(markdown(result))
-    evaluation.write_json(_json_safe(result), out / f"{stem}.json", config=dataclasses.asdict(config))
+    evaluation.write_json(
+        evaluation.json_safe(result), out / f"{stem}.json", config=dataclasses.asdict(config)
+    )
     if config.progress:
         print(markdown(result), flush=True)
     return result
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN / inf floats become None (strict JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float | np.floating) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 # ------------------------------------------------------------------------------------------ tables, plot
