@@ -41,6 +41,7 @@ from scipy import stats
 
 from lidu_jax import evaluation, metrics
 from lidu_jax.estimators import lidu, top_k_rankings
+from lidu_jax.study import _eval_users
 from lidu_jax.study_cells import build_source, load_data
 from lidu_jax.study_config import RealDataStudyConfig
 
@@ -78,11 +79,7 @@ def analyse(config: RealDataStudyConfig, n_draws: int, n_boot: int) -> dict:
     """Train the ensemble of ``config`` and measure every term per user; returns the JSON payload."""
     t0 = time.perf_counter()
     split = load_data(config)
-    users = np.unique(split.test_users)
-    if config.max_eval_users and config.max_eval_users < users.size:
-        users = np.sort(
-            np.random.default_rng(config.seed).choice(users, config.max_eval_users, replace=False)
-        )
+    users = _eval_users(split, config)  # the study's rule, so the users are the grid's
     key = jax.random.key(config.seed)
     scorer, _, _ = build_source(split, config, jax.random.fold_in(key, 1))
     t_train = time.perf_counter() - t0
