@@ -32,8 +32,10 @@ def _shape(text: str) -> list[int]:
     return [int(x) for x in re.search(r"\[([\d,]*)\]", text).group(1).split(",") if x]
 
 
-def _hlo_tables(path: str) -> tuple[dict[str, str], dict[str, list[str]], dict[str, str]]:
-    """(instruction -> its line, computation -> its lines, fusion instruction -> called computation)."""
+def _hlo_tables(path: str) -> dict[str, dict]:
+    """Tables of an optimised-HLO text file: ``lines`` (instruction -> its line), ``comps`` (computation ->
+    its lines), ``calls`` (fusion instruction -> the computation it calls), ``shapes`` (instruction ->
+    its shape, e.g. ``f32[2048,256]{1,0}``)."""
     lines_of: dict[str, str] = {}
     comps: dict[str, list[str]] = {}
     calls: dict[str, str] = {}
@@ -52,7 +54,8 @@ def _hlo_tables(path: str) -> tuple[dict[str, str], dict[str, list[str]], dict[s
         m = re.search(r"%([\w.\-]+) = .* calls=%([\w.\-]+)", line)
         if m:
             calls[m.group(1)] = m.group(2)
-    return lines_of, comps, calls
+    shapes = {k: re.search(r"= (\S+) ", v).group(1) for k, v in lines_of.items()}
+    return {"lines": lines_of, "comps": comps, "calls": calls, "shapes": shapes}
 
 
 def _dot_of(lines: list[str], shapes: dict[str, str]) -> tuple[str, float] | None:
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     jax.profiler.stop_trace()
 
     hlo = glob.glob(f"{work}/hlo/*jit_step*cpu_after_optimizations.txt")[0]
-    lines_of, comps, calls = _hlo_tables(hlo)
+    tab = _hlo_tables(hlo)
+    lines_of, comps, calls, shapes = tab["lines"], tab["comps"], tab["calls"], tab["shapes"]
     trace = glob.glob(f"{work}/trace/plugins/profile/*/perfetto_trace.json.gz")[0]
     events = json.load(gzip.open(trace))["traceEvents"]
     per_thunk: collections.Counter = collections.Counter()
@@ -125,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         if e.get("ph") == "X" and e["name"] in lines_of:
             per_thunk[e["name"]] += e["dur"] / 1e3 / a.steps
     dots, other = [], collections.Counter()
-    shapes = {k: re.search(r"= (\S+) ", v).group(1) for k, v in lines_of.items()}
     for name, ms in per_thunk.items():
         found = _dot_of(comps[calls[name]] if name in calls else [lines_of[name]], shapes)
         if found:
