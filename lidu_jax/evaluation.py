@@ -8,6 +8,8 @@ has a positive rank correlation between ``-uncertainty`` and performance (e.g. N
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,9 @@ __all__ = [
     "evaluate_estimators",
     "format_table",
     "json_safe",
+    "kendall_or_nan",
     "plot_binned",
+    "spearman_or_nan",
     "write_json",
 ]
 
@@ -43,6 +47,30 @@ def _stats(pred: np.ndarray, perf: np.ndarray) -> tuple[float, float, float]:
         tau, n * (n - 1) / 2.0, metrics._tied_pairs(pred), metrics._tied_pairs(perf)
     )
     return tau, rho, float(c)
+
+
+def _rank_correlation_or_nan(x: np.ndarray, y: np.ndarray, fn, min_points: int) -> float:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.size < min_points or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what scipy warns about (ties, NaN) ends as a NaN, reported as such
+        return float(fn(x, y).statistic)
+
+
+def kendall_or_nan(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall tau-b of ``x`` vs ``y`` (both ``(n,)``); NaN where it is undefined: fewer than 2 points, or
+    either side constant (unlike `lidu_jax.metrics.kendall_tau`, which calls that 0).
+
+    For correlations across models or checkpoints, where "undefined" must stay distinguishable from 0.
+    """
+    return _rank_correlation_or_nan(x, y, stats.kendalltau, 2)
+
+
+def spearman_or_nan(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rho of ``x`` vs ``y`` (both ``(n,)``); NaN where it is undefined: fewer than 3 points, or
+    either side constant."""
+    return _rank_correlation_or_nan(x, y, stats.spearmanr, 3)
 
 
 _VECTORISED_MAX_USERS = 3000

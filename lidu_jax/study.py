@@ -64,7 +64,7 @@ from lidu_jax.study_config import DATASETS, MODELS, RealDataStudyConfig
 from lidu_jax.study_config import LIDU_VARIANT_FLAGS as LIDU_VARIANT_FLAGS
 from lidu_jax.study_config import SOURCES as SOURCES
 from lidu_jax.study_config import SPLITS as SPLITS
-from lidu_jax.training import TrainingFailedError
+from lidu_jax.training import failure_context
 from lidu_jax.types import InteractionSplit
 
 __all__ = [
@@ -122,22 +122,20 @@ def run(
     make_cb = None
     if config.dynamics:
         make_cb = lambda model: _dynamics_callback(model, split, config, dyn_users, dyn_log)
+    lr = config.lr or "the model's default"
+    copies = ""
+    if config.source in ("ensemble", "bootstrap"):
+        copies = f"; copy m is the m-th of the --n-models {config.n_models} keys split from the seed"
+    context = (
+        f"study cell {_cell_name(config, split)}: --seed {config.seed}, --lr {lr}, "
+        f"--epochs {config.epochs}{copies}"
+    )
     t_train = time.perf_counter()
-    try:  # training, and the scores the estimators get: a diverged run fails here, never in an estimator
+    # Training, and the scores the estimators get: a diverged run fails here, never in an estimator.
+    with failure_context(context):
         scorer, _, _ = build_source(split, config, jax.random.fold_in(key, 1), make_cb)
         t_est = time.perf_counter()
         unc, perf = estimate_all(scorer, split, users, config, jax.random.fold_in(key, 2))
-    except TrainingFailedError as e:
-        lr = config.lr or "the model's default"
-        copies = ""
-        if config.source in ("ensemble", "bootstrap"):
-            copies = f"; copy m is the m-th of the --n-models {config.n_models} keys split from the seed"
-        raise TrainingFailedError(
-            f"{e} [study cell {_cell_name(config, split)}: --seed {config.seed}, --lr {lr}, "
-            f"--epochs {config.epochs}{copies}]",
-            model=e.model,
-            members=e.members,
-        ) from e
     t_eval = time.perf_counter()
     res_ndcg = evaluation.evaluate_estimators(
         unc, perf["ndcg"], n_boot=config.n_boot, seed=config.seed, reference="LiDu"

@@ -35,31 +35,46 @@ Its own settings are the ``dynamics_*`` options of `RealDataStudyConfig` (read w
 name, default)``, so a config class without them still runs): ``dynamics_hide_fraction`` (0.5),
 ``dynamics_add_fraction`` (0.5), ``dynamics_candidates`` ("100,1000") and ``dynamics_families``
 ("bpr,lightgcn,mlp,sasrec").
+
+Where the code is: this module is the protocol (its settings, one family's training and changes, the run);
+the users, their history changes and the per-user measures are `lidu_jax.study_dynamics_users`, the scorers
+that take a changed history `lidu_jax.study_dynamics_scorers`, the tables and plot
+`lidu_jax.study_dynamics_report`. Their public names are importable from here as well.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats
 
-from lidu_jax import evaluation, metrics
-from lidu_jax.estimators import lidu
+from lidu_jax import evaluation
 from lidu_jax.models.base import RecModel
-from lidu_jax.models.lightgcn import LightGCN, LightGCNConfig, edge_norm
-from lidu_jax.models.sasrec import SASRec
-from lidu_jax.samples import sample_moments
 from lidu_jax.study_cells import build_source, load_data, score_stacked
 from lidu_jax.study_config import MODELS, RealDataStudyConfig
-from lidu_jax.training import TrainingFailedError
+from lidu_jax.study_dynamics_report import _plot, markdown
+from lidu_jax.study_dynamics_scorers import _history_scores
+from lidu_jax.study_dynamics_users import (
+    ADD_MEANS,
+    CANDIDATES_MEAN,
+    CHANGES,
+    HIDE_MEANS,
+    _candidates,
+    _per_user,
+    _pick_users,
+    _rho,
+    _shrunk_candidates,
+    _tau,
+    _Users,
+    compare,
+)
+from lidu_jax.study_dynamics_users import _visible_sequences as _visible_sequences  # the tests use it
+from lidu_jax.training import failure_context
 from lidu_jax.types import InteractionSplit
 
 __all__ = [
@@ -76,45 +91,12 @@ __all__ = [
 ]
 
 MIN_EPOCHS = 10
-CHANGES = ("hide", "add", "candidates_<c>")
 DEFAULTS: dict[str, Any] = {
     "dynamics_hide_fraction": 0.5,
     "dynamics_add_fraction": 0.5,
     "dynamics_candidates": "100,1000",
     "dynamics_families": ",".join(MODELS),
 }
-
-_FIXED_USER = (
-    "{name} scores a user from its trained user embedding, which no inference-time input changes: "
-    "{verb}, and its scores (so its score distribution) are exactly those of the unchanged model"
-)
-HIDE_MEANS = {
-    "bpr": _FIXED_USER.format(
-        name="BPR-MF", verb="hiding only returns the hidden items to the candidate set"
-    ),
-    "mlp": _FIXED_USER.format(
-        name="NeuMF (mlp)", verb="hiding only returns the hidden items to the candidate set"
-    ),
-    "lightgcn": "the user's edges to the hidden items are removed from the propagation graph (degrees "
-    "renormalised, every layer recomputed: one full propagation per user and ensemble member), and the "
-    "hidden items return to the candidate set",
-    "sasrec": "the hidden items are removed from the user's input sequence (the rest keep their order; the "
-    "model sees the last max_len of them), and they return to the candidate set",
-}
-ADD_MEANS = {
-    "bpr": _FIXED_USER.format(name="BPR-MF", verb="added items only leave the candidate set"),
-    "mlp": _FIXED_USER.format(name="NeuMF (mlp)", verb="added items only leave the candidate set"),
-    "lightgcn": "an edge from the user to each added item joins the propagation graph (degrees "
-    "renormalised, one full propagation per user and ensemble member), and the added items leave the "
-    "candidate set",
-    "sasrec": "the added items are inserted at uniformly random positions of the user's input sequence "
-    "(the model sees the last max_len items), and they leave the candidate set",
-}
-CANDIDATES_MEAN = (
-    "the candidates shrink to the user's top-K list plus c-K other non-training items drawn uniformly; the "
-    "scores and the list are unchanged, so NDCG@K is unchanged by construction and only the competition "
-    "below the list (hence LiDu) changes"
-)
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -181,370 +163,6 @@ def dynamics_settings(config: RealDataStudyConfig) -> DynamicsSettings:
     return DynamicsSettings(float(hide), float(add), tuple(dict.fromkeys(sizes)), families)
 
 
-# -------------------------------------------------------------------------------------- correlations
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
-
-
-def _tau(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Kendall tau-b of ``x`` vs ``y``; None when it is undefined (fewer than 2 points, a constant side)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _finite(stats.kendalltau(x, y).statistic)
-
-
-def _rho(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Spearman rho of ``x`` vs ``y``; None when it is undefined."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _finite(stats.spearmanr(x, y).statistic)
-
-
-# ------------------------------------------------------------------------------------------ users, changes
-
-
-@dataclasses.dataclass(frozen=True)
-class _Users:
-    """The evaluation users and their seeded history changes (shared by every family, so the families are
-    compared on the same users, the same hidden items and the same added items).
-
-    ``profile[u]``: training items in time order (id order without time); ``hidden[u]`` a subset of it;
-    ``added[u]`` items outside the profile and the held-out items; ``add_at[u]`` the positions of the
-    profile before which each added item is inserted (sorted, for `np.insert`). ``train``, ``test``,
-    ``hidden_mask`` and ``added_mask`` are ``(U, n_items)`` bool.
-    """
-
-    ids: np.ndarray
-    profile: list[np.ndarray]
-    hidden: list[np.ndarray]
-    added: list[np.ndarray]
-    add_at: list[np.ndarray]
-    train: np.ndarray
-    test: np.ndarray
-    hidden_mask: np.ndarray
-    added_mask: np.ndarray
-
-
-def _pick_users(split: InteractionSplit, config: RealDataStudyConfig, s: DynamicsSettings) -> _Users:
-    users = np.unique(split.test_users)
-    rng = np.random.default_rng([config.seed, 0])
-    if users.size > config.dynamics_users:
-        users = np.sort(rng.choice(users, config.dynamics_users, replace=False))
-    train, test = split.train_matrix()[users], split.test_matrix()[users]
-    profile, hidden, added, add_at = [], [], [], []
-    hide_rng, add_rng = np.random.default_rng([config.seed, 1]), np.random.default_rng([config.seed, 2])
-    for row, u in enumerate(users):
-        if split.train_sequences is not None:
-            prof = np.asarray(split.train_sequences[u], np.int64)
-        else:
-            prof = np.flatnonzero(train[row]).astype(np.int64)
-        n = prof.size
-        n_hide = min(max(n - 1, 0), int(s.hide_fraction * n + 0.5))  # at least one item stays visible
-        hidden.append(np.sort(hide_rng.choice(prof, n_hide, replace=False)) if n_hide else prof[:0])
-        pool = np.flatnonzero(~train[row] & ~test[row])
-        n_add = min(pool.size, max(1, int(s.add_fraction * n + 0.5)))
-        added.append(add_rng.choice(pool, n_add, replace=False).astype(np.int64))
-        add_at.append(np.sort(add_rng.integers(0, n + 1, n_add)))
-        profile.append(prof)
-    hidden_mask = np.zeros_like(train)
-    added_mask = np.zeros_like(train)
-    for row in range(users.size):
-        hidden_mask[row, hidden[row]] = True
-        added_mask[row, added[row]] = True
-    return _Users(users, profile, hidden, added, add_at, train, test, hidden_mask, added_mask)
-
-
-def _visible_sequences(us: _Users, change: str) -> list[np.ndarray]:
-    """Each user's visible history in time order under ``change`` ("base", "hide" or "add")."""
-    if change == "base":
-        return us.profile
-    if change == "hide":
-        return [p[~np.isin(p, h)] for p, h in zip(us.profile, us.hidden, strict=True)]
-    return [np.insert(p, at, a) for p, at, a in zip(us.profile, us.add_at, us.added, strict=True)]
-
-
-def _candidates(us: _Users, change: str) -> np.ndarray:
-    """``(U, n_items)`` bool: what may be recommended under ``change`` (never the visible history)."""
-    if change == "hide":
-        return ~us.train | us.hidden_mask
-    if change == "add":
-        return ~us.train & ~us.added_mask
-    return ~us.train
-
-
-# ------------------------------------------------------------------------------ per-family history scorers
-
-
-def _chunked(fn, users: np.ndarray, extra: tuple[np.ndarray, ...], chunk: int) -> jax.Array:
-    """``fn(users (B,), *extra rows (B, ...)) -> (M, B, n)`` over ``chunk``-user calls, the last one padded
-    so one compiled shape serves every call; returns ``(M, U, n)``."""
-    out = []
-    size = min(chunk, users.size)
-    for start in range(0, users.size, size):
-        sl = slice(start, start + size)
-        rows = [users[sl], *(e[sl] for e in extra)]
-        real = rows[0].shape[0]
-        if real < size:
-            rows = [np.concatenate([r, np.repeat(r[-1:], size - real, axis=0)]) for r in rows]
-        out.append(fn(*(jnp.asarray(r) for r in rows))[:, :real])
-    return jnp.concatenate(out, axis=1)
-
-
-def _sasrec_module(params) -> SASRec:
-    """The `SASRec` module of trained (stacked) ``params``, its sizes read off the parameter shapes."""
-    p = params["params"]
-    n_items_1, dim = p["item_emb"]["embedding"].shape[-2:]
-    n_blocks = sum(1 for name in p if name.startswith("attn_"))
-    return SASRec(
-        n_items=int(n_items_1) - 1,
-        max_len=int(p["pos_emb"]["embedding"].shape[-2]),
-        dim=int(dim),
-        n_blocks=n_blocks,
-        n_heads=int(p["attn_0"]["query"]["kernel"].shape[-2]),
-        dropout=0.0,  # deterministic scoring never applies it
-    )
-
-
-def _sasrec_scorer(params, chunk: int):
-    """``scores(users, sequences) -> (M, U, n_items)``: SASRec's deterministic scores from the given input
-    sequences (item ids in time order; the last ``max_len`` are fed, left-padded, ids shifted by +1 as in
-    training)."""
-    module = _sasrec_module(params)
-
-    def per_model(p, seq):
-        h = module.apply(p, seq)
-        table, bias = module.apply(p, method=SASRec.item_table)
-        return h[:, -1] @ table.T + bias
-
-    fn = jax.jit(jax.vmap(per_model, in_axes=(0, None)))
-
-    def scores(users: np.ndarray, seqs: list[np.ndarray]) -> jax.Array:
-        arr = np.zeros((len(seqs), module.max_len), np.int32)
-        for row, s in enumerate(seqs):
-            tail = np.asarray(s[-module.max_len :], np.int64)
-            if tail.size:
-                arr[row, module.max_len - tail.size :] = tail + 1
-        return _chunked(lambda _u, seq: fn(params, seq), users, (arr,), chunk)
-
-    return scores
-
-
-def _lightgcn_layers(model: RecModel, params, split: InteractionSplit, users: np.ndarray, base) -> LightGCN:
-    """The `LightGCN` module whose full-graph propagation reproduces ``model.score`` on ``users``.
-
-    The layer count is not in the parameters; the study's default is tried first, then 0..6. A
-    ``RuntimeError`` when none reproduces the scores: the counterfactual graphs would then not be this
-    model's.
-    """
-    p = params["params"]
-    dim = int(p["user"].shape[-1])
-    eu = jnp.asarray(split.train_users, jnp.int32)
-    ei = jnp.asarray(split.train_items, jnp.int32)
-    norm = edge_norm(eu, ei, jnp.ones(eu.shape), split.n_users, split.n_items)
-    u = jnp.asarray(users[: min(8, users.size)], jnp.int32)
-    want = np.asarray(base[:, : u.shape[0]])
-    for n_layers in dict.fromkeys([LightGCNConfig().n_layers, *range(7)]):
-        module = LightGCN(split.n_users, split.n_items, dim, n_layers)
-
-        def one(q, module=module):
-            a, b = module.apply(q, eu, ei, norm)
-            return a[u] @ b.T
-
-        got = np.asarray(jax.vmap(one)(params))
-        if np.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max()))):
-            return module
-    raise RuntimeError("could not rebuild the LightGCN propagation that reproduces the model's scores")
-
-
-def _lightgcn_scorer(module: LightGCN, params, split: InteractionSplit):
-    """``scores(users, drop (U, H), add (U, A), add_ok (U, A)) -> (M, U, n_items)``: per user, LightGCN's
-    scores on the training graph without the edges ``drop`` (indices into the training interactions;
-    ``n_train`` = none) and with an edge to each item ``add[u, a]`` where ``add_ok``. Each user gets its own
-    full propagation (degrees renormalised, every layer recomputed), one after the other (`jax.lax.map`),
-    since a propagation holds ``n_edges * dim`` floats."""
-    n_users, n_items = split.n_users, split.n_items
-    eu = jnp.asarray(split.train_users, jnp.int32)
-    ei = jnp.asarray(split.train_items, jnp.int32)
-    n_edges = int(eu.shape[0])
-
-    def one(p, u, drop, add, add_ok):
-        keep = jnp.ones((n_edges,), jnp.float32).at[drop].set(0.0, mode="drop")
-        edge_u = jnp.concatenate([eu, jnp.full(add.shape, u, jnp.int32)])
-        edge_i = jnp.concatenate([ei, add])
-        w = jnp.concatenate([keep, add_ok.astype(jnp.float32)])
-        e_user, e_item = module.apply(p, edge_u, edge_i, edge_norm(edge_u, edge_i, w, n_users, n_items))
-        return e_user[u] @ e_item.T
-
-    def per_model(p, users, drop, add, add_ok):
-        return jax.lax.map(lambda row: one(p, *row), (users, drop, add, add_ok))
-
-    fn = jax.jit(jax.vmap(per_model, in_axes=(0, None, None, None, None)))
-
-    def scores(users: np.ndarray, drop: np.ndarray, add: np.ndarray, add_ok: np.ndarray) -> jax.Array:
-        return fn(
-            params,
-            jnp.asarray(users, jnp.int32),
-            jnp.asarray(drop, jnp.int32),
-            jnp.asarray(add, jnp.int32),
-            jnp.asarray(add_ok, bool),
-        )
-
-    return scores
-
-
-def _edge_changes(split: InteractionSplit, us: _Users, change: str) -> tuple[np.ndarray, ...]:
-    """``(drop (U, H), add (U, A), add_ok (U, A))`` for `_lightgcn_scorer`; the same H and A for every
-    change, so one compilation serves them all."""
-    n_edges = int(split.train_users.shape[0])
-    codes = split.train_users.astype(np.int64) * split.n_items + split.train_items
-    order = np.argsort(codes, kind="stable")
-    sorted_codes = codes[order]
-    h = max(1, max(x.size for x in us.hidden))
-    a = max(1, max(x.size for x in us.added))
-    drop = np.full((us.ids.size, h), n_edges, np.int64)
-    add = np.zeros((us.ids.size, a), np.int64)
-    add_ok = np.zeros((us.ids.size, a), bool)
-    for row, u in enumerate(us.ids):
-        if change == "hide" and us.hidden[row].size:
-            pos = np.searchsorted(sorted_codes, int(u) * split.n_items + us.hidden[row])
-            drop[row, : pos.size] = order[pos]
-        if change == "add":
-            add[row, : us.added[row].size] = us.added[row]
-            add_ok[row, : us.added[row].size] = True
-    return drop, add, add_ok
-
-
-def _history_scores(
-    family: str,
-    model: RecModel,
-    params,
-    split: InteractionSplit,
-    us: _Users,
-    base: jax.Array,
-    chunk: int,
-) -> dict[str, jax.Array]:
-    """``{"hide": (M, U, n), "add": (M, U, n)}``: the ensemble's scores with the changed histories.
-
-    MF and MLP score from the user's embedding alone, so their scores are ``base`` itself. SASRec and
-    LightGCN are re-run; the rebuilt scorer must reproduce ``base`` on the unchanged history first (a
-    ``RuntimeError`` otherwise), so a change is never confused with a rebuilding error.
-    """
-    tol = dict(rtol=1e-4, atol=1e-4 * max(1.0, float(jnp.abs(base).max())))
-    if family == "sasrec":
-        fn = _sasrec_scorer(params, chunk)
-        again = fn(us.ids, _visible_sequences(us, "base"))
-        if not np.allclose(np.asarray(again), np.asarray(base), **tol):
-            raise RuntimeError("the rebuilt SASRec does not reproduce the model's scores")
-        return {c: fn(us.ids, _visible_sequences(us, c)) for c in ("hide", "add")}
-    if family == "lightgcn":
-        module = _lightgcn_layers(model, params, split, us.ids, base)
-        fn = _lightgcn_scorer(module, params, split)
-        n_chk = min(4, us.ids.size)
-        out = {}
-        for change in ("hide", "add"):
-            drop, add, add_ok = _edge_changes(split, us, change)
-            # A few unchanged rows ride along in the same call (same compiled shape for both changes):
-            # they must give the model's own scores, or the per-user graphs are not this model's.
-            ids = np.concatenate([us.ids, us.ids[:n_chk]])
-            drop = np.concatenate([drop, np.full_like(drop[:n_chk], split.train_users.shape[0])])
-            add = np.concatenate([add, np.zeros_like(add[:n_chk])])
-            add_ok = np.concatenate([add_ok, np.zeros_like(add_ok[:n_chk])])
-            s = fn(ids, drop, add, add_ok)
-            if not np.allclose(np.asarray(s[:, us.ids.size :]), np.asarray(base[:, :n_chk]), **tol):
-                raise RuntimeError("the per-user LightGCN graphs do not reproduce the model's scores")
-            out[change] = s[:, : us.ids.size]
-        return out
-    return {"hide": base, "add": base}
-
-
-# ------------------------------------------------------------------------------------ per-user evaluation
-
-
-@functools.partial(jax.jit, static_argnums=3)
-def _moments_ndcg(scores: jax.Array, cand: jax.Array, test: jax.Array, k: int):
-    """``(mean (U, n), std (U, n), NDCG@k (U,))`` of ``(M, U, n)`` scores, in one compiled program (the same
-    arithmetic as the study's eager `sample_moments` and `metrics.ndcg_at_k`)."""
-    mean, std = sample_moments(scores)
-    return mean, std, metrics.ndcg_at_k(mean, test, k, candidates=cand)
-
-
-def _per_user(scores: jax.Array, cand: np.ndarray, test: np.ndarray, config: RealDataStudyConfig) -> dict:
-    """Per user from ``(M, U, n)`` scores and ``(U, n)`` candidates: exact LiDu ``(U,)``, NDCG@K ``(U,)``,
-    top-K list ``(U, K)``, mean ensemble std over the candidates ``(U,)``, mean std of the top-K ``(U,)``
-    and the ensemble-mean scores ``(U, n)``."""
-    c = jnp.asarray(cand, bool)
-    mean, std, ndcg = _moments_ndcg(scores, c, jnp.asarray(test, bool), config.k)
-    size = max(1, min(config.chunk, mean.shape[0]))
-    # Eager, not inside the jit above: only then does `lidu` prune the items far below each list.
-    val, top = lidu(mean, std, config.k, candidates=c, grid_size=config.grid_size, chunk_size=size)
-    std_np, cand_np, top = np.asarray(std, np.float64), np.asarray(cand, bool), np.asarray(top)
-    return {
-        "lidu": np.asarray(val, np.float64),
-        "ndcg": np.asarray(ndcg, np.float64),
-        "top": top,
-        "mean_std": (std_np * cand_np).sum(1) / np.maximum(cand_np.sum(1), 1),
-        "top_k_std": np.take_along_axis(std_np, top, axis=1).mean(1),
-        "mean": np.asarray(mean),
-    }
-
-
-def compare(before: dict, after: dict, what: str) -> dict[str, Any]:
-    """Summary of one inference-time change from the per-user results of `_per_user` before and after.
-
-    ``kendall_tau_delta`` / ``spearman_delta``: across users, ``-ΔLiDu`` vs ``ΔNDCG`` (Δ = after - before;
-    positive = LiDu falls where NDCG rises); None when ΔNDCG (or ΔLiDu) is the same for every user.
-    ``kendall_tau_sign``: Kendall tau-b of ``sign(-ΔLiDu)`` vs ``sign(ΔNDCG)`` over all users (zeros tie).
-    ``sign_agreement``: over the ``n_ndcg_changed`` users with ``ΔNDCG != 0``, the fraction with
-    ``sign(-ΔLiDu) == sign(ΔNDCG)`` (None when no user's NDCG moved). ``kendall_tau_before`` / ``_after``:
-    the per-user level correlation ``-LiDu`` vs ``NDCG`` on the same users. ``frac_lists_changed``: users
-    whose top-K list differs; ``mean_abs_score_change``: mean ``|Δ ensemble-mean score|`` over items and
-    users (0 = the model's scores did not move, only the candidate set did).
-    """
-    d_lidu = after["lidu"] - before["lidu"]
-    d_ndcg = after["ndcg"] - before["ndcg"]
-    moved = d_ndcg != 0
-    agree = np.sign(-d_lidu[moved]) == np.sign(d_ndcg[moved])
-    return {
-        "what": what,
-        "n_users": int(d_lidu.size),
-        "mean_lidu_before": float(before["lidu"].mean()),
-        "mean_lidu_after": float(after["lidu"].mean()),
-        "mean_ndcg_before": float(before["ndcg"].mean()),
-        "mean_ndcg_after": float(after["ndcg"].mean()),
-        "kendall_tau_delta": _tau(-d_lidu, d_ndcg),
-        "spearman_delta": _rho(-d_lidu, d_ndcg),
-        "kendall_tau_sign": _tau(np.sign(-d_lidu), np.sign(d_ndcg)),
-        "sign_agreement": float(agree.mean()) if moved.any() else None,
-        "n_ndcg_changed": int(moved.sum()),
-        "kendall_tau_before": _tau(-before["lidu"], before["ndcg"]),
-        "kendall_tau_after": _tau(-after["lidu"], after["ndcg"]),
-        "frac_lists_changed": float(np.mean(np.any(before["top"] != after["top"], axis=1))),
-        "mean_abs_score_change": float(np.mean(np.abs(after["mean"] - before["mean"]))),
-    }
-
-
-def _shrunk_candidates(
-    top: np.ndarray, cand: np.ndarray, size: int, k: int, rng: np.random.Generator
-) -> np.ndarray:
-    """``(U, n)`` bool: each user's top-``k`` list ``top (U, k)`` plus ``size - k`` other candidates of
-    ``cand (U, n)`` drawn uniformly (all of them when it has fewer)."""
-    keys = np.where(cand, rng.random(cand.shape), np.inf)
-    rows = np.arange(cand.shape[0])[:, None]
-    keys[rows, top] = -1.0  # the list is always kept
-    pick = np.argsort(keys, axis=1)[:, :size]
-    mask = np.zeros(cand.shape, bool)
-    mask[rows, pick] = True
-    return mask & cand
-
-
 # ------------------------------------------------------------------------------------------ one family
 
 
@@ -597,15 +215,12 @@ def _run_family(
         return callback
 
     t0 = time.perf_counter()
-    try:
+    context = (
+        f"dynamics protocol {split.name}/{family}: --seed {config.seed}, "
+        f"--lr {config.lr or 'the model default'}, --epochs {config.epochs}"
+    )
+    with failure_context(context):
         _, model, params = build_source(split, cfg, jax.random.fold_in(key, 1), make_callback)
-    except TrainingFailedError as e:
-        raise TrainingFailedError(
-            f"{e} [dynamics protocol {split.name}/{family}: --seed {config.seed}, "
-            f"--lr {config.lr or 'the model default'}, --epochs {config.epochs}]",
-            model=e.model,
-            members=e.members,
-        ) from e
     t1 = time.perf_counter()
     base_scores = score_stacked(model, params, us.ids, config.chunk)
     before = _per_user(base_scores, base_cand, us.test, config)
@@ -703,116 +318,3 @@ def run_dynamics_protocol(config: RealDataStudyConfig, *, split: InteractionSpli
     evaluation.write_json(evaluation.json_safe(result), out / f"{stem}.json")
     print(f"dynamics {split.name}: {result['seconds']} s; wrote {', '.join(f for f in files.values() if f)}")
     return result
-
-
-# ------------------------------------------------------------------------------------------ tables, plot
-
-
-def _fmt(v: float | None, sign: bool = True) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:+.3f}" if sign else f"{v:.4f}"
-
-
-def markdown(result: dict[str, Any]) -> str:
-    """The two tables of ``dynamics_<data>.md``: training trajectories and inference-time changes."""
-    k = result["k"]
-    lines = [
-        f"# LiDu dynamics on {result['dataset']} ({result['n_models']}-model ensembles, {result['epochs']} "
-        f"epochs, {result['n_users']} users, K={k})",
-        "",
-        "## Training: across checkpoints (one per epoch)",
-        "",
-        f"| family | checkpoints | mean LiDu first → last | mean NDCG@{k} first → last | τ(−LiDu, NDCG) "
-        "| ρ(−LiDu, NDCG) | τ(−top-K std, NDCG) | τ(−mean std, NDCG) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for fam, res in result["families"].items():
-        if "skipped" in res:
-            lines.append(f"| {fam} | skipped: {res['skipped']} | | | | | | |")
-            continue
-        tr = res["training"]
-        first, last = tr["log"][0], tr["log"][-1]
-        b = tr["baselines"]
-        lines.append(
-            f"| {fam} | {tr['n_checkpoints']} | {first['mean_lidu']:.2f} → {last['mean_lidu']:.2f} "
-            f"| {first['mean_ndcg']:.4f} → {last['mean_ndcg']:.4f} "
-            f"| {_fmt(tr['kendall_tau_neg_lidu_vs_ndcg'])} | {_fmt(tr['spearman_neg_lidu_vs_ndcg'])} "
-            f"| {_fmt(b['mean_top_k_std']['kendall_tau_neg_vs_ndcg'])} "
-            f"| {_fmt(b['mean_std']['kendall_tau_neg_vs_ndcg'])} |"
-        )
-    lines += [
-        "",
-        "## Inference-time changes (per user, final ensemble)",
-        "",
-        f"| family | change | mean LiDu before → after | mean NDCG@{k} before → after | τ(−ΔLiDu, ΔNDCG) "
-        "| τ(signs) | sign agreement (users whose NDCG moved) | lists changed | scores moved |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for fam, res in result["families"].items():
-        for change, r in res.get("inference", {}).items():
-            agree = "n/a" if r["sign_agreement"] is None else f"{r['sign_agreement']:.2f}"
-            lines.append(
-                f"| {fam} | {change} | {r['mean_lidu_before']:.2f} → {r['mean_lidu_after']:.2f} "
-                f"| {r['mean_ndcg_before']:.4f} → {r['mean_ndcg_after']:.4f} "
-                f"| {_fmt(r['kendall_tau_delta'])} | {_fmt(r['kendall_tau_sign'])} "
-                f"| {agree} ({r['n_ndcg_changed']}) | {r['frac_lists_changed']:.2f} "
-                f"| {'yes' if r['mean_abs_score_change'] > 0 else 'no'} |"
-            )
-    lines += [
-        "",
-        "What each change means per family:",
-        "",
-        *[f"- hide, {f}: {HIDE_MEANS[f]}" for f in result["families"] if f in HIDE_MEANS],
-        *[f"- add, {f}: {ADD_MEANS[f]}" for f in result["families"] if f in ADD_MEANS],
-        f"- candidates_<c>: {CANDIDATES_MEAN}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _plot(result: dict[str, Any], path: Path) -> None:
-    """Mean LiDu and mean NDCG@K vs epoch, one panel per trained family, and a bar panel of
-    ``τ(−ΔLiDu, ΔNDCG)`` and ``τ(signs)`` per family and history change."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    trained = {f: r for f, r in result["families"].items() if "skipped" not in r}
-    n_panels = len(trained) + 1
-    n_cols = min(3, n_panels)
-    n_rows = -(-n_panels // n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.6 * n_cols, 3.6 * n_rows), squeeze=False)
-    flat = list(axes.ravel())
-    k = result["k"]
-    for ax, (fam, res) in zip(flat, trained.items(), strict=False):
-        log = res["training"]["log"]
-        ep = [r["epoch"] for r in log]
-        ax.plot(ep, [r["mean_lidu"] for r in log], "o-", color="C0", ms=3)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("mean LiDu", color="C0")
-        twin = ax.twinx()
-        twin.plot(ep, [r["mean_ndcg"] for r in log], "s--", color="C1", ms=3)
-        twin.set_ylabel(f"mean NDCG@{k}", color="C1")
-        ax.set_title(f"{fam}: τ(−LiDu, NDCG) {_fmt(res['training']['kendall_tau_neg_lidu_vs_ndcg'])}")
-    ax = flat[len(trained)]
-    labels, delta, sign = [], [], []
-    for fam, res in trained.items():
-        for change in ("hide", "add"):
-            r = res["inference"][change]
-            labels.append(f"{fam}\n{change}")
-            delta.append(r["kendall_tau_delta"] or 0.0)
-            sign.append(r["kendall_tau_sign"] or 0.0)
-    x = np.arange(len(labels))
-    ax.bar(x - 0.2, delta, 0.4, label="τ(−ΔLiDu, ΔNDCG)")
-    ax.bar(x + 0.2, sign, 0.4, label="τ(signs)")
-    ax.axhline(0.0, color="k", lw=0.6)
-    ax.set_xticks(x, labels, fontsize=7, rotation=45, ha="right")
-    ax.set_title("inference-time changes (n/a shown as 0)")
-    ax.legend(fontsize=7)
-    for extra in flat[len(trained) + 1 :]:
-        extra.axis("off")
-    fig.suptitle(f"{result['dataset']}: LiDu through training and inference")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -58,36 +58,56 @@ within families) is reported, to see which of them carries the anti-correlation.
 The per-family model settings are those of the user protocol (`lidu_jax.study_cells.make_model`) except for
 what the population table varies. An sasrec "epoch" is one pass over the users (batches of histories), not
 over the interactions, so its epoch counts are larger.
+
+Where the code is: this module is the protocol (its option checks and `run_models_protocol`); the population
+table, training and per-model measurements are `lidu_jax.study_models_population`, the statistics across
+models `lidu_jax.study_models_selection`, the Markdown tables and plot `lidu_jax.study_models_report`. Their
+public names are importable from here as well.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from scipy import stats
 
 from lidu_jax import evaluation
-from lidu_jax.estimators import lidu
 from lidu_jax.models.base import RecModel
-from lidu_jax.models.lightgcn import LightGCNConfig, make_lightgcn
-from lidu_jax.models.mf import MFConfig, make_bpr_mf
-from lidu_jax.models.mlp import MLPConfig, make_mlp
-from lidu_jax.models.sasrec import SASRecConfig, make_sasrec
-from lidu_jax.samples import sample_moments
-from lidu_jax.study_cells import estimate_all, load_data, score_stacked
+from lidu_jax.study_cells import load_data
 from lidu_jax.study_config import MODELS, RealDataStudyConfig
-from lidu_jax.training import TrainingFailedError, fit
+
+# check_models_config and run_models_protocol call `population` and `_train` by their names here, so a test
+# that replaces them on this module replaces what the protocol runs.
+from lidu_jax.study_models_population import (
+    DIAGNOSTICS,
+    FAMILY_BASE,
+    POPULATIONS,
+    SCALE_FREE,
+    FamilyPlan,
+    PopulationModel,
+    TrainingRun,
+    _evaluate,
+    _rescaled_lidu,
+    _train,
+    population,
+)
+from lidu_jax.study_models_report import _plot, markdown
+from lidu_jax.study_models_selection import (
+    bootstrap_tau,
+    kendall_tau,
+    random_choice_regret,
+    selection_regret,
+    selection_table,
+)
+from lidu_jax.training import failure_context
 from lidu_jax.types import InteractionSplit
 
 __all__ = [
+    "DIAGNOSTICS",
     "FAMILY_BASE",
     "POPULATIONS",
     "SCALE_FREE",
@@ -97,6 +117,7 @@ __all__ = [
     "bootstrap_tau",
     "check_models_config",
     "kendall_tau",
+    "markdown",
     "population",
     "random_choice_regret",
     "run_models_protocol",
@@ -104,117 +125,7 @@ __all__ = [
     "selection_table",
 ]
 
-SCALE_FREE = "LiDu at common spread ratio"
 MIN_MODELS = 3  # a Kendall tau across fewer models is +-1 or undefined
-
-# The user protocol's settings of each family (`study_cells.make_model`, ensemble source): the population
-# varies only what its table names, so a "normal" model here is the model of a user-protocol cell.
-FAMILY_BASE: dict[str, Any] = {
-    "bpr": MFConfig(dim=32, lr=0.005, batch_size=2048),
-    "lightgcn": LightGCNConfig(dim=64, lr=0.01, batch_size=4096),
-    "mlp": MLPConfig(lr=3e-3, dropout=0.1),
-    "sasrec": SASRecConfig(dropout=0.2),
-}
-_MAKERS = {"bpr": make_bpr_mf, "lightgcn": make_lightgcn, "mlp": make_mlp, "sasrec": make_sasrec}
-
-
-@dataclasses.dataclass(frozen=True)
-class FamilyPlan:
-    """One family's share of a population: three training runs, six models.
-
-    Attributes:
-      dims: ``(small, large)`` embedding widths (the config's ``dim``).
-      epochs: ``(few, normal, many)``: under-trained, normally trained, over-trained.
-      strong: the config fields and values of "strong regularisation" (each family's own regulariser).
-    """
-
-    dims: tuple[int, int]
-    epochs: tuple[int, int, int]
-    strong: tuple[tuple[str, float], ...]
-
-
-_L2_STRONG = (("l2", 1e-2),)  # 100x the default l2 of bpr, lightgcn and mlp
-_DROPOUT_STRONG = (("dropout", 0.5),)  # sasrec's default weight decay is 0: dropout is its regulariser
-
-# The population table. Per family: run 1 = small dim, default regularisation, snapshots at few and normal
-# epochs; run 2 = large dim, default regularisation, snapshots at few, normal and many epochs; run 3 =
-# large dim, strong regularisation, normal epochs. "small" is for tests and smoke runs.
-POPULATIONS: dict[str, dict[str, FamilyPlan]] = {
-    "full": {
-        "bpr": FamilyPlan(dims=(8, 64), epochs=(3, 20, 100), strong=_L2_STRONG),
-        "lightgcn": FamilyPlan(dims=(16, 64), epochs=(3, 20, 100), strong=_L2_STRONG),
-        "mlp": FamilyPlan(dims=(8, 64), epochs=(3, 20, 100), strong=_L2_STRONG),
-        "sasrec": FamilyPlan(dims=(16, 64), epochs=(10, 100, 300), strong=_DROPOUT_STRONG),
-    },
-    "small": {
-        "bpr": FamilyPlan(dims=(4, 8), epochs=(1, 2, 3), strong=_L2_STRONG),
-        "lightgcn": FamilyPlan(dims=(4, 8), epochs=(1, 2, 3), strong=_L2_STRONG),
-        "mlp": FamilyPlan(dims=(4, 8), epochs=(1, 2, 3), strong=_L2_STRONG),
-        "sasrec": FamilyPlan(dims=(4, 8), epochs=(1, 2, 3), strong=_DROPOUT_STRONG),
-    },
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingRun:
-    """One vmapped ensemble training run; each snapshot epoch is one model of the population.
-
-    Attributes:
-      family: one of ``MODELS``. dim: embedding width. regularisation: ``"default"`` or ``"strong"``.
-      overrides: model-config fields set besides ``dim`` (the strong regulariser).
-      snapshots: ``((epoch, training), ...)`` in increasing epoch; training is under / normal / over.
-    """
-
-    family: str
-    dim: int
-    regularisation: str
-    overrides: tuple[tuple[str, float], ...]
-    snapshots: tuple[tuple[int, str], ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class PopulationModel:
-    """One model of the population: a snapshot of a `TrainingRun` (``run`` indexes the runs)."""
-
-    name: str
-    family: str
-    dim: int
-    epochs: int
-    regularisation: str
-    training: str
-    run: int
-
-
-def population(name: str, families: Sequence[str]) -> tuple[list[TrainingRun], list[PopulationModel]]:
-    """The training runs and models of population ``name`` (``"full"`` or ``"small"``) for ``families``.
-
-    Raises:
-      ValueError: an unknown population or family.
-    """
-    if name not in POPULATIONS:
-        raise ValueError(f"--population must be one of {', '.join(POPULATIONS)}, got {name!r}")
-    runs: list[TrainingRun] = []
-    models: list[PopulationModel] = []
-    for family in families:
-        if family not in MODELS:
-            raise ValueError(f"--population-families must be a subset of {','.join(MODELS)}, got {family!r}")
-        plan = POPULATIONS[name][family]
-        (small, large), (few, normal, many) = plan.dims, plan.epochs
-        for dim, reg, snaps in (
-            (small, "default", ((few, "under"), (normal, "normal"))),
-            (large, "default", ((few, "under"), (normal, "normal"), (many, "over"))),
-            (large, "strong", ((normal, "normal"),)),
-        ):
-            over = plan.strong if reg == "strong" else ()
-            runs.append(TrainingRun(family, dim, reg, over, snaps))
-            for epoch, training in snaps:
-                tag = "-strong" if reg == "strong" else ""
-                models.append(
-                    PopulationModel(
-                        f"{family}-d{dim}-e{epoch}{tag}", family, dim, epoch, reg, training, len(runs) - 1
-                    )
-                )
-    return runs, models
 
 
 def _families(config: RealDataStudyConfig) -> list[str]:
@@ -257,222 +168,7 @@ def check_models_config(config: RealDataStudyConfig) -> None:
         )
 
 
-# ------------------------------------------------------------------------------------ tau, regret, boot
-
-
-def kendall_tau(uncertainty: np.ndarray, performance: np.ndarray) -> float:
-    """Kendall tau-b of ``-uncertainty`` and ``performance`` across models (both ``(M,)``).
-
-    +1: the less uncertain a model, the better it performs, for every pair of models. NaN when either array is
-    constant (tau-b is undefined).
-    """
-    u, p = np.asarray(uncertainty, np.float64), np.asarray(performance, np.float64)
-    if u.shape != p.shape or u.ndim != 1:
-        raise ValueError(
-            f"uncertainty and performance must be equal-length 1-D arrays, got {u.shape}, {p.shape}"
-        )
-    if u.size < 2 or np.ptp(u) == 0 or np.ptp(p) == 0:
-        return math.nan
-    return float(stats.kendalltau(-u, p).statistic)
-
-
-def selection_regret(uncertainty: np.ndarray, performance: np.ndarray) -> tuple[float, float, list[int]]:
-    """What choosing the least uncertain model costs: ``(regret, regret / best, chosen)``.
-
-    ``regret = max(performance) - mean(performance[chosen])`` where ``chosen`` is the set of models with the
-    lowest uncertainty (several when tied: the expected regret of breaking the tie at random). ``regret /
-    best`` is NaN when the best performance is not > 0. Inputs are ``(M,)`` per-model means.
-    """
-    u, p = np.asarray(uncertainty, np.float64), np.asarray(performance, np.float64)
-    if u.shape != p.shape or u.ndim != 1 or u.size == 0:
-        raise ValueError(
-            f"uncertainty and performance must be equal-length 1-D arrays, got {u.shape}, {p.shape}"
-        )
-    if not (np.all(np.isfinite(u)) and np.all(np.isfinite(p))):
-        raise ValueError("uncertainty and performance must be finite")
-    chosen = np.flatnonzero(u == u.min())
-    best = float(p.max())
-    regret = best - float(p[chosen].mean())
-    return regret, regret / best if best > 0 else math.nan, chosen.tolist()
-
-
-def random_choice_regret(performance: np.ndarray) -> tuple[float, float]:
-    """Expected regret of a uniformly random choice: ``(max(p) - mean(p), that / max(p))`` for ``p (M,)``."""
-    p = np.asarray(performance, np.float64)
-    regret = float(p.max() - p.mean())
-    return regret, regret / float(p.max()) if p.max() > 0 else math.nan
-
-
-def bootstrap_tau(
-    uncertainty: np.ndarray,
-    performance: np.ndarray,
-    *,
-    n_boot: int,
-    seed: int = 0,
-    level: float = 0.95,
-) -> list[float]:
-    """Percentile bootstrap interval ``[lo, hi]`` of `kendall_tau` over models.
-
-    Each resample draws M models with replacement (``np.random.default_rng(seed).integers(0, M, (n_boot,
-    M))``; duplicated models are ties, which tau-b accounts for); resamples where tau is undefined (a
-    constant resample) are left out. ``[nan, nan]`` when no resample gives a tau.
-    """
-    u, p = np.asarray(uncertainty, np.float64), np.asarray(performance, np.float64)
-    if n_boot < 1 or not 0 < level < 1:
-        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
-    idx = np.random.default_rng(seed).integers(0, u.size, size=(n_boot, u.size))
-    taus = np.array([kendall_tau(u[i], p[i]) for i in idx])
-    taus = taus[np.isfinite(taus)]
-    if taus.size == 0:
-        return [math.nan, math.nan]
-    lo, hi = np.quantile(taus, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return [float(lo), float(hi)]
-
-
-def selection_table(
-    means: dict[str, np.ndarray],
-    ndcg: np.ndarray,
-    recall: np.ndarray,
-    names: Sequence[str],
-    *,
-    n_boot: int,
-    seed: int = 0,
-) -> dict[str, dict[str, Any]]:
-    """Per estimator (``means[name]`` is ``(M,)`` mean uncertainty per model, higher = more uncertain): the
-    Kendall tau with mean NDCG ``(M,)`` and its bootstrap interval, the tau with mean Recall, the chosen
-    model(s) and the regret in NDCG; plus the rows ``"random choice"`` (expected regret, tau 0) and
-    ``"oracle"`` (regret 0, tau 1)."""
-    out: dict[str, dict[str, Any]] = {}
-    for est, u in means.items():
-        regret, frac, chosen = selection_regret(u, ndcg)
-        out[est] = {
-            "kendall_tau": kendall_tau(u, ndcg),
-            "ci": bootstrap_tau(u, ndcg, n_boot=n_boot, seed=seed),
-            "kendall_tau_recall": kendall_tau(u, recall),
-            "regret": regret,
-            "regret_fraction": frac,
-            "chosen": [names[i] for i in chosen],
-        }
-    regret, frac = random_choice_regret(ndcg)
-    out["random choice"] = {
-        "kendall_tau": 0.0, "ci": None, "kendall_tau_recall": 0.0, "regret": regret,
-        "regret_fraction": frac, "chosen": [],
-    }  # fmt: skip
-    best = [names[i] for i in np.flatnonzero(ndcg == ndcg.max())]
-    out["oracle"] = {
-        "kendall_tau": 1.0, "ci": None, "kendall_tau_recall": kendall_tau(-ndcg, recall), "regret": 0.0,
-        "regret_fraction": 0.0, "chosen": best,
-    }  # fmt: skip
-    return out
-
-
-# ---------------------------------------------------------------------------------------- training
-
-
-def _make(split: InteractionSplit, run: TrainingRun) -> RecModel:
-    cfg = dataclasses.replace(FAMILY_BASE[run.family], dim=run.dim, **dict(run.overrides))
-    return _MAKERS[run.family](split, cfg)
-
-
-def _train(
-    split: InteractionSplit, run: TrainingRun, config: RealDataStudyConfig, key: jax.Array
-) -> tuple[RecModel, list[Any], list[float]]:
-    """``(model, stacked params per snapshot, mean training loss at each snapshot epoch)``."""
-    model = _make(split, run)
-    epochs = [e for e, _ in run.snapshots]
-    losses: dict[int, float] = {}
-
-    def record(epoch: int, params, loss: jax.Array) -> None:
-        if epoch in epochs:  # syncing only at snapshot epochs keeps the device queue full in between
-            losses[epoch] = float(jnp.mean(loss))
-
-    n_train = int(split.train_users.shape[0])
-    keys = jax.random.split(key, config.n_models)
-    _, snaps = fit(
-        model,
-        keys,
-        jnp.ones((config.n_models, n_train)),
-        max(epochs),
-        snapshot_epochs=epochs,
-        progress=config.progress,
-        callback=record,
-    )
-    params = [jax.tree.map(lambda x, s=s: x[s], snaps) for s in range(len(epochs))]
-    return model, params, [losses[e] for e in epochs]
-
-
-# --------------------------------------------------------------------------------------- evaluation
-
-
-def _pad(users: np.ndarray, size: int) -> np.ndarray:
-    return users if users.size == size else np.concatenate([users, np.full(size - users.size, users[-1])])
-
-
-def _evaluate(
-    model: RecModel,
-    params,
-    split: InteractionSplit,
-    users: np.ndarray,
-    config: RealDataStudyConfig,
-    key: jax.Array,
-) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """``(mean of each estimator, {"ndcg", "recall"} means, spread diagnostics)`` of one model on
-    ``users``."""
-    train = split.train_matrix()
-    spread: dict[int, tuple[float, float]] = {}
-
-    def scorer(u: np.ndarray):
-        s = score_stacked(model, params, u, config.chunk)
-        mean, sd = sample_moments(s)
-        cand = jnp.asarray(~train[u])
-        n_c = jnp.maximum(cand.sum(1), 1)
-        ens = jnp.where(cand, sd, 0.0).sum(1) / n_c
-        mu = jnp.where(cand, mean, 0.0).sum(1, keepdims=True) / n_c[:, None]
-        item = jnp.sqrt(jnp.where(cand, (mean - mu) ** 2, 0.0).sum(1) / n_c)
-        # estimate_all pads its last chunk with repeats of a user: keyed by user, a repeat overwrites itself
-        for user, e, i in zip(u.tolist(), np.asarray(ens).tolist(), np.asarray(item).tolist(), strict=True):
-            spread[user] = (e, i)
-        return mean, sd, s
-
-    unc, perf = estimate_all(scorer, split, users, config, key)
-    pairs = np.array([spread[int(u)] for u in users])
-    ens, item = float(pairs[:, 0].mean()), float(pairs[:, 1].mean())
-    diag = {"ensemble_spread": ens, "item_spread": item, "spread_ratio": ens / item if item > 0 else math.nan}
-    return (
-        {n: float(np.mean(v)) for n, v in unc.items()},
-        {n: float(np.mean(v)) for n, v in perf.items()},
-        diag,
-    )
-
-
-def _rescaled_lidu(
-    model: RecModel,
-    params,
-    split: InteractionSplit,
-    users: np.ndarray,
-    config: RealDataStudyConfig,
-    factor: float,
-) -> float:
-    """Mean exact LiDu of one model with every std multiplied by ``factor`` (its temperature change)."""
-    train = split.train_matrix()
-    size = min(config.chunk, users.size)
-    vals = []
-    for start in range(0, users.size, size):
-        real = users[start : start + size]
-        u = _pad(real, size)  # one compiled shape for every chunk, as in estimate_all
-        mean, sd = sample_moments(score_stacked(model, params, u, config.chunk))
-        cand = jnp.asarray(~train[u])
-        val, _ = lidu(
-            mean, sd * factor, config.k, candidates=cand, grid_size=config.grid_size, chunk_size=size
-        )
-        vals.append(np.asarray(val, np.float64)[: real.size])
-    return float(np.concatenate(vals).mean())
-
-
 # ------------------------------------------------------------------------------------------ protocol
-
-
-DIAGNOSTICS = ("ensemble_spread", "item_spread", "spread_ratio", "train_loss", "epochs")
 
 
 def _diagnostic_taus(rows: list[dict[str, Any]], idx: np.ndarray) -> dict[str, dict[str, float]]:
@@ -535,15 +231,12 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
     trained: list[tuple[RecModel, Any]] = []
     for r, run in enumerate(runs):
         t_run = time.perf_counter()
-        try:
+        context = (
+            f"--protocol models run {run.family} dim {run.dim} {run.regularisation} regularisation, "
+            f"--seed {config.seed}"
+        )
+        with failure_context(context):
             model, params, losses = _train(split, run, config, jax.random.fold_in(key, r))
-        except TrainingFailedError as e:
-            raise TrainingFailedError(
-                f"{e} [--protocol models run {run.family} dim {run.dim} {run.regularisation} "
-                f"regularisation, --seed {config.seed}]",
-                model=e.model,
-                members=e.members,
-            ) from e
         t_train = time.perf_counter() - t_run
         for (epoch, _), p, loss in zip(run.snapshots, params, losses, strict=True):
             (pm,) = [m for m in pop if m.run == r and m.epochs == epoch]
@@ -640,130 +333,3 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
     if config.progress:
         print(markdown(result), flush=True)
     return result
-
-
-# ------------------------------------------------------------------------------------------ tables, plot
-
-
-def _f(v: float | None, fmt: str = "+.3f") -> str:
-    return "n/a" if v is None or not np.isfinite(v) else format(v, fmt)
-
-
-def _order(table: dict[str, dict[str, Any]]) -> list[str]:
-    ref = ("oracle", "random choice")
-    est = [e for e in table if e not in ref]
-    est.sort(key=lambda e: -(table[e]["kendall_tau"] if _finite(table[e]["kendall_tau"]) else -2.0))
-    return [*est, *ref]
-
-
-def _finite(v: Any) -> bool:
-    return v is not None and np.isfinite(v)
-
-
-def markdown(result: dict[str, Any]) -> str:
-    """The tables of ``models_<data>.md``: selection across models, within families, diagnostics, models."""
-    k, sel = result["k"], result["selection"]
-    lines = [
-        f"# Model selection by mean uncertainty on {result['dataset']} ({len(result['models'])} models, "
-        f"{result['n_models']}-seed ensembles, {result['n_users']} users, K={k})",
-        "",
-        f"Kendall tau of -mean uncertainty vs mean NDCG@{k} across models (95% bootstrap interval over "
-        f"models, {result['n_boot']} resamples); regret = best mean NDCG@{k} - that of the least uncertain "
-        f"model. `{SCALE_FREE}` is the pre-declared scale-free form (every model at the population's "
-        f"median spread ratio {result['scale_free']['target_spread_ratio']:.3f}).",
-    ]
-    if result["skipped_families"]:
-        lines += ["", "Skipped: " + "; ".join(f"{f}: {r}" for f, r in result["skipped_families"].items())]
-    lines += [
-        "",
-        f"| estimator | tau vs NDCG@{k} [95% CI] | tau vs Recall@{k} | chosen | regret | regret / best |",
-        "|---|---|---|---|---|---|",
-    ]
-    for e in _order(sel):
-        r = sel[e]
-        ci = f" [{_f(r['ci'][0])}, {_f(r['ci'][1])}]" if r["ci"] else ""
-        tie = len(r["chosen"]) == len(result["models"]) > 1
-        chosen = "all (tied)" if tie else ", ".join(r["chosen"]) or "-"
-        lines.append(
-            f"| {e} | {_f(r['kendall_tau'])}{ci} | {_f(r['kendall_tau_recall'])} | {chosen} "
-            f"| {_f(r['regret'], '.4f')} | {_f(r['regret_fraction'], '.1%')} |"
-        )
-    fams = list(result["within_family"])
-    lines += [
-        "",
-        "## Within each family: tau / regret",
-        "",
-        "| estimator | " + " | ".join(fams) + " |",
-        "|---|" + "---|" * len(fams),
-    ]
-    for e in _order(sel):
-        cells = []
-        for f in fams:
-            r = result["within_family"][f][e]
-            cells.append(f"{_f(r['kendall_tau'])} / {_f(r['regret'], '.4f')}")
-        lines.append(f"| {e} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Label-free diagnostics: Kendall tau with mean NDCG / with mean LiDu",
-        "",
-        "| diagnostic | all | " + " | ".join(fams) + " |",
-        "|---|---|" + "---|" * len(fams),
-    ]
-    for d in DIAGNOSTICS:
-        cells = [
-            f"{_f(result['diagnostics_tau'][g][d]['tau_vs_ndcg'])} / "
-            f"{_f(result['diagnostics_tau'][g][d]['tau_vs_mean_lidu'])}"
-            for g in ["all", *fams]
-        ]
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Models",
-        "",
-        f"| model | family | dim | epochs | regularisation | training | NDCG@{k} | Recall@{k} | mean LiDu "
-        f"| {SCALE_FREE} | ensemble spread | item spread | spread ratio | train loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["models"]:
-        d = r["diagnostics"]
-        lines.append(
-            f"| {r['name']} | {r['family']} | {r['dim']} | {r['epochs']} | {r['regularisation']} | "
-            f"{r['training']} | {r['mean_ndcg']:.4f} | {r['mean_recall']:.4f} | {r['means']['LiDu']:.3f} | "
-            f"{_f(r['means'][SCALE_FREE], '.3f')} | {_f(d['ensemble_spread'], '.4f')} | "
-            f"{_f(d['item_spread'], '.4f')} | {_f(d['spread_ratio'], '.4f')} | {_f(d['train_loss'], '.4f')} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = result["k"]
-    fams = list(result["within_family"])
-    markers = {"under": "v", "normal": "o", "over": "^"}
-    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2))
-    for ax, est in zip(axes, ("LiDu", SCALE_FREE), strict=True):
-        labelled = set()
-        for r in result["models"]:
-            c = fams.index(r["family"])
-            ax.scatter(
-                r["means"][est],
-                r["mean_ndcg"],
-                color=f"C{c}",
-                marker=markers[r["training"]],
-                edgecolors="k" if r["regularisation"] == "strong" else "none",
-                label=None if r["family"] in labelled else r["family"],
-            )
-            labelled.add(r["family"])
-        tau = result["selection"][est]["kendall_tau"]
-        ax.set_xlabel(f"mean {est}")
-        ax.set_ylabel(f"mean NDCG@{k}")
-        ax.set_title(f"{result['dataset']}: tau(-{est}, NDCG) = {_f(tau)}", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, title="v under, o normal, ^ over; black edge: strong reg.", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

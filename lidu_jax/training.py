@@ -9,8 +9,9 @@ A run that diverges (NaN/inf parameters or scores, e.g. a learning rate far too 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -26,6 +27,7 @@ __all__ = [
     "TrainingFailedError",
     "bootstrap_weights",
     "check_finite_scores",
+    "failure_context",
     "fit",
     "flatten_snapshots",
     "score_users",
@@ -47,6 +49,20 @@ class TrainingFailedError(RuntimeError):
         super().__init__(message)
         self.model = model
         self.members = tuple(int(m) for m in members)
+
+
+@contextlib.contextmanager
+def failure_context(context: str) -> Iterator[None]:
+    """Re-raise a `TrainingFailedError` of the ``with`` body as ``"<message> [<context>]"``, same model and
+    members, chained to the original.
+
+    The training code knows which copy diverged; only its caller knows which run that was (cell, family,
+    seed, learning rate), so each caller adds that here and the one-line CLI error names both.
+    """
+    try:
+        yield
+    except TrainingFailedError as e:
+        raise TrainingFailedError(f"{e} [{context}]", model=e.model, members=e.members) from e
 
 
 _ADVICE = "lower the learning rate (the model config's lr; --lr on the command line)"
