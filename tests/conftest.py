@@ -52,3 +52,12 @@ def tiny_reference(tmp_path_factory, tiny_text_file):
     store = CheckpointStore(ckdir)
     state, _ = store.restore(store.latest_step())
     return {"args": args, "dir": ckdir, "result": result, "state": jax.device_get(state)}
+
+
+@pytest.fixture(scope="session")
+def lidu_tiny_file(tmp_path_factory):
+    """The tiny time-ordered interaction file of ``_lidu_tiny.write_tiny_file`` (named ``tiny.txt``, so a
+    study run on it writes ``*_tiny.*`` files)."""
+    from _lidu_tiny import write_tiny_file
+
+    return write_tiny_file(tmp_path_factory.mktemp("data") / "tiny.txt")

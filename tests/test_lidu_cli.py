@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+from _lidu_tiny import study_argv
 
 from lidu_jax import study, study_cells, synthetic_study
 
@@ -35,25 +35,7 @@ SYNTH_TINY = [
 
 
 def _study_tiny(data: Path, out: Path) -> list[str]:
-    return [
-        "--data", str(data), "--k-core", "2", "--n-models", "2", "--epochs", "2", "--k", "5",
-        "--grid-size", "32", "--n-boot", "20", "--lidu-variants", "exact", "--out-dir", str(out),
-        "--no-progress",
-    ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory) -> Path:
-    # 60 users x 40 items, one "user item1 item2 ..." line per user; user u prefers items of group u % 4.
-    rng = np.random.default_rng(0)
-    lines = []
-    for u in range(1, 61):
-        group = np.arange(40)[np.arange(40) % 4 == u % 4]
-        items = dict.fromkeys(int(i) + 1 for i in rng.choice(group, 8, replace=False))
-        lines.append(" ".join(map(str, [u, *items])))
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return study_argv(data, out, "--epochs", "2")
 
 
 def _one_error_line(err: str, prog: str) -> str:
@@ -212,10 +194,10 @@ def _estimator_called(*args, **kwargs):
 
 
 def test_study_divergence_is_a_training_failure_not_an_estimator_error(
-    tiny_file, tmp_path, monkeypatch, capsys
+    lidu_tiny_file, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(study_cells, "lidu", _estimator_called)  # the estimator of a cell
-    assert study.main([*_study_tiny(tiny_file, tmp_path), "--lr", "1e30"]) == 3
+    assert study.main([*_study_tiny(lidu_tiny_file, tmp_path), "--lr", "1e30"]) == 3
     err = _one_error_line(capsys.readouterr().err, "python -m lidu_jax.study")
     assert "training failed" in err and "BPR-MF" in err and "NaN/inf" in err, err
     assert "--seed 0" in err and "--lr 1e+30" in err and "learning rate" in err, err
@@ -241,7 +223,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_processes_exit_with_status_and_one_stderr_line(tiny_file, tmp_path):
+def test_processes_exit_with_status_and_one_stderr_line(lidu_tiny_file, tmp_path):
     binary = tmp_path / "binary.tsv"
     binary.write_bytes(b"1\t2\t5\t100\n\xff\xfe\t3\t4\t101\n")
     r = _run("lidu_jax.study", *_study_tiny(binary, tmp_path))

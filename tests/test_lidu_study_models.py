@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from _lidu_tiny import study_argv
 from scipy import stats
 
 from lidu_jax import study, study_config, study_models
@@ -145,27 +146,11 @@ def test_dynamics_protocol_dispatches_to_its_module(monkeypatch):
     assert seen == ["dynamics"]
 
 
-@pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory):
-    # 60 users x 40 items, time-ordered "user item1 item2 ..." lines; user u prefers items of group u % 4.
-    rng = np.random.default_rng(0)
-    lines = []
-    for u in range(1, 61):
-        group = np.arange(40)[np.arange(40) % 4 == u % 4]
-        items = dict.fromkeys(int(i) + 1 for i in rng.choice(group, 8, replace=False))
-        lines.append(" ".join(map(str, [u, *items])))
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def test_models_cli_end_to_end(tiny_file, tmp_path):
-    argv = [
-        "--protocol", "models", "--population", "small", "--population-families", "bpr",
-        "--data", str(tiny_file), "--k-core", "2", "--n-models", "2", "--k", "5", "--grid-size", "32",
-        "--n-boot", "20", "--chunk", "64", "--lidu-variants", "exact", "--out-dir", str(tmp_path),
-        "--no-progress",
-    ]  # fmt: skip
+def test_models_cli_end_to_end(lidu_tiny_file, tmp_path):
+    argv = study_argv(
+        lidu_tiny_file, tmp_path,
+        "--protocol", "models", "--population", "small", "--population-families", "bpr", "--chunk", "64",
+    )  # fmt: skip
     assert study.main(argv) == 0
     payload = json.loads((tmp_path / "models_tiny.json").read_text())
     keys = {"protocol", "dataset", "n_users", "n_items", "k", "n_models", "population", "skipped_families"}
