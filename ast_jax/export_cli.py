@@ -9,7 +9,7 @@
 * ``hf``: ``config.json`` + ``model.safetensors`` with the pruned weights as +0.0 (dense with zeros);
   ``transformers``, vLLM and every HF-layout tool load it (:func:`ast_jax.export_hf.save_hf`);
 * ``compressed-tensors``: the same with the block linear layers quantised ``pack-quantized`` W4A16/W8A16,
-  what vLLM serves on its dense weight-only kernels (:func:`ast_jax.export_hf.save_compressed_tensors`);
+  what vLLM serves on its dense weight-only kernels (:func:`ast_jax.export_ct.save_compressed_tensors`);
 * ``gguf``: llama-architecture GGUF in F32, F16 or Q8_0 with the tokenizer inside, for llama.cpp
   (:func:`ast_jax.export_gguf.save_gguf`);
 * ``compact``: our own N:M format (kept values + 2-bit positions [+ int8/int4 with group scales]), the
@@ -171,7 +171,7 @@ def export_model(
             dtype=dtype, sparsity=sparsity, generation_config=generation_config,
         )  # fmt: skip
     elif format == "compressed-tensors":
-        from ast_jax.export_hf import save_compressed_tensors
+        from ast_jax.export_ct import save_compressed_tensors
 
         path = save_compressed_tensors(
             out, cfg, params, bits=bits or 4, group_size=group_size, hf_config=hf_config,

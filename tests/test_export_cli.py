@@ -136,7 +136,7 @@ def test_retrained_checkpoint_to_every_format(retrained, tmp_path, capsys):
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors import safe_open
 
-    from ast_jax.export_hf import dequantize_compressed_tensors
+    from ast_jax.export_ct import dequantize_compressed_tensors
 
     for bits in (4, 8):
         ct = tmp_path / f"w{bits}a16"

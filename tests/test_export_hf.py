@@ -14,13 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
 
-from ast_jax.export_hf import (  # noqa: E402
-    SPARSITY_KEY,
-    check_nm_torch_layout,
-    dequantize_compressed_tensors,
-    save_compressed_tensors,
-    save_hf,
-)
+from ast_jax.export_ct import dequantize_compressed_tensors, save_compressed_tensors  # noqa: E402
+from ast_jax.export_hf import SPARSITY_KEY, check_nm_torch_layout, save_hf  # noqa: E402
 from ast_jax.models.gpt2 import GPT2, GPT2Config  # noqa: E402
 from ast_jax.models.llama import Llama, LlamaConfig  # noqa: E402
 from ast_jax.oneshot import magnitude_prune  # noqa: E402
@@ -328,7 +323,7 @@ def test_quantisation_and_packing_equal_the_package_functions(bits):
     from compressed_tensors.quantization.lifecycle.forward import quantize
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
-    from ast_jax.export_hf import pack_int32, quantize_group_symmetric, unpack_int32
+    from ast_jax.export_ct import pack_int32, quantize_group_symmetric, unpack_int32
 
     rng = np.random.default_rng(bits)
     w = rng.normal(size=(6, 64)).astype(np.float32)
