@@ -272,11 +272,16 @@ def _lm_eval(
     return res, lm
 
 
-def _compare(name: str, ours, items, samples: list[dict], lm, tok) -> dict:
-    samples = sorted(samples, key=lambda s: s["doc_id"])
+def _compare(name: str, items, ours: dict, res: dict, lm, tok) -> dict:
+    """One task's report: ours (``ours["chars"]``, ``ours["bytes"]``: the two ``norm_unit`` runs) against
+    lm-eval's per-sample log (``res["samples"]``) and aggregate (``res["results"]``), and the token ids of
+    every request."""
+    chars, by_bytes = ours["chars"], ours["bytes"]
+    samples = sorted(res["samples"][f"local_{name}"], key=lambda s: s["doc_id"])
     assert len(samples) == len(items), (len(samples), len(items))
     ll_theirs = [np.array([float(r[0]) for r in s["filtered_resps"]]) for s in samples]
-    diffs = np.concatenate([np.abs(a - b) for a, b in zip(ours.loglikelihoods, ll_theirs, strict=True)])
+    item_diffs = [np.abs(a - b) for a, b in zip(chars.loglikelihoods, ll_theirs, strict=True)]
+    diffs = np.concatenate(item_diffs)
     their_pred = np.array([int(np.argmax(ll)) for ll in ll_theirs])
     their_norm = np.array(
         [
@@ -286,6 +291,7 @@ def _compare(name: str, ours, items, samples: list[dict], lm, tok) -> dict:
     )
     their_acc = np.array([float(s["acc"]) for s in samples])
     their_acc_norm = np.array([float(s["acc_norm"]) for s in samples])
+    their_acc_bytes = np.array([float(s["acc_bytes"]) for s in samples])
     gold_theirs = np.array([int(s["target"]) for s in samples])
     tok_mismatch = []
     for k, it in enumerate(items):
@@ -296,49 +302,57 @@ def _compare(name: str, ours, items, samples: list[dict], lm, tok) -> dict:
                 tok_mismatch.append(
                     {"item": k, "context": ctx, "continuation": cont, "ours": a, "lm_eval": b}
                 )
-    worst = int(
-        np.argmax([np.max(np.abs(a - b)) for a, b in zip(ours.loglikelihoods, ll_theirs, strict=True)])
-    )
+    worst = int(np.argmax([np.max(d) for d in item_diffs]))
     rows = []
     for k, it in enumerate(items):
         if (
-            ours.pred[k] != their_pred[k]
-            or ours.pred_norm[k] != their_norm[k]
-            or float(ours.pred_norm[k] == ours.gold[k]) != their_acc_norm[k]
-            or float(ours.pred[k] == ours.gold[k]) != their_acc[k]
-            or ours.gold[k] != gold_theirs[k]
+            chars.pred[k] != their_pred[k]
+            or chars.pred_norm[k] != their_norm[k]
+            or float(chars.pred_norm[k] == chars.gold[k]) != their_acc_norm[k]
+            or float(chars.pred[k] == chars.gold[k]) != their_acc[k]
+            or chars.gold[k] != gold_theirs[k]
         ):
             rows.append(
                 {
                     "item": k,
                     "context": it.context,
                     "choices": list(it.choices),
-                    "gold": [int(ours.gold[k]), int(gold_theirs[k])],
-                    "ll_ours": ours.loglikelihoods[k].tolist(),
+                    "gold": [int(chars.gold[k]), int(gold_theirs[k])],
+                    "ll_ours": chars.loglikelihoods[k].tolist(),
                     "ll_lm_eval": ll_theirs[k].tolist(),
-                    "pred": [int(ours.pred[k]), int(their_pred[k])],
-                    "pred_norm": [int(ours.pred_norm[k]), int(their_norm[k])],
+                    "pred": [int(chars.pred[k]), int(their_pred[k])],
+                    "pred_norm": [int(chars.pred_norm[k]), int(their_norm[k])],
                 }
             )
+    bytes_right = by_bytes.pred_norm == by_bytes.gold
+    agg = res["results"][f"local_{name}"]
     return {
         "task": name,
         "items": len(items),
         "requests": int(sum(len(it.choices) for it in items)),
-        "acc_pred_agree": int(np.sum(ours.pred == their_pred)),
-        "acc_norm_pred_agree": int(np.sum(ours.pred_norm == their_norm)),
-        "gold_agree": int(np.sum(ours.gold == gold_theirs)),
+        "acc_pred_agree": int(np.sum(chars.pred == their_pred)),
+        "acc_norm_pred_agree": int(np.sum(chars.pred_norm == their_norm)),
+        "gold_agree": int(np.sum(chars.gold == gold_theirs)),
         "max_abs_ll_diff": float(diffs.max()),
         "mean_abs_ll_diff": float(diffs.mean()),
         "worst_item": {
             "item": worst,
-            "ll_ours": ours.loglikelihoods[worst].tolist(),
+            "ll_ours": chars.loglikelihoods[worst].tolist(),
             "ll_lm_eval": ll_theirs[worst].tolist(),
         },
-        "ours": {"acc": ours.acc, "acc_norm": ours.acc_norm, "acc_stderr": ours.acc_stderr},
+        "ours": {
+            "acc": chars.acc,
+            "acc_norm": chars.acc_norm,
+            "acc_stderr": chars.acc_stderr,
+            "acc_bytes": float(np.mean(bytes_right)),
+        },
         "lm_eval_per_item": {"acc": float(their_acc.mean()), "acc_norm": float(their_acc_norm.mean())},
         "token_id_mismatches": tok_mismatch[:5],
         "n_token_id_mismatches": len(tok_mismatch),
         "disagreements": rows,
+        "lm_eval": {k: float(agg[f"{k},none"]) for k in ("acc", "acc_norm", "acc_bytes")},
+        "acc_bytes_item_agree": int(np.sum(bytes_right.astype(float) == their_acc_bytes)),
+        "ours_acc_norm_chars_ne_bytes_items": int(np.sum(chars.pred_norm != by_bytes.pred_norm)),
     }
 
 
@@ -361,52 +375,32 @@ def _run_one(method: str, args, task_dir: Path, files: dict[str, Path], work: Pa
     del loaded, params
     t_export = time.time() - t0
 
-    # Ours, on the exported directory (what `python -m ast_jax.evaluate --model <export>` reads).
+    # Ours, on the exported directory (what `python -m ast_jax.evaluate --model <export>` reads), with
+    # acc_norm over characters (lm-eval's acc_norm) and over UTF-8 bytes (its acc_bytes).
     t0 = time.time()
     mine = load_model(str(out))
-    ours, ours_bytes, items = {}, {}, {}
+    ours, items = {}, {}
     for name, path in files.items():
-        items[name] = load_task(name, path)
-        ours[name] = evaluate_multiple_choice(
-            mine.model, mine.params, mine.tokenizer, items[name], batch_size=args.batch_size
-        )
-        ours_bytes[name] = evaluate_multiple_choice(
-            mine.model,
-            mine.params,
-            mine.tokenizer,
-            items[name],
-            batch_size=args.batch_size,
-            norm_unit="bytes",
-        )
+        task = items[name] = load_task(name, path)
+        ours[name] = {
+            unit: evaluate_multiple_choice(
+                mine.model, mine.params, mine.tokenizer, task, batch_size=args.batch_size, norm_unit=unit
+            )
+            for unit in ("chars", "bytes")
+        }
     t_ours = time.time() - t0
 
     t0 = time.time()
     res, lm = _lm_eval(str(out), task_dir, list(files), args.batch_size, args.prefix_token_id)
     t_theirs = time.time() - t0
 
-    report = {
+    return {
         "oneshot": method,
         "prune": info_prune,
         "export": {"nm": info.get("nm"), "bytes": info["bytes"]},
         "seconds": {"export": t_export, "ours": t_ours, "lm_eval": t_theirs},
-        "tasks": {},
+        "tasks": {name: _compare(name, items[name], ours[name], res, lm, mine.tokenizer) for name in files},
     }
-    for name in files:
-        r = _compare(name, ours[name], items[name], res["samples"][f"local_{name}"], lm, mine.tokenizer)
-        agg = res["results"][f"local_{name}"]
-        r["lm_eval"] = {k: float(agg[f"{k},none"]) for k in ("acc", "acc_norm", "acc_bytes")}
-        ob = ours_bytes[name]
-        their_bytes = np.array(
-            [
-                float(s["acc_bytes"])
-                for s in sorted(res["samples"][f"local_{name}"], key=lambda s: s["doc_id"])
-            ]
-        )
-        r["ours"]["acc_bytes"] = float(np.mean(ob.pred_norm == ob.gold))
-        r["acc_bytes_item_agree"] = int(np.sum((ob.pred_norm == ob.gold).astype(float) == their_bytes))
-        r["ours_acc_norm_chars_ne_bytes_items"] = int(np.sum(ours[name].pred_norm != ob.pred_norm))
-        report["tasks"][name] = r
-    return report
 
 
 def _print(rep: dict, tol: float) -> bool:
