@@ -119,8 +119,9 @@ def load_text_data(
 ) -> TextData:
     """The built-in corpus (``text_path=None``) or a user's UTF-8 text file, tokenised and split.
 
-    Tokens are bytes unless ``tokenizer`` (a ``tokenizers.Tokenizer`` or an object with ``.inner`` one) is
-    given: then its ids (int32, no special tokens), and ``block_bytes`` counts tokens.
+    Tokens are bytes unless ``tokenizer`` (a :class:`~ast_jax.tokenizer.TextTokenizer` or a
+    ``tokenizers.Tokenizer``, see :func:`ast_jax.tokenizer.encode`) is given: then its ids (int32, no special
+    tokens), and ``block_bytes`` counts tokens.
     """
     if text_path is None:
         text, source = builtin_corpus(max_bytes), "python-stdlib-docstrings"

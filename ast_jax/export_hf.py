@@ -476,6 +476,7 @@ def _write_tokenizer(out: Path, tokenizer_dir: str | os.PathLike | None, tokeniz
         return
     if tokenizer is None:
         return
+    # save_hf takes a plain tokenizers.Tokenizer as well as a TextTokenizer (which wraps one as .inner).
     inner = getattr(tokenizer, "inner", tokenizer)
     if hasattr(inner, "save_pretrained"):  # a transformers tokenizer writes its own set of files
         inner.save_pretrained(str(out))
@@ -492,7 +493,9 @@ def _write_tokenizer(out: Path, tokenizer_dir: str | os.PathLike | None, tokeniz
     for key, ident in (("bos_token", getattr(tokenizer, "bos_id", None)), ("eos_token", _eos(tokenizer))):
         if ident is not None:
             config[key] = inner.id_to_token(int(ident))
-    if getattr(tokenizer, "add_bos", None) is not None:
+    # A tokenizer without a BOS token can add none, so the key would say nothing; it is left out then, which
+    # also keeps the files of the byte-level tokenizer as they were when it was a plain tokenizers.Tokenizer.
+    if getattr(tokenizer, "bos_id", None) is not None and getattr(tokenizer, "add_bos", None) is not None:
         config["add_bos_token"] = bool(tokenizer.add_bos)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -589,8 +592,9 @@ def save_hf(
         except ``tie_word_embeddings`` and the dtype; its sizes must agree with ``model_cfg``. Without it a
         config is built from ``model_cfg``: ``GPT2LMHeadModel``, ``Qwen2ForCausalLM`` (q/k/v biases),
         ``MistralForCausalLM`` (sliding window) or ``LlamaForCausalLM``, with its RoPE scaling.
-      tokenizer_dir: copy the tokenizer files found there; or ``tokenizer``: a ``tokenizers.Tokenizer`` (or an
-        object with ``.inner``) saved as ``tokenizer.json``.
+      tokenizer_dir: copy the tokenizer files found there; or ``tokenizer``: a
+        :class:`~ast_jax.tokenizer.TextTokenizer` (its BOS/EOS named in ``tokenizer_config.json``) or a plain
+        ``tokenizers.Tokenizer``, saved as ``tokenizer.json``.
       generation_config: entries of ``generation_config.json`` (bos/eos/pad ids come from the config).
       dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"`` for every tensor.
       sparsity: ``{"n", "m"[, "layers"]}``: verified and recorded under ``config.json["ast_sparsity"]``.

@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ast_jax.tokenizer import TextTokenizer
+
 __all__ = ["LoadedModel", "byte_tokenizer", "describe_source", "load_model", "pretrained"]
 
 
@@ -33,7 +35,8 @@ class LoadedModel(NamedTuple):
     Attributes:
       model: the Flax module (:class:`ast_jax.models.llama.Llama` or :class:`ast_jax.models.gpt2.GPT2`).
       params: its params pytree (hard-masked for a training checkpoint).
-      tokenizer: a ``tokenizers.Tokenizer`` (or the wrapper of :mod:`ast_jax.tokenizer`), ``None`` if none.
+      tokenizer: a :class:`~ast_jax.tokenizer.TextTokenizer` (BOS/EOS ids and BOS rule of the model), ``None``
+        if the source has none.
       hf_config: the Hugging Face ``config.json`` dict for an HF source, else ``None``.
       kind: ``"hf"``, ``"gguf"`` or ``"checkpoint"``.
       source: the path it was read from.
@@ -137,12 +140,12 @@ def _truncate(loaded: LoadedModel, max_layers: int) -> LoadedModel:
     return loaded._replace(model=model, params=params, hf_config=hf_config)
 
 
-def byte_tokenizer() -> Any:
+def byte_tokenizer() -> TextTokenizer:
     """The tokenizer of byte-level models (``python -m ast_jax.train``): token id = byte value, 256 ids.
 
-    Built as a byte-level BPE without merges, so it is a real ``tokenizers.Tokenizer`` that Hugging Face
-    programs and GGUF readers take: each byte is written in GPT-2's printable byte alphabet and no two
-    symbols ever merge.
+    A :class:`~ast_jax.tokenizer.TextTokenizer` without BOS or EOS (none is ever added) around a byte-level
+    BPE without merges, so its ``inner`` is a real ``tokenizers.Tokenizer`` that Hugging Face programs and
+    GGUF readers take: each byte is written in GPT-2's printable byte alphabet and no two symbols ever merge.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -151,7 +154,7 @@ def byte_tokenizer() -> Any:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return tok
+    return TextTokenizer(tok)
 
 
 def _gpt2_byte_alphabet() -> list[str]:

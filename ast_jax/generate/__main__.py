@@ -46,11 +46,10 @@ class GenerateArgs:
 
 
 def _eos(tok) -> int | None:
-    eos = getattr(tok, "eos_id", None)
-    inner = getattr(tok, "inner", tok)
+    eos = tok.eos_id
     for name in ("<|endoftext|>", "</s>", "<|im_end|>", "<|end_of_text|>"):
         if eos is None:
-            eos = inner.token_to_id(name)
+            eos = tok.token_to_id(name)
     return eos
 
 
@@ -72,7 +71,6 @@ def _body(a: GenerateArgs) -> int:
         params = fold_slorb(loaded.params, loaded.slorb)
     else:
         params = loaded.params
-    inner = getattr(tok, "inner", tok)
     ids = [int(i) for i in encode(tok, a.prompt, a.add_bos)]
     stream = generate_stream(
         loaded.model, params, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
@@ -85,14 +83,14 @@ def _body(a: GenerateArgs) -> int:
     sys.stdout.flush()
     for t in stream:
         out.append(t)
-        text = inner.decode(out, skip_special_tokens=True)
+        text = tok.decode(out, skip_special_tokens=True)
         # A token may end inside a multi-byte character: hold it back until the character is complete.
         if text.endswith("\ufffd"):
             continue
         sys.stdout.write(text[len(shown) :])
         sys.stdout.flush()
         shown = text
-    text = inner.decode(out, skip_special_tokens=True)
+    text = tok.decode(out, skip_special_tokens=True)
     sys.stdout.write(text[len(shown) :] + "\n")
     sys.stdout.flush()
     return 0
