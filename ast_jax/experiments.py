@@ -388,8 +388,7 @@ def _teacher_text(cfg: ExperimentConfig, loaded: Any) -> tuple[np.ndarray, dict[
     and its record for the results JSON."""
     g, tok, mcfg = cfg.gen, loaded.tokenizer, loaded.model.cfg
     special = special_token_ids(tok)
-    tok_vocab = getattr(tok, "vocab_size", None) or tok.get_vocab_size(with_added_tokens=True)
-    vocab = min(int(mcfg.vocab_size), int(tok_vocab))  # ids past the tokenizer are embedding padding
+    vocab = min(int(mcfg.vocab_size), int(tok.vocab_size))  # ids past the tokenizer are embedding padding
     settings = {
         "recipe": "LLM-QAT: first token uniform over non-special ids, greedy prefix, then sampled",
         "teacher_sha256": _params_sha256(loaded.params),  # the weights, wherever the file lies

@@ -610,24 +610,3 @@ def save_hf(
     if record is not None:
         cfg[SPARSITY_KEY] = record
     return _write_dir(out_dir, tensors, cfg, tokenizer_dir, tokenizer, generation_config, max_shard_bytes)
-
-
-# save_compressed_tensors and its quantisation helpers live in ast_jax.export_ct, which imports this module
-# (hence a look-up on use, not an import here); code that imports them from here keeps working.
-_MOVED_TO_EXPORT_CT = frozenset(
-    {
-        "dequantize_compressed_tensors",
-        "pack_int32",
-        "quantize_group_symmetric",
-        "save_compressed_tensors",
-        "unpack_int32",
-    }
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_EXPORT_CT:
-        from ast_jax import export_ct
-
-        return getattr(export_ct, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

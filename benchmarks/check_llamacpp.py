@@ -75,9 +75,8 @@ def main() -> int:
     wt = Path(args.data_dir) / "text" / "wikitext-2"
     loaded = load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
-    inner = getattr(tok, "inner", tok)
     text = (wt / "test.txt").read_text(encoding="utf-8")[:40_000]
-    ids = np.asarray(inner.encode(text, add_special_tokens=False).ids[: args.tokens], np.int32)
+    ids = tok.encode(text, add_bos=False)[: args.tokens].astype(np.int32)
     if len(ids) < args.tokens:
         raise SystemExit(f"only {len(ids)} tokens in the first 40,000 characters of {wt / 'test.txt'}")
     calib = calibration_tokens(tok, str(wt / "valid.txt"), args.calib_seqs, 512, 0)

@@ -56,9 +56,8 @@ def test_wanda_hf_export_matches_transformers(tmp_path):
     info = export_model(model, pruned, out, format="hf", tokenizer=tok, dtype="float32")
     assert info["nm"] == "2:4"
 
-    inner = getattr(tok, "inner", tok)
     text = (WIKITEXT / "test.txt").read_text(encoding="utf-8")[:20_000]
-    ids = np.asarray(inner.encode(text, add_special_tokens=False).ids[:2048], np.int32)
+    ids = tok.encode(text, add_bos=False)[:2048].astype(np.int32)
     assert len(ids) == 2048
     ours = _ppl(np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(pruned, ids[None])[0]), ids)
 
@@ -69,7 +68,7 @@ def test_wanda_hf_export_matches_transformers(tmp_path):
     assert abs(theirs - ours) / ours <= 0.005, (ours, theirs)
     assert 25.0 < ours < 1000.0  # pruned: worse than the dense 25.5, far from garbage
 
-    prompt = inner.encode(PROMPT, add_special_tokens=False).ids
+    prompt = tok.encode(PROMPT, add_bos=False).tolist()
     mine = np.asarray(generate(model, pruned, [prompt], max_new_tokens=6).tokens[0])
     with torch.no_grad():
         hf_out = hf.generate(
