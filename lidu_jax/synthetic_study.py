@@ -33,7 +33,7 @@ from lidu_jax.estimators import lidu
 from lidu_jax.models.mf import BayesianMFConfig, MFConfig, make_bayesian_mf, make_bpr_mf
 from lidu_jax.samples import lidu_from_samples
 from lidu_jax.synthetic import SyntheticConfig, generate
-from lidu_jax.training import TrainingFailedError, fit
+from lidu_jax.training import failure_context, fit
 
 SOURCES = ("ensemble", "bootstrap", "snapshot", "dropout", "bayesian")
 PRNGS = ("threefry2x32", "rbg", "unsafe_rbg")
@@ -249,14 +249,10 @@ def run(config: SyntheticStudyConfig = SyntheticStudyConfig()) -> dict[str, Any]
     sources: dict[str, Any] = {}
     primary = None
     for name in config.source_list():
-        try:  # a diverged model fails here, before any estimator sees its scores
+        # A diverged model fails here, before any estimator sees its scores.
+        run = f"source {name}: --seed {config.seed}, --lr {config.lr}, --epochs {config.epochs}"
+        with failure_context(run):
             dist = _distribution(name, config, split, jax.random.fold_in(key, SOURCES.index(name)), users)
-        except TrainingFailedError as e:
-            raise TrainingFailedError(
-                f"{e} [source {name}: --seed {config.seed}, --lr {config.lr}, --epochs {config.epochs}]",
-                model=e.model,
-                members=e.members,
-            ) from e
         unc, _ = _estimators(dist, config, cand, split)
         ndcg_true = np.asarray(metrics.ndcg_at_k(dist.mean, data.true_relevant, config.k, candidates=cand))
         ndcg_held = np.asarray(metrics.ndcg_at_k(dist.mean, test, config.k, candidates=cand))
