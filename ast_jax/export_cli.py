@@ -3,8 +3,8 @@
     python -m ast_jax.export --from PATH --format {hf,compressed-tensors,gguf,compact} --out OUT
         [--oneshot {magnitude,wanda,sparsegpt} --calib-text FILE] [--bits {4,8}] [--gguf-type {f32,f16,q8_0}]
 
-``PATH`` is a Hugging Face directory, a GGUF file or a ``python -m ast_jax.train`` checkpoint directory
-(:func:`ast_jax.model_source.load_model`). Formats and what reads them:
+``PATH`` is a Hugging Face directory, a GGUF file, a compact export directory or a ``python -m ast_jax.train``
+checkpoint directory (:func:`ast_jax.model_source.load_model`). Formats and what reads them:
 
 * ``hf``: ``config.json`` + ``model.safetensors`` with the pruned weights as +0.0 (dense with zeros);
   ``transformers``, vLLM and every HF-layout tool load it (:func:`ast_jax.export_hf.save_hf`);
@@ -12,8 +12,11 @@
   what vLLM serves on its dense weight-only kernels (:func:`ast_jax.export_ct.save_compressed_tensors`);
 * ``gguf``: llama-architecture GGUF in F32, F16 or Q8_0 with the tokenizer inside, for llama.cpp
   (:func:`ast_jax.export_gguf.save_gguf`);
-* ``compact``: our own N:M format (kept values + 2-bit positions [+ int8/int4 with group scales]), the
-  smallest on disk, read back by :func:`ast_jax.export.load_compressed`.
+* ``compact``: our own N:M format, the smallest on disk: ``manifest.json`` + ``tensors.npz`` (kept values +
+  2-bit positions [+ int8/int4 with group scales], read by :func:`ast_jax.export.load_compressed`), plus
+  ``ast_model.json`` (model family and config, N:M and bits settings, tokenizer BOS/EOS ids and BOS rule)
+  and ``tokenizer.json``, so ``--model DIR`` / ``--from DIR`` of every command loads it
+  (:func:`ast_jax.model_source.load_model`, dense params).
 
 SLoRB (from a checkpoint trained with ``--slorb``) has no place in the HF / GGUF layouts; ``--fold-slorb``
 folds it into the kernels (``W' = M ⊙ W + Xᵀ S``: the same function, dense kernels, the N:M structure lost),
@@ -141,7 +144,9 @@ def export_model(
     """Write ``params`` of ``model`` (a :class:`~ast_jax.models.llama.Llama` or GPT2) in ``format``.
 
     The N:M structure recorded in HF's ``config.json`` is checked on the weights (strict N:M per group of
-    ``m`` inputs), never assumed. Returns ``{"format", "path", "bytes", "nm"}``.
+    ``m`` inputs), never assumed. ``compact`` also writes the architecture record and tokenizer
+    (:func:`ast_jax.model_source.model_record`, checked before anything is written). Returns
+    ``{"format", "path", "bytes", "nm"}``.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -184,13 +189,27 @@ def export_model(
         path = save_gguf(out, cfg, params, tokenizer=tokenizer, gguf_type=gguf_type)
     else:
         from ast_jax.export import ExportConfig, compress_params, save_compressed
+        from ast_jax.model_source import MODEL_RECORD, model_record, write_model_record
 
         if sparsity is None:
             raise ValueError(
                 f"the compact format stores N:M kernels and this model is not strictly {n}:{m} sparse; "
                 "prune it on the way (--oneshot magnitude|wanda|sparsegpt) or use --format hf"
             )
-        path = save_compressed(out, compress_params(params, ExportConfig(n=n, m=m, bits=bits)))
+        if tokenizer is None and tokenizer_dir is not None:
+            from ast_jax.tokenizer import tokenizer_from_hf_dir
+
+            tokenizer = tokenizer_from_hf_dir(tokenizer_dir)
+        ecfg = ExportConfig(n=n, m=m, bits=bits)
+        record, tokenizer_json = model_record(
+            model, tokenizer, n=n, m=m, bits=bits, group_size=ecfg.group_size, hf_config=hf_config,
+            generation_config=generation_config,
+        )  # fmt: skip
+        # Until the new record is written the directory reads as an export without one (refused by
+        # load_model with a clear error), never as new tensors under an old record.
+        (out / MODEL_RECORD).unlink(missing_ok=True)
+        path = save_compressed(out, compress_params(params, ecfg))
+        write_model_record(path, record, tokenizer_json)
     path = Path(path)
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return {
@@ -240,7 +259,7 @@ def _parser():
     p = config_parser(ExportArgs, "python -m ast_jax.export", __doc__.split("\n\n")[0])
     p.add_argument(
         "--from", dest="source", required=True, metavar="PATH",
-        help="the model: a Hugging Face directory, a GGUF file or an ast_jax.train checkpoint directory",
+        help="the model: a Hugging Face dir, a GGUF file, a compact export or an ast_jax.train checkpoint",
     )  # fmt: skip
     return p
 
