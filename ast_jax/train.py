@@ -504,7 +504,11 @@ def _finish(cfg: TrainConfig, model, data, teacher, state, summary) -> None:
             f"{summary['perplexity']['student']:.3f} (strict {n}:{m}: {summary['strict_nm']})"
         )
     ex = cfg.export
-    if ex.export_dir and jax.process_index() == 0 and ex.export_format == "compact":
+    if not ex.export_dir or jax.process_index() != 0:
+        return
+    if ex.export_format == "compact" and slorb:
+        # The compact format has no place for SLoRB params in a loadable model, so they are stored beside the
+        # kernels as {model, slorb} (readable with ast_jax.export.load_compressed, not as a --model).
         from ast_jax.export import ExportConfig, compress_params, save_compressed, size_report
 
         exported = compress_params(hard, ExportConfig(n=n, m=m, bits=ex.export_bits))
@@ -513,21 +517,26 @@ def _finish(cfg: TrainConfig, model, data, teacher, state, summary) -> None:
         summary["export"] = {k: v for k, v in rep.items() if k != "layers"}
         say(
             f"export: {ex.export_dir} ({rep['compressed_bytes']:,} bytes of sparse layers, "
-            f"{rep['ratio_fp32']:.2f}x smaller than FP32)"
+            f"{rep['ratio_fp32']:.2f}x smaller than FP32; with SLoRB params, so not loadable as --model)"
         )
-    elif ex.export_dir and jax.process_index() == 0:
-        from ast_jax.export_cli import export_model
-        from ast_jax.model_source import byte_tokenizer, pretrained
+        return
+    from ast_jax.export_cli import export_model
+    from ast_jax.model_source import byte_tokenizer, pretrained
 
-        source = None if cfg.model.model is None else pretrained(cfg.model.model)
-        summary["export"] = export_model(
-            model, model_params, ex.export_dir, format=ex.export_format, n=n, m=m, bits=ex.export_bits,
-            tokenizer=byte_tokenizer() if source is None else source.tokenizer,
-            hf_config=None if source is None else source.hf_config,
-            tokenizer_dir=source.source if source is not None and source.kind == "hf" else None,
-            dtype="float32", slorb=slorb, fold_slorb=False,
-        )  # fmt: skip
-        say(f"export: {ex.export_format} {summary['export']['path']} ({summary['export']['bytes']:,} bytes)")
+    source = None if cfg.model.model is None else pretrained(cfg.model.model)
+    summary["export"] = export_model(
+        model, model_params, ex.export_dir, format=ex.export_format, n=n, m=m, bits=ex.export_bits,
+        tokenizer=byte_tokenizer() if source is None else source.tokenizer,
+        hf_config=None if source is None else source.hf_config,
+        tokenizer_dir=source.source if source is not None and source.kind == "hf" else None,
+        dtype="float32", slorb=slorb, fold_slorb=False,
+    )  # fmt: skip
+    if ex.export_format == "compact":
+        from ast_jax.export import load_compressed, size_report
+
+        rep = size_report(load_compressed(ex.export_dir))
+        summary["export"].update({k: v for k, v in rep.items() if k != "layers"})
+    say(f"export: {ex.export_format} {summary['export']['path']} ({summary['export']['bytes']:,} bytes)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def ast_notebook() -> nbformat.NotebookNode:
             "\n"
             "exported = load_compressed(workdir / 'export')\n"
             "print(format_size_table({'2:4 + int4 (group 128)': size_report(exported)}))\n"
-            "params_q = decompress_params(exported)['model']\n"
+            "params_q = decompress_params(exported)  # the student ({model, slorb} after SLoRB)\n"
             "assert is_strict_nm(params_q)\n"
             "data = load_text_data(max_bytes=MAX_BYTES)\n"
             "windows = min(EVAL_WINDOWS, (len(data.heldout) - 1) // SEQ_LEN)\n"

