@@ -145,7 +145,7 @@ def export_model(
 
     The N:M structure recorded in HF's ``config.json`` is checked on the weights (strict N:M per group of
     ``m`` inputs), never assumed. ``compact`` also writes the architecture record and tokenizer
-    (:func:`ast_jax.model_source.model_record`, checked before anything is written). Returns
+    (:func:`ast_jax.compact_model.model_record`, checked before anything is written). Returns
     ``{"format", "path", "bytes", "nm"}``.
     """
     if format not in FORMATS:
@@ -188,8 +188,8 @@ def export_model(
 
         path = save_gguf(out, cfg, params, tokenizer=tokenizer, gguf_type=gguf_type)
     else:
+        from ast_jax.compact_model import MODEL_RECORD, model_record, write_model_record
         from ast_jax.export import ExportConfig, compress_params, save_compressed
-        from ast_jax.model_source import MODEL_RECORD, model_record, write_model_record
 
         if sparsity is None:
             raise ValueError(
