@@ -48,7 +48,7 @@ DYN_CMD = """for d in ml-100k lastfm; do
   python -m lidu_jax.study --protocol dynamics --data $d --epochs 15 --dynamics-users 500 --out-dir runs/dyn
 done
 python -m lidu_jax.study --protocol dynamics --data beauty --epochs 15 --dynamics-users 500 \\
-    --dynamics-families bpr --out-dir runs/dyn
+    --dynamics-families bpr,lightgcn,mlp --out-dir runs/dyn
 cp runs/dyn/dynamics_*.json docs/measured/lidu16/; cp runs/dyn/dynamics_*.png docs/figures/"""
 
 
