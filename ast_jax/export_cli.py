@@ -146,7 +146,8 @@ def export_model(
     The N:M structure recorded in HF's ``config.json`` is checked on the weights (strict N:M per group of
     ``m`` inputs), never assumed. ``compact`` also writes the architecture record and tokenizer
     (:func:`ast_jax.compact_model.model_record`, checked before anything is written). Returns
-    ``{"format", "path", "bytes", "nm"}``.
+    ``{"format", "path", "bytes", "nm"}``; for ``compact`` also the totals of
+    :func:`ast_jax.export.size_report` of the kernels written (``compressed_bytes``, ``ratio_fp32``, ...).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -168,6 +169,7 @@ def export_model(
         hf_config = dict(hf_config)
         generation_config = hf_config.pop("_generation_config", None) or None
     out = Path(out)
+    sizes: dict[str, Any] = {}  # the compact format also reports its kernels' sizes
     if format == "hf":
         from ast_jax.export_hf import save_hf
 
@@ -189,7 +191,7 @@ def export_model(
         path = save_gguf(out, cfg, params, tokenizer=tokenizer, gguf_type=gguf_type)
     else:
         from ast_jax.compact_model import MODEL_RECORD, model_record, write_model_record
-        from ast_jax.export import ExportConfig, compress_params, save_compressed
+        from ast_jax.export import ExportConfig, compress_params, save_compressed, size_report
 
         if sparsity is None:
             raise ValueError(
@@ -208,8 +210,10 @@ def export_model(
         # Until the new record is written the directory reads as an export without one (refused by
         # load_model with a clear error), never as new tensors under an old record.
         (out / MODEL_RECORD).unlink(missing_ok=True)
-        path = save_compressed(out, compress_params(params, ecfg))
+        exported = compress_params(params, ecfg)
+        path = save_compressed(out, exported)
         write_model_record(path, record, tokenizer_json)
+        sizes = {k: v for k, v in size_report(exported).items() if k != "layers"}
     path = Path(path)
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return {
@@ -217,6 +221,7 @@ def export_model(
         "path": str(path),
         "bytes": int(sum(p.stat().st_size for p in files)),
         "nm": None if sparsity is None else f"{n}:{m}",
+        **sizes,
     }
 
 

@@ -531,11 +531,6 @@ def _finish(cfg: TrainConfig, model, data, teacher, state, summary) -> None:
         tokenizer_dir=source.source if source is not None and source.kind == "hf" else None,
         dtype="float32", slorb=slorb, fold_slorb=False,
     )  # fmt: skip
-    if ex.export_format == "compact":
-        from ast_jax.export import load_compressed, size_report
-
-        rep = size_report(load_compressed(ex.export_dir))
-        summary["export"].update({k: v for k, v in rep.items() if k != "layers"})
     say(f"export: {ex.export_format} {summary['export']['path']} ({summary['export']['bytes']:,} bytes)")
 
 

@@ -56,7 +56,8 @@ def _logits(model, params, ids) -> np.ndarray:
 def test_compact_export_loads_as_a_model(tiny, bits, tmp_path):
     model, pruned, tok = tiny
     out = tmp_path / "compact"
-    export_model(model, pruned, out, format="compact", tokenizer=tok, bits=bits)
+    info = export_model(model, pruned, out, format="compact", tokenizer=tok, bits=bits)
+    assert info["nm"] == "2:4" and 0 < info["compressed_bytes"] < info["fp32_bytes"]  # sizes of the kernels
     assert {p.name for p in out.iterdir()} == {"manifest.json", "tensors.npz", MODEL_RECORD, "tokenizer.json"}
     assert describe_source(str(out)) == "compact"
 
