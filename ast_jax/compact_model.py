@@ -11,7 +11,6 @@ anything is written, and every field is checked again when it is read.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ast_jax.export_io import _MANIFEST as _MANIFEST_FILE
+from ast_jax.export_io import _file_digest, _fsync_dir, _write_synced
 from ast_jax.model_source import MODEL_RECORD, LoadedModel
 from ast_jax.tokenizer import TextTokenizer
 
@@ -29,7 +30,6 @@ __all__ = ["MODEL_RECORD", "load_compact", "model_record", "write_model_record"]
 _RECORD_FORMAT = "ast_jax.compact-model"
 _RECORD_VERSION = 1
 _TOKENIZER_FILE = "tokenizer.json"
-_MANIFEST_FILE = "manifest.json"
 
 
 def _families() -> dict[str, tuple[Any, Any]]:
@@ -180,8 +180,6 @@ def write_model_record(out: str | os.PathLike, record: dict[str, Any], tokenizer
     The record gets the SHA-256 of ``manifest.json`` and ``tokenizer.json``, so a record is only ever read
     with the tensors and tokenizer it was written with. Returns the record's path.
     """
-    from ast_jax.export_io import _fsync_dir
-
     root = Path(out)
     record = dict(record)
     record["manifest_sha256"] = _sha256_file(root / _MANIFEST_FILE)
@@ -194,8 +192,6 @@ def write_model_record(out: str | os.PathLike, record: dict[str, Any], tokenizer
 
 
 def _replace_atomically(path: Path, data: bytes) -> None:
-    from ast_jax.export_io import _write_synced
-
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     os.close(fd)
     try:
@@ -207,7 +203,7 @@ def _replace_atomically(path: Path, data: bytes) -> None:
 
 
 def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return _file_digest(path)[1]
 
 
 def _model_from_record(
