@@ -13,6 +13,7 @@ tau(LiDu)`` over the same resamples of users; "behind" = the interval lies above
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -41,8 +42,10 @@ python benchmarks/lidu_signal.py --data lastfm --json docs/measured/lidu16/signa
 python benchmarks/lidu_signal.py --data beauty --max-eval-users 4000 \\
     --json docs/measured/lidu16/signal_beauty.json"""
 
-MODELS_CMD = """python -m lidu_jax.study --protocol models --data ml-100k --out-dir runs/models --n-boot 1000
-cp runs/models/models_ml-100k.json docs/measured/lidu16/"""
+MODELS_CMD = """for d in ml-100k lastfm; do
+  python -m lidu_jax.study --protocol models --data $d --out-dir runs/models --n-boot 1000
+done
+cp runs/models/models_*.json docs/measured/lidu16/; cp runs/models/models_*.png docs/figures/"""
 
 DYN_CMD = """for d in ml-100k lastfm; do
   python -m lidu_jax.study --protocol dynamics --data $d --epochs 15 --dynamics-users 500 --out-dir runs/dyn
@@ -238,7 +241,7 @@ def _signal_words(name: str, s: dict[str, Any]) -> str:
 
 
 def models_words(res: dict[str, Any], scale_free: str) -> list[str]:
-    """The model-level finding in sentences whose numbers all come from ``res``."""
+    """The model-level finding in sentences whose numbers, and every comparison, come from ``res``."""
     sel, diag = res["selection"], res["diagnostics_tau"]["all"]
     scored = {
         n: r for n, r in sel.items() if r["kendall_tau"] is not None and n not in ("oracle", "random choice")
@@ -255,19 +258,42 @@ def models_words(res: dict[str, Any], scale_free: str) -> list[str]:
             f"{f} {res['within_family'][f][n]['kendall_tau']:+.2f}" for f in res["within_family"]
         )
 
+    lidu_regret, random_regret = sel["LiDu"]["regret"], sel["random choice"]["regret"]
+    spread_ndcg = diag["ensemble_spread"]["tau_vs_ndcg"]
+    # Over-trained = a longer run of the same (family, dim, regularisation) with a lower mean NDCG.
+    runs: dict[tuple, list[dict]] = {}
+    for m in res["models"]:
+        runs.setdefault((m["family"], m["dim"], m["regularisation"]), []).append(m)
+    ordered = [sorted(ms, key=lambda m: m["epochs"]) for ms in runs.values()]
+    falls = [
+        f"{later['name']} ({later['mean_ndcg']:.4f} < {earlier['mean_ndcg']:.4f})"
+        for ms in ordered
+        for earlier, later in itertools.pairwise(ms)
+        if later["mean_ndcg"] < earlier["mean_ndcg"]
+    ]
     return [
         f"**In words.** Over the {len(res['models'])} recommenders, exact LiDu's mean over users: tau with "
-        f"mean NDCG@10 {row('LiDu')}, against a regret of {sel['random choice']['regret']:.4f} for a random "
-        f"pick; within each family: {within('LiDu')}. The best estimator at this level is {best} "
-        f"({row(best)}). The reason is measured in the diagnostics table: across models mean LiDu follows "
-        f"the ensemble's noise-to-signal ratio (tau {diag['spread_ratio']['tau_vs_mean_lidu']:+.2f} with the "
-        f"spread ratio), and training longer makes the seeds diverge as it makes the model better (tau of "
-        f"the ensemble spread with mean NDCG {diag['ensemble_spread']['tau_vs_ndcg']:+.2f}, of the epochs "
-        f"{diag['epochs']['tau_vs_ndcg']:+.2f}), so a better-trained ensemble looks *more* uncertain. The "
-        f"scale-free form declared before the run, `{scale_free}` (every model's stds rescaled to the "
-        f"population's median spread ratio, no labels): {row(scale_free)}; within families "
-        f"{within(scale_free)}. It still trails {best}. (The 'many epochs' models were not over-trained in "
-        "the sense of a falling NDCG: the longest runs are the best of each family here.)",
+        f"mean NDCG@10 {row('LiDu')}, against a regret of {random_regret:.4f} for a random pick (LiDu's "
+        f"pick is {'worse than' if lidu_regret > random_regret else 'no worse than'} a random one); within "
+        f"each family: {within('LiDu')}. The best estimator at this level is {best} ({row(best)}). "
+        f"Diagnostics: across models mean LiDu has tau {diag['spread_ratio']['tau_vs_mean_lidu']:+.2f} with "
+        f"the ensemble's noise-to-signal (spread) ratio; the ensemble spread has tau {spread_ndcg:+.2f} with "
+        f"mean NDCG and the epochs {diag['epochs']['tau_vs_ndcg']:+.2f}"
+        + (
+            ", so a better-trained ensemble looks *more* uncertain."
+            if spread_ndcg > 0
+            else ", so here a better model does not come with a wider ensemble."
+        )
+        + f" The scale-free form declared before the run, `{scale_free}` (every model's stds rescaled to "
+        f"the population's median spread ratio, no labels): {row(scale_free)}; within families "
+        f"{within(scale_free)}. "
+        + ("It is the best estimator here." if best == scale_free else f"It trails {best}.")
+        + (
+            f" Longer training lowered mean NDCG (over-training) in: {', '.join(falls)}."
+            if falls
+            else " No model was over-trained in the sense of a falling NDCG: within every training run the "
+            "longest snapshot is the best."
+        ),
     ]
 
 
@@ -361,14 +387,15 @@ def build(src: Path) -> str:
         "",
         *signal_section(src),
     ]
-    models = _load(src / "models_ml-100k.json")
     lines += ["## 4. Model-level selection (`--protocol models`)", "", "```bash", MODELS_CMD, "```", ""]
-    if models is None:
-        lines += ["Not measured (no JSON).", ""]
-    else:
+    for d, name in DATA_NAMES.items():
+        models = _load(src / f"models_{d}.json")
+        if models is None:
+            lines += [f"{name}: not measured (no JSON).", ""]
+            continue
         lines += [*models_words(models, study_models.SCALE_FREE), ""]
         body = study_models.markdown(models).splitlines()
-        lines += [*_demote(body), "", "![models on ML-100K](figures/models_ml-100k.png)", ""]
+        lines += [*_demote(body), "", f"![models on {name}](figures/models_{d}.png)", ""]
     dyn = [(d, _load(src / f"dynamics_{d}.json")) for d in DATA_NAMES]
     lines += [
         "## 5. Dynamics: through training and under inference-time changes",
