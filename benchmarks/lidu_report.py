@@ -442,7 +442,9 @@ def build(src: Path) -> str:
         "whole-Beauty cell took 25 minutes here for BPR-MF; SASRec was stopped halfway through its "
         "estimators after 51 minutes).",
         f"- Model-level protocol not run on: {', '.join(no_models) or 'none'}.",
-        f"- Dynamics not run on: {', '.join(no_dyn) or 'none'} (`--dynamics-families` picks the families).",
+        f"- Dynamics not run on: {', '.join(no_dyn) or 'none'} (`--dynamics-families` picks the families; "
+        "`--dynamics-merge` adds them to an earlier run's JSON in the same `--out-dir`, refusing one whose "
+        "settings differ).",
         "- No accelerator run of `benchmarks/bench_lidu_gpu.py`." if gpu is None else "",
         "",
     ]

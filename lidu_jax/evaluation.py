@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -258,12 +259,21 @@ def json_safe(obj: Any) -> Any:
 
 
 def write_json(result: Mapping[str, Any], path: str | Path, **extra: Any) -> Path:
-    """Write ``result`` plus ``extra`` top-level keys (e.g. the config) as indented JSON; returns the path."""
+    """Write ``result`` plus ``extra`` top-level keys (e.g. the config) as indented JSON; returns the path.
+
+    The file is written beside ``path`` and renamed over it, so an interrupted write leaves the earlier
+    file (an hour-long run's result, or the one `--dynamics-merge` extends) whole.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(_to_jsonable(result))
     payload.update(_to_jsonable(extra))
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -134,6 +134,12 @@ class RealDataStudyConfig:
         "with --protocol dynamics: comma-separated families, a subset of bpr,lightgcn,mlp,sasrec (sasrec is "
         "skipped, with the reason, on data without time order)",
     )
+    dynamics_merge: bool = option(
+        False,
+        "with --protocol dynamics: keep the other families of the earlier <out-dir>/dynamics_<data>.json "
+        "(its settings must equal these: a differing one is named and nothing runs); the families run now "
+        "replace theirs",
+    )
     sweeps: bool = option(False, "also compute LiDu for the list lengths --sweep-ks and candidate sizes")
     sweep_ks: str = option("1,3,5,10,20", "with --sweeps: comma-separated list lengths K (each >= 1)")
     sweep_candidates: str = option(

@@ -33,8 +33,9 @@ reason is recorded):
 
 Its own settings are the ``dynamics_*`` options of `RealDataStudyConfig` (read with ``getattr(config,
 name, default)``, so a config class without them still runs): ``dynamics_hide_fraction`` (0.5),
-``dynamics_add_fraction`` (0.5), ``dynamics_candidates`` ("100,1000") and ``dynamics_families``
-("bpr,lightgcn,mlp,sasrec").
+``dynamics_add_fraction`` (0.5), ``dynamics_candidates`` ("100,1000"), ``dynamics_families``
+("bpr,lightgcn,mlp,sasrec") and ``dynamics_merge`` (False: with it, the families of an earlier run in the
+same ``out_dir`` with equal settings are kept, so a slow family can run on its own later).
 
 Where the code is: this module is the protocol (its settings, one family's training and changes, the run);
 the users, their history changes and the per-user measures are `lidu_jax.study_dynamics_users`, the scorers
@@ -45,6 +46,7 @@ that take a changed history `lidu_jax.study_dynamics_scorers`, the tables and pl
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -96,7 +98,13 @@ DEFAULTS: dict[str, Any] = {
     "dynamics_add_fraction": 0.5,
     "dynamics_candidates": "100,1000",
     "dynamics_families": ",".join(MODELS),
+    "dynamics_merge": False,
 }
+# Config fields that change no number of the protocol: where files go, how they are chunked or shown,
+# which families run now, and the user-protocol fields the protocol ignores.
+_MERGE_IGNORED = frozenset(
+    {"out_dir", "json", "progress", "chunk", "dynamics_families", "dynamics_merge", "model", "source"}
+)
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -248,6 +256,43 @@ def _run_family(
 # ------------------------------------------------------------------------------------------ the protocol
 
 
+def _config_dict(config: RealDataStudyConfig) -> dict[str, Any]:
+    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    d.update({n: _option(config, n) for n in DEFAULTS})
+    return d
+
+
+def _earlier_families(path: Path, header: dict[str, Any], config: RealDataStudyConfig) -> dict[str, Any]:
+    """The families of the earlier run at ``path`` that ``--dynamics-merge`` keeps.
+
+    Every family's numbers depend only on the shared settings (each family trains from the same key and
+    draws its own candidate rng), so a family run alone equals the same family run with the others; the
+    earlier run is kept only if those settings are equal. ``ValueError`` naming the first that differs.
+    """
+    if not path.is_file():
+        raise ValueError(f"--dynamics-merge: no earlier run at {path} to merge into")
+    try:
+        earlier = json.loads(path.read_text())
+        families, old_config = earlier["families"], earlier["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--dynamics-merge: {path} is not a dynamics protocol result ({e})") from None
+    if isinstance(earlier.get("settings"), dict):
+        earlier["settings"] = {k: v for k, v in earlier["settings"].items() if k != "families"}
+    for key, value in header.items():
+        if earlier.get(key) != value:
+            raise ValueError(
+                f"--dynamics-merge: {path} was run with {key}={earlier.get(key)!r}, this run has {value!r}"
+            )
+    now = evaluation.json_safe(_config_dict(config))
+    for key in sorted(set(now) | set(old_config)):
+        if key not in _MERGE_IGNORED and now.get(key) != old_config.get(key):
+            raise ValueError(
+                f"--dynamics-merge: {path} was run with --{key.replace('_', '-')}="
+                f"{old_config.get(key)!r}, this run has {now.get(key)!r}"
+            )
+    return families
+
+
 def run_dynamics_protocol(config: RealDataStudyConfig, *, split: InteractionSplit | None = None) -> dict:
     """The dynamics protocol on ``config.data`` (see the module docstring); returns the JSON payload.
 
@@ -260,15 +305,17 @@ def run_dynamics_protocol(config: RealDataStudyConfig, *, split: InteractionSpli
 
     Returns:
       ``{"dataset", "n_users", "n_items", "k", "n_models", "epochs", "seed", "settings", "families",
-      "seconds", "files", "config"}``. ``families[f]`` is ``{"skipped": reason}`` or ``{"model",
-      "training", "inference", "seconds"}``: ``training`` has ``n_checkpoints``, ``log`` (one row per
-      epoch: ``epoch, mean_lidu, mean_ndcg, mean_std, mean_top_k_std, loss``),
+      "seconds", "files", "config"}`` (and ``"merged": {"kept", "run"}`` with ``dynamics_merge``: the
+      families kept from the earlier run and those run now). ``families[f]`` is ``{"skipped": reason}``
+      or ``{"model", "training", "inference", "seconds"}``: ``training`` has ``n_checkpoints``, ``log``
+      (one row per epoch: ``epoch, mean_lidu, mean_ndcg, mean_std, mean_top_k_std, loss``),
       ``kendall_tau_neg_lidu_vs_ndcg``, ``spearman_neg_lidu_vs_ndcg`` and ``baselines[name]``;
       ``inference[change]`` (``hide``, ``add``, ``candidates_<c>``) is `compare`'s summary.
 
     Raises:
       ValueError: a bad protocol setting (before any data is loaded), or ``k`` not below the number of
-        items (before any training).
+        items, or with ``dynamics_merge`` no earlier result or one whose settings differ (before any
+        training).
       lidu_jax.training.TrainingFailedError: an ensemble diverged.
     """
     t0 = time.perf_counter()
@@ -279,6 +326,23 @@ def run_dynamics_protocol(config: RealDataStudyConfig, *, split: InteractionSpli
     us = _pick_users(split, config, s)
     if us.ids.size < 2:
         raise ValueError(f"{split.name} has {us.ids.size} user(s) with a held-out item; need >= 2")
+    out = Path(config.out_dir)
+    stem = f"dynamics_{split.name}"
+    header = {
+        "dataset": split.name,
+        "n_users": int(us.ids.size),
+        "n_items": int(split.n_items),
+        "k": config.k,
+        "n_models": config.n_models,
+        "epochs": config.epochs,
+        "seed": config.seed,
+    }
+    earlier: dict[str, Any] = {}
+    if _option(config, "dynamics_merge"):
+        # The families differ by design; every other protocol setting must match.
+        settings = evaluation.json_safe(dataclasses.asdict(s))
+        del settings["families"]
+        earlier = _earlier_families(out / f"{stem}.json", {**header, "settings": settings}, config)
     key = jax.random.key(config.seed)
     families: dict[str, Any] = {}
     for family in s.families:
@@ -288,20 +352,15 @@ def run_dynamics_protocol(config: RealDataStudyConfig, *, split: InteractionSpli
         families[family] = _run_family(family, split, config, s, us, key)
         if config.progress:
             print(f"dynamics {split.name}/{family}: {families[family]['seconds']}", flush=True)
-    out = Path(config.out_dir)
+    merged = {f: families.get(f, earlier.get(f)) for f in MODELS if f in families or f in earlier}
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"dynamics_{split.name}"
     result: dict[str, Any] = {
-        "dataset": split.name,
-        "n_users": int(us.ids.size),
-        "n_items": int(split.n_items),
-        "k": config.k,
-        "n_models": config.n_models,
-        "epochs": config.epochs,
-        "seed": config.seed,
-        "settings": dataclasses.asdict(s),
-        "families": families,
+        **header,
+        "settings": dataclasses.asdict(dataclasses.replace(s, families=tuple(merged))),
+        "families": merged,
     }
+    if earlier:
+        result["merged"] = {"kept": [f for f in merged if f not in families], "run": list(families)}
     files = {"json": str(out / f"{stem}.json"), "markdown": str(out / f"{stem}.md")}
     try:
         _plot(result, out / f"{stem}.png")
@@ -312,9 +371,7 @@ def run_dynamics_protocol(config: RealDataStudyConfig, *, split: InteractionSpli
     result["files"] = files
     (out / f"{stem}.md").write_text(markdown(result))
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    config_dict = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    config_dict.update({n: _option(config, n) for n in DEFAULTS})
-    result["config"] = config_dict
+    result["config"] = _config_dict(config)
     evaluation.write_json(evaluation.json_safe(result), out / f"{stem}.json")
     print(f"dynamics {split.name}: {result['seconds']} s; wrote {', '.join(f for f in files.values() if f)}")
     return result

@@ -1,6 +1,7 @@
 """Tests of `lidu_jax.metrics` and `lidu_jax.evaluation` against brute-force references."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def test_correlations_and_bootstrap():
         metrics.ndcg_at_k(np.zeros((2, 3)), np.zeros((2, 4), bool), 2)
 
 
-def test_evaluate_format_json_plot(tmp_path):
+def test_evaluate_format_json_plot(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     perf = rng.random(150)
     good = -perf + 0.3 * rng.normal(size=150)  # uncertainty anti-correlated with performance
@@ -101,6 +102,19 @@ def test_evaluate_format_json_plot(tmp_path):
     loaded = json.loads(path.read_text())
     assert set(loaded["estimators"]["good"]) >= {"kendall_tau", "ci", "spearman", "c_index"}
     assert loaded["config"] == {"a": 1}
+    # A write that dies half-way (disk full, a kill) leaves the earlier result whole and no temporary file.
+    real_write = Path.write_text
+
+    def half_then_fail(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2])
+        raise OSError("No space left on device")
+
+    before = sorted(tmp_path.iterdir())
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        evaluation.write_json(res, path, config={"a": 2})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == loaded and sorted(tmp_path.iterdir()) == before
     png = evaluation.plot_binned({"good": good}, perf, tmp_path / "p.png", n_bins=5)
     assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="NaN"):

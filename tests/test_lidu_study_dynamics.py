@@ -27,6 +27,7 @@ class _Config(RealDataStudyConfig):
     dynamics_add_fraction: float = 0.5
     dynamics_candidates: str = "6,10"
     dynamics_families: str = ",".join(FAMILIES)
+    dynamics_merge: bool = False
 
 
 def _tiny_lines(n_users: int = 48) -> list[list[int]]:
@@ -181,3 +182,55 @@ def test_options_default_when_the_config_lacks_them(tiny_file, tmp_path):
     s = sd.dynamics_settings(plain)
     assert s.hide_fraction == 0.5 and s.add_fraction == 0.5 and s.candidate_sizes == (100, 1000)
     assert s.families == ("bpr", "lightgcn", "mlp", "sasrec")
+
+
+def test_merge_keeps_the_earlier_families_and_reruns_the_named_one(protocol, tmp_path):
+    # A family run on its own must give the numbers it gave beside the others (same key, own rng).
+    result, out = protocol
+    (tmp_path / "dynamics_tiny.json").write_text((out / "dynamics_tiny.json").read_text())
+    merged = sd.run_dynamics_protocol(
+        _config(tiny_file_of(result), tmp_path, dynamics_families="bpr", dynamics_merge=True)
+    )
+    assert list(merged["families"]) == list(FAMILIES)
+    assert merged["merged"] == {"kept": ["lightgcn", "sasrec"], "run": ["bpr"]}
+    assert list(merged["settings"]["families"]) == list(FAMILIES)
+    earlier = json.loads((out / "dynamics_tiny.json").read_text())
+    for f in ("lightgcn", "sasrec"):
+        assert merged["families"][f] == earlier["families"][f]
+    new, old = merged["families"]["bpr"]["training"]["log"], result["families"]["bpr"]["training"]["log"]
+    for key in ("mean_lidu", "mean_ndcg", "mean_std", "loss"):
+        np.testing.assert_allclose([r[key] for r in new], [r[key] for r in old], rtol=1e-5, atol=1e-6)
+    on_disk = json.loads((tmp_path / "dynamics_tiny.json").read_text())
+    assert list(on_disk["families"]) == list(FAMILIES) and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(epochs=11), "was run with epochs=10, this run has 11"),
+        (dict(grid_size=32), "was run with --grid-size=16, this run has 32"),
+        (dict(dynamics_candidates="6,12"), "was run with settings="),
+    ],
+)
+def test_merge_refuses_an_earlier_run_with_other_settings(protocol, settings, match, tmp_path, monkeypatch):
+    result, out = protocol
+    earlier = (out / "dynamics_tiny.json").read_text()
+    (tmp_path / "dynamics_tiny.json").write_text(earlier)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(sd, "build_source", no_training)
+    config = _config(tiny_file_of(result), tmp_path, dynamics_families="bpr", dynamics_merge=True, **settings)
+    with pytest.raises(ValueError, match=match):
+        sd.run_dynamics_protocol(config)
+    assert (tmp_path / "dynamics_tiny.json").read_text() == earlier  # untouched
+
+
+def test_merge_without_an_earlier_run_is_refused(tiny_file, tmp_path):
+    with pytest.raises(ValueError, match=r"no earlier run at .*dynamics_tiny\.json"):
+        sd.run_dynamics_protocol(_config(tiny_file, tmp_path, dynamics_merge=True))
+
+
+def tiny_file_of(result: dict) -> str:
+    return result["config"]["data"]
