@@ -134,6 +134,11 @@ class RealDataStudyConfig:
         "with --protocol dynamics: comma-separated families, a subset of bpr,lightgcn,mlp,sasrec (sasrec is "
         "skipped, with the reason, on data without time order)",
     )
+    resume: bool = option(
+        False,
+        "with --protocol models: continue the interrupted run saved in <out-dir>/models_<data>.ckpt (its "
+        "finished training runs are restored after checking that their settings equal these)",
+    )
     dynamics_merge: bool = option(
         False,
         "with --protocol dynamics: keep the other families of the earlier <out-dir>/dynamics_<data>.json "

@@ -22,7 +22,9 @@ For one data set the protocol
 4. label-free diagnostics per model (ensemble spread, item spread, their ratio, training loss, epochs) and a
    scale-free LiDu (below);
 5. writes ``<out_dir>/models_<data>.json``, ``models_<data>.md`` and ``models_<data>.png`` (skipped, with the
-   reason in the JSON, when matplotlib is missing).
+   reason in the JSON, when matplotlib is missing). While it runs, each finished training run is saved in
+   ``<out_dir>/models_<data>.ckpt/`` (`lidu_jax.study_models_checkpoint`): after an interruption the same
+   command with ``--resume`` restores the finished runs and trains only the rest.
 
 The scale-free LiDu ("LiDu at common spread ratio"), chosen before any result was seen. A quick check on
 nine ML-100K configurations found mean LiDu anti-correlated with mean NDCG across families. LiDu is
@@ -79,6 +81,7 @@ from lidu_jax import evaluation
 from lidu_jax.models.base import RecModel
 from lidu_jax.study_cells import load_data
 from lidu_jax.study_config import MODELS, RealDataStudyConfig
+from lidu_jax.study_models_checkpoint import RunCheckpoints
 
 # check_models_config and run_models_protocol call `population` and `_train` by their names here, so a test
 # that replaces them on this module replaces what the protocol runs.
@@ -91,6 +94,7 @@ from lidu_jax.study_models_population import (
     PopulationModel,
     TrainingRun,
     _evaluate,
+    _make,
     _rescaled_lidu,
     _train,
     population,
@@ -190,7 +194,7 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
       config: the study settings (checked by `check_models_config` when built); used: ``data`` and its
         loading flags, ``population``, ``population_families``, ``n_models`` (ensemble size of every model),
         ``k``, ``grid_size``, ``lidu_variants``, ``max_eval_users``, ``chunk``, ``n_boot``, ``seed``,
-        ``out_dir``, ``progress``.
+        ``out_dir``, ``progress``, ``resume``.
       split: the data, already loaded (``config.data`` is then only its label).
 
     Returns:
@@ -203,8 +207,9 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
       `_diagnostic_taus`. Non-finite numbers are written as null.
 
     Raises:
-      ValueError: fewer than 3 models after dropping sasrec from unordered data, or ``k`` not below the
-        number of items (both before any training).
+      ValueError: fewer than 3 models after dropping sasrec from unordered data, ``k`` not below the
+        number of items, ``--resume`` without a checkpoint or with one of other settings, or a checkpoint
+        of an interrupted run without ``--resume`` (all before any training).
       lidu_jax.training.TrainingFailedError: an ensemble diverged (the message names the model).
     """
     t0 = time.perf_counter()
@@ -226,10 +231,22 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
             f"{len(pop)} ({'; '.join(skipped.values())})"
         )
     users = _eval_users(split, config)
+    out = Path(config.out_dir)
+    ckpt = RunCheckpoints(out, split, users, config)
+    done = set(ckpt.open(config.resume, len(runs)))
     key = jax.random.key(config.seed)
     rows: list[dict[str, Any]] = []
     trained: list[tuple[RecModel, Any]] = []
     for r, run in enumerate(runs):
+        if r in done:
+            model = _make(split, run)
+            run_rows, run_params = ckpt.load(r, run, model, config.n_models)
+            rows.extend(run_rows)
+            trained.extend((model, p) for p in run_params)
+            if config.progress:
+                print(f"run {r} ({', '.join(row['name'] for row in run_rows)}): restored", flush=True)
+            continue
+        first = len(rows)
         t_run = time.perf_counter()
         context = (
             f"--protocol models run {run.family} dim {run.dim} {run.regularisation} regularisation, "
@@ -264,6 +281,7 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
                     f"spread ratio {diag['spread_ratio']:.3f}",
                     flush=True,
                 )
+        ckpt.save(r, run, model, rows[first:], params)
     # The common temperature needs every model's spread ratio, hence this second pass.
     ratios = np.array([row["diagnostics"]["spread_ratio"] for row in rows])
     target = float(np.nanmedian(ratios))
@@ -292,7 +310,6 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
         within[f] = sub
         diag_tau[f] = _diagnostic_taus(rows, idx)
 
-    out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"models_{split.name}"
     result: dict[str, Any] = {
@@ -330,6 +347,7 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
     evaluation.write_json(
         evaluation.json_safe(result), out / f"{stem}.json", config=dataclasses.asdict(config)
     )
+    ckpt.remove()  # the result holds everything the runs gave
     if config.progress:
         print(markdown(result), flush=True)
     return result

@@ -1,0 +1,183 @@
+"""Per-run checkpoints of the models protocol (`lidu_jax.study_models`): an interrupted population resumes
+where it stopped instead of training every model again.
+
+A population is a sequence of training runs (`lidu_jax.study_models_population.TrainingRun`); one run on
+ML-100K takes up to 19 minutes on two CPU cores and a whole population about an hour, longer on larger data.
+After each run the protocol saves, in ``<out_dir>/models_<data>.ckpt/``:
+
+* ``run_<r>.npz``: the run's snapshot parameters (one stacked ensemble per snapshot epoch), leaf by leaf;
+* ``run_<r>.json``: the run's measured rows and a header (data fingerprint, evaluation users, the settings
+  that change a number, the run's table entry, and the parameter leaves' paths and shapes).
+
+The JSON is written last and marks the run as done, and both files are written beside their final name and
+renamed over it, so a kill at any moment leaves only whole runs behind. ``--resume`` restores every done run
+(rows, parameters) after checking each header against the present settings -- a differing one is named and
+nothing is trained -- and trains the rest. The random keys of a run depend only on its index and on the
+number of rows before it, so a resumed population gives the numbers of an uninterrupted one. The directory is
+removed once the result JSON is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from lidu_jax import evaluation
+from lidu_jax.models.base import RecModel
+from lidu_jax.study_config import RealDataStudyConfig
+from lidu_jax.types import InteractionSplit
+
+__all__ = ["RunCheckpoints"]
+
+# Settings that change no number of a run: where files go and how they are shown or chunked, the number of
+# bootstrap resamples (used only across models, after every run), and the resume switch itself.
+_IGNORED = frozenset({"out_dir", "json", "progress", "chunk", "n_boot", "resume"})
+
+
+def _fingerprint(split: InteractionSplit, users: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in (split.train_users, split.train_items, split.test_users, split.test_items, users):
+        h.update(np.ascontiguousarray(a, np.int64).tobytes())
+        h.update(b"|")
+    for seq in split.train_sequences or ():
+        h.update(np.ascontiguousarray(seq, np.int64).tobytes())
+        h.update(b",")
+    return h.hexdigest()
+
+
+def _template(model: RecModel) -> tuple[list[str], list[tuple[int, ...]], Any]:
+    """Paths and shapes of one member's parameter leaves, and the tree to rebuild them into."""
+    shapes = jax.eval_shape(lambda k: model.params(model.init(k)), jax.random.key(0))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    return [jax.tree_util.keystr(p) for p, _ in leaves], [tuple(x.shape) for _, x in leaves], treedef
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunCheckpoints:
+    """The checkpoint directory of one models-protocol run on one data set.
+
+    Args:
+      out_dir: the protocol's ``--out-dir``; the directory is ``<out_dir>/models_<data>.ckpt``.
+      split: the loaded data. users: ``(U,)`` the evaluation users.
+      config: the study settings; every field outside ``_IGNORED`` must match on resume.
+    """
+
+    def __init__(
+        self, out_dir: Path, split: InteractionSplit, users: np.ndarray, config: RealDataStudyConfig
+    ) -> None:
+        self.path = Path(out_dir) / f"models_{split.name}.ckpt"
+        settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _IGNORED}
+        self._header = evaluation.json_safe(
+            {"dataset": split.name, "data": _fingerprint(split, users), "settings": settings}
+        )
+
+    def open(self, resume: bool, n_runs: int) -> list[int]:
+        """Check the directory against ``resume`` before any training; returns the indices of done runs.
+
+        Raises:
+          ValueError: ``resume`` without a checkpoint; a checkpoint left by an interrupted run without
+            ``resume`` (it is never overwritten silently); or a done run whose header differs from the present
+            settings (the first differing setting is named).
+        """
+        if not resume:
+            if self.path.exists():
+                raise ValueError(
+                    f"{self.path} holds the runs of an interrupted --protocol models run: pass --resume to "
+                    "continue it, or delete the directory to start over"
+                )
+            return []
+        if not self.path.is_dir():
+            raise ValueError(f"--resume: no checkpoint of an interrupted run at {self.path}")
+        done = []
+        for r in range(n_runs):
+            header = self._read_header(r)
+            if header is None:
+                continue
+            for key in ("dataset", "data"):
+                if header.get(key) != self._header[key]:
+                    what = "data set" if key == "dataset" else "data or evaluation users"
+                    raise ValueError(f"--resume: {self.path} was run on other {what} ({key} differs)")
+            old, now = header.get("settings", {}), self._header["settings"]
+            for key in sorted(set(old) | set(now)):
+                if old.get(key) != now.get(key):
+                    raise ValueError(
+                        f"--resume: {self.path} was run with --{key.replace('_', '-')}={old.get(key)!r}, "
+                        f"this run has {now.get(key)!r}"
+                    )
+            done.append(r)
+        return done
+
+    def _read_header(self, r: int) -> dict[str, Any] | None:
+        path = self.path / f"run_{r}.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())["header"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--resume: {path} is damaged ({e}); delete it to train run {r} again") from None
+
+    def save(self, r: int, run: Any, model: RecModel, rows: list[dict], params: list[Any]) -> None:
+        """Save run ``r``: its ``rows`` and stacked ``params`` (one of each per snapshot epoch)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        paths, _, _ = _template(model)
+        arrays = {
+            f"s{s}_l{i}": np.asarray(leaf)
+            for s, p in enumerate(params)
+            for i, leaf in enumerate(jax.tree.leaves(p))
+        }
+
+        def write_npz(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        _atomic(self.path / f"run_{r}.npz", write_npz)
+        header = {**self._header, "run": dataclasses.asdict(run), "leaves": paths, "n_snapshots": len(params)}
+        # The rows keep NaN as NaN (Python's JSON reads it back), so a restored row equals the measured one.
+        payload = {"header": evaluation.json_safe(header), "rows": rows}
+        evaluation.write_json(payload, self.path / f"run_{r}.json")
+
+    def load(self, r: int, run: Any, model: RecModel, n_models: int) -> tuple[list[dict], list[Any]]:
+        """The rows and stacked snapshot params of done run ``r``, rebuilt into ``model``'s parameter tree.
+
+        Raises:
+          ValueError: the saved run is another table entry, or its leaves do not fit ``model``'s parameters.
+        """
+        saved = json.loads((self.path / f"run_{r}.json").read_text())
+        header = saved["header"]
+        if header["run"] != evaluation.json_safe(dataclasses.asdict(run)):
+            raise ValueError(f"--resume: run {r} in {self.path} is {header['run']}, the table has {run}")
+        paths, shapes, treedef = _template(model)
+        if header["leaves"] != paths:
+            raise ValueError(f"--resume: run {r} in {self.path} holds other parameters than {model.name}")
+        params = []
+        with np.load(self.path / f"run_{r}.npz") as z:
+            for s in range(header["n_snapshots"]):
+                leaves = [z[f"s{s}_l{i}"] for i in range(len(paths))]
+                for path, shape, leaf in zip(paths, shapes, leaves, strict=True):
+                    if leaf.shape != (n_models, *shape):
+                        raise ValueError(
+                            f"--resume: run {r} in {self.path}: {path} has shape {leaf.shape}, expected "
+                            f"{(n_models, *shape)}"
+                        )
+                params.append(jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in leaves]))
+        return saved["rows"], params
+
+    def remove(self) -> None:
+        """Delete the directory (after the result JSON is written)."""
+        shutil.rmtree(self.path, ignore_errors=True)
