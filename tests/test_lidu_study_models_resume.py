@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -27,9 +28,10 @@ def uninterrupted(lidu_tiny_file, tmp_path_factory):
     return json.loads((out / "models_tiny.json").read_text())
 
 
-@pytest.fixture
-def interrupted(lidu_tiny_file, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def interrupted_once(lidu_tiny_file, tmp_path_factory):
     """An out dir whose run stopped in its third training run (of three): runs 0 and 1 are saved."""
+    out = tmp_path_factory.mktemp("interrupted")
     real, calls = study_models._train, []
 
     def train(*args, **kwargs):
@@ -38,13 +40,20 @@ def interrupted(lidu_tiny_file, tmp_path, monkeypatch):
             raise _Killed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(study_models, "_train", train)
-    with pytest.raises(_Killed):
-        study.main(study_argv(lidu_tiny_file, tmp_path, *FLAGS))
-    monkeypatch.setattr(study_models, "_train", real)
-    ckpt = tmp_path / "models_tiny.ckpt"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study_models, "_train", train)
+        with pytest.raises(_Killed):
+            study.main(study_argv(lidu_tiny_file, out, *FLAGS))
+    ckpt = out / "models_tiny.ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["run_0.json", "run_0.npz", "run_1.json", "run_1.npz"]
-    assert not (tmp_path / "models_tiny.json").exists()
+    assert not (out / "models_tiny.json").exists()
+    return out
+
+
+@pytest.fixture
+def interrupted(interrupted_once, tmp_path):
+    """A copy of the interrupted run's out dir for one test (tests may resume or damage it)."""
+    shutil.copytree(interrupted_once, tmp_path, dirs_exist_ok=True)
     return tmp_path
 
 
