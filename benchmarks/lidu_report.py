@@ -323,6 +323,39 @@ def dynamics_words(name: str, res: dict[str, Any]) -> str:
     )
 
 
+def _models_cost(src: Path, missing: list[str]) -> str:
+    """Why a large data set lacks the models protocol: its slowest ML-100K run, scaled by users per epoch."""
+    ref = _load(src / "models_ml-100k.json")
+    if ref is None or not missing:
+        return ""
+    slow = max(ref["models"], key=lambda m: m["seconds"]["train_run"])
+    if slow["family"] != "sasrec":
+        return ""
+    minutes = slow["seconds"]["train_run"] / 60
+    grids = {d: _load(src / "grid" / f"{d}_bpr_ensemble.json") for d in DATA_NAMES}
+    if grids["ml-100k"] is None:
+        return ""
+    scale = {
+        DATA_NAMES[d]: g["n_users"] / grids["ml-100k"]["n_users"]
+        for d, g in grids.items()
+        if g is not None and DATA_NAMES[d] in missing
+    }
+    big = [
+        f"{name} ({x:.0f}x the users: about {x * minutes / 60:.0f} hours)"
+        for name, x in scale.items()
+        if x >= 2
+    ]
+    if not big:
+        return ""
+    return (
+        f" On ML-100K the protocol took {ref['seconds'] / 60:.0f} minutes on 2 CPU cores; its slowest "
+        f"training run, {slow['name'].rsplit('-e', 1)[0]}, took {minutes:.0f} minutes, and an SASRec epoch "
+        f"is one pass over the users, so that run alone would take, extrapolated (not measured): "
+        f"{', '.join(big)}. "
+        "`--resume` continues an interrupted population from its finished training runs."
+    )
+
+
 def build(src: Path) -> str:
     from lidu_jax import study_dynamics, study_models
 
@@ -441,7 +474,7 @@ def build(src: Path) -> str:
         f"- Grid cells without JSON: {', '.join(summary['missing']) or 'none'} (2-core CPU time ran out: a "
         "whole-Beauty cell took 25 minutes here for BPR-MF; SASRec was stopped halfway through its "
         "estimators after 51 minutes).",
-        f"- Model-level protocol not run on: {', '.join(no_models) or 'none'}.",
+        f"- Model-level protocol not run on: {', '.join(no_models) or 'none'}.{_models_cost(src, no_models)}",
         f"- Dynamics not run on: {', '.join(no_dyn) or 'none'} (`--dynamics-families` picks the families; "
         "`--dynamics-merge` adds them to an earlier run's JSON in the same `--out-dir`, refusing one whose "
         "settings differ).",
