@@ -341,7 +341,7 @@ def _models_cost(src: Path, missing: list[str]) -> str:
         if g is not None and DATA_NAMES[d] in missing
     }
     big = [
-        f"{name} ({x:.0f}x the users: about {x * minutes / 60:.0f} hours)"
+        f"{name} ({x:.0f}x the users: about {x * minutes / 60:.0f} hours, counting users alone)"
         for name, x in scale.items()
         if x >= 2
     ]
