@@ -31,7 +31,7 @@ GRID_CMD = """COMMON="--source ensemble --n-models 5 --epochs 15 --n-boot 200 --
         --out-dir runs/grid3"
 for d in ml-100k lastfm beauty; do for m in bpr lightgcn mlp sasrec; do
   v=exact,unordered,pairwise,correlated,agreement
-  [ $d = beauty ] && v=exact,unordered,pairwise,agreement   # correlated: ~16x exact, too slow here
+  [ $d = beauty ] && v=exact,unordered,pairwise,agreement   # correlated: ~11x exact, too slow here
   python -m lidu_jax.study $COMMON --lidu-variants $v --data $d --model $m
 done; done
 cp runs/grid3/*_ensemble.json docs/measured/lidu16/grid/"""
@@ -177,8 +177,10 @@ def grid_section(src: Path) -> tuple[list[str], dict[str, Any]]:
                 f"significantly worse in {worse}, tied in {len(rs) - better - worse}; mean difference in tau "
                 f"{mean_diff:+.3f}."
             )
+    no_corr = [(d, m, c["seconds"]) for (d, m), c in cells.items() if OURS[0] not in c["estimators"]]
     summary = {
         "missing": missing,
+        "no_correlated": no_corr,
         "ours_words": ours_words,
         "cells": len(cells),
         "tally": tally,
@@ -320,6 +322,28 @@ def dynamics_words(name: str, res: dict[str, Any]) -> str:
         f"learns and then rises again with the members' spread while NDCG keeps improving (the model-level "
         f"effect of section 4). Per user, the change in LiDu under an inference-time change of the history "
         f"tracks the change in NDCG@10 weakly or not at all (tau(-dLiDu, dNDCG): {', '.join(changes)})."
+    )
+
+
+CORR_CMD = "python benchmarks/bench_lidu_correlated_cost.py --json docs/measured/lidu16/correlated_cost.json"
+
+
+def _no_correlated_line(rows: list[tuple[str, str, float]], cost: dict[str, Any] | None) -> str:
+    """The grid cells run without the correlated variant, with what it costs (measured) and what those
+    cells cost without it."""
+    if not rows:
+        return ""
+    names = ", ".join(f"{DATA_NAMES[d]} x {MODEL_NAMES[m]}" for d, m, _ in rows)
+    lo, hi = min(t for *_, t in rows) / 60, max(t for *_, t in rows) / 60
+    ratio = (
+        f"{cost['ratio_correlated_over_exact']:.1f}x the exact estimator's time on {cost['users']} users x "
+        f"{cost['items']:,} items, M = {cost['members']} (`{CORR_CMD}`)"
+        if cost
+        else "a multiple of the exact estimator's time"
+    )
+    return (
+        f"- The correlated variant on {names}: it costs {ratio}, and these cells took {lo:.0f} to {hi:.0f} "
+        "minutes each on 2 CPU cores without it."
     )
 
 
@@ -471,9 +495,12 @@ def build(src: Path) -> str:
     lines += [
         "## 7. Not measured (yet)",
         "",
-        f"- Grid cells without JSON: {', '.join(summary['missing']) or 'none'} (2-core CPU time ran out: a "
-        "whole-Beauty cell took 25 minutes here for BPR-MF; SASRec was stopped halfway through its "
-        "estimators after 51 minutes).",
+        (
+            f"- Grid cells without JSON: {', '.join(summary['missing'])} (2-core CPU time ran out)."
+            if summary["missing"]
+            else "- Grid cells without JSON: none."
+        ),
+        _no_correlated_line(summary["no_correlated"], _load(src / "correlated_cost.json")),
         f"- Model-level protocol not run on: {', '.join(no_models) or 'none'}.{_models_cost(src, no_models)}",
         f"- Dynamics not run on: {', '.join(no_dyn) or 'none'} (`--dynamics-families` picks the families; "
         "`--dynamics-merge` adds them to an earlier run's JSON in the same `--out-dir`, refusing one whose "
