@@ -103,7 +103,17 @@ DEFAULTS: dict[str, Any] = {
 # Config fields that change no number of the protocol: where files go, how they are chunked or shown,
 # which families run now, and the user-protocol fields the protocol ignores.
 _MERGE_IGNORED = frozenset(
-    {"out_dir", "json", "progress", "chunk", "dynamics_families", "dynamics_merge", "model", "source"}
+    {
+        "out_dir",
+        "json",
+        "progress",
+        "chunk",
+        "dynamics_families",
+        "dynamics_merge",
+        "model",
+        "source",
+        "resume",
+    }
 )
 
 
@@ -284,6 +294,11 @@ def _earlier_families(path: Path, header: dict[str, Any], config: RealDataStudyC
                 f"--dynamics-merge: {path} was run with {key}={earlier.get(key)!r}, this run has {value!r}"
             )
     now = evaluation.json_safe(_config_dict(config))
+    # An option added since the earlier run is absent from its config: it ran as the option's default does.
+    defaults = evaluation.json_safe(
+        {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    )
+    old_config = {**{k: v for k, v in defaults.items() if k not in old_config}, **old_config}
     for key in sorted(set(now) | set(old_config)):
         if key not in _MERGE_IGNORED and now.get(key) != old_config.get(key):
             raise ValueError(

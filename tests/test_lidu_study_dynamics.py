@@ -227,6 +227,28 @@ def test_merge_refuses_an_earlier_run_with_other_settings(protocol, settings, ma
     assert (tmp_path / "dynamics_tiny.json").read_text() == earlier  # untouched
 
 
+def test_merge_accepts_an_earlier_run_from_before_an_option_existed(protocol, tmp_path, monkeypatch):
+    # A run written before an option was added has no entry for it; it ran as the option's default does.
+    result, out = protocol
+    earlier = json.loads((out / "dynamics_tiny.json").read_text())
+    del earlier["config"]["grid_size"]  # stands for an option added later (its default, 256, is not used)
+    (tmp_path / "dynamics_tiny.json").write_text(json.dumps(earlier))
+    monkeypatch.setattr(sd, "build_source", lambda *a, **k: pytest.fail("training started"))
+    config = _config(tiny_file_of(result), tmp_path, dynamics_families="bpr", dynamics_merge=True)
+    with pytest.raises(ValueError, match="was run with --grid-size=256, this run has 16"):
+        sd.run_dynamics_protocol(config)  # absent = the default, which differs from this run's 16
+    del earlier["config"]["dynamics_users"]  # default 500; this run has 32
+    earlier["config"]["grid_size"] = 16
+    (tmp_path / "dynamics_tiny.json").write_text(json.dumps(earlier))
+    with pytest.raises(ValueError, match="--dynamics-users=500, this run has 32"):
+        sd.run_dynamics_protocol(config)
+    earlier["config"].pop("resume", None)  # a user-protocol option this protocol ignores
+    earlier["config"]["dynamics_users"] = 32
+    (tmp_path / "dynamics_tiny.json").write_text(json.dumps(earlier))
+    with pytest.raises(pytest.fail.Exception, match="training started"):
+        sd.run_dynamics_protocol(config)  # accepted: it gets as far as training
+
+
 def test_merge_without_an_earlier_run_is_refused(tiny_file, tmp_path):
     with pytest.raises(ValueError, match=r"no earlier run at .*dynamics_tiny\.json"):
         sd.run_dynamics_protocol(_config(tiny_file, tmp_path, dynamics_merge=True))
