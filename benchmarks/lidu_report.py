@@ -242,6 +242,11 @@ def _signal_words(name: str, s: dict[str, Any]) -> str:
     )
 
 
+def _compare(regret: float, reference: float) -> str:
+    """How a regret compares with a reference regret, in words (lower regret = better pick)."""
+    return "worse than" if regret > reference else "better than" if regret < reference else "as good as"
+
+
 def models_words(res: dict[str, Any], scale_free: str) -> list[str]:
     """The model-level finding in sentences whose numbers, and every comparison, come from ``res``."""
     sel, diag = res["selection"], res["diagnostics_tau"]["all"]
@@ -276,7 +281,7 @@ def models_words(res: dict[str, Any], scale_free: str) -> list[str]:
     return [
         f"**In words.** Over the {len(res['models'])} recommenders, exact LiDu's mean over users: tau with "
         f"mean NDCG@10 {row('LiDu')}, against a regret of {random_regret:.4f} for a random pick (LiDu's "
-        f"pick is {'worse than' if lidu_regret > random_regret else 'no worse than'} a random one); within "
+        f"pick is {_compare(lidu_regret, random_regret)} a random one); within "
         f"each family: {within('LiDu')}. The best estimator at this level is {best} ({row(best)}). "
         f"Diagnostics: across models mean LiDu has tau {diag['spread_ratio']['tau_vs_mean_lidu']:+.2f} with "
         f"the ensemble's noise-to-signal (spread) ratio; the ensemble spread has tau {spread_ndcg:+.2f} with "
