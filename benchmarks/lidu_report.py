@@ -52,6 +52,8 @@ DYN_CMD = """for d in ml-100k lastfm; do
 done
 python -m lidu_jax.study --protocol dynamics --data beauty --epochs 15 --dynamics-users 500 \\
     --dynamics-families bpr,lightgcn,mlp --out-dir runs/dyn
+python -m lidu_jax.study --protocol dynamics --data beauty --epochs 15 --dynamics-users 500 \\
+    --dynamics-families sasrec --dynamics-merge --out-dir runs/dyn   # added to the run above
 cp runs/dyn/dynamics_*.json docs/measured/lidu16/; cp runs/dyn/dynamics_*.png docs/figures/"""
 
 
