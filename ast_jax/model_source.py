@@ -231,7 +231,3 @@ def _load_checkpoint(directory: str, dtype: Any) -> LoadedModel:
         teacher = pretrained(cfg.model.model)
         tok, hf_config = teacher.tokenizer, teacher.hf_config
     return LoadedModel(model, params, tok, hf_config, "checkpoint", directory, slorb, sparsity)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The architecture record of a compact export (ast_model.json)

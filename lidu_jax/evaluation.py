@@ -11,7 +11,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
     "kendall_or_nan",
     "plot_binned",
     "spearman_or_nan",
+    "write_atomically",
     "write_json",
 ]
 
@@ -268,13 +269,19 @@ def write_json(result: Mapping[str, Any], path: str | Path, **extra: Any) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(_to_jsonable(result))
     payload.update(_to_jsonable(extra))
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n"))
+    return path
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``: a reader (or a
+    later run) sees the earlier file or the whole new one, never a part; the temporary file never stays."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def plot_binned(

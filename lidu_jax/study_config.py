@@ -9,6 +9,8 @@ import dataclasses
 import math
 import numbers
 import os
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from lidu_jax._cli import option
 
@@ -21,6 +23,7 @@ __all__ = [
     "SOURCES",
     "SPLITS",
     "RealDataStudyConfig",
+    "setting_difference",
 ]
 
 DATASETS = ("ml-100k", "lastfm", "beauty")
@@ -170,6 +173,27 @@ class RealDataStudyConfig:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def setting_difference(
+    recorded: Mapping[str, Any],
+    now: Mapping[str, Any],
+    ignored: Collection[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+) -> str | None:
+    """How an earlier run's recorded settings differ from this run's, for the protocols that extend or resume
+    an earlier run: ``"was run with --k=5, this run has 4"`` for the first differing setting by name, or None.
+
+    ``recorded`` and ``now`` map config field names to values in JSON form (tuples as lists); fields in
+    ``ignored`` are not compared. A field absent from ``recorded`` is compared as ``defaults[field]`` (an
+    option added after that run, which behaved as its default does) when ``defaults`` is given, else as None.
+    """
+    fill = defaults or {}
+    for key in sorted((set(recorded) | set(now)) - set(ignored)):
+        old = recorded[key] if key in recorded else fill.get(key)
+        if old != now.get(key):
+            return f"was run with {_flag(key)}={old!r}, this run has {now.get(key)!r}"
+    return None
 
 
 def _int_list(config: RealDataStudyConfig, name: str) -> list[int]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import numpy as np
 
 from lidu_jax import evaluation
 from lidu_jax.models.base import RecModel
-from lidu_jax.study_config import RealDataStudyConfig
+from lidu_jax.study_config import RealDataStudyConfig, setting_difference
 from lidu_jax.types import InteractionSplit
 
 __all__ = ["RunCheckpoints"]
@@ -58,15 +57,6 @@ def _template(model: RecModel) -> tuple[list[str], list[tuple[int, ...]], Any]:
     shapes = jax.eval_shape(lambda k: model.params(model.init(k)), jax.random.key(0))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     return [jax.tree_util.keystr(p) for p, _ in leaves], [tuple(x.shape) for _, x in leaves], treedef
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class RunCheckpoints:
@@ -113,13 +103,9 @@ class RunCheckpoints:
                 if header.get(key) != self._header[key]:
                     what = "data set" if key == "dataset" else "data or evaluation users"
                     raise ValueError(f"--resume: {self.path} was run on other {what} ({key} differs)")
-            old, now = header.get("settings", {}), self._header["settings"]
-            for key in sorted(set(old) | set(now)):
-                if old.get(key) != now.get(key):
-                    raise ValueError(
-                        f"--resume: {self.path} was run with --{key.replace('_', '-')}={old.get(key)!r}, "
-                        f"this run has {now.get(key)!r}"
-                    )
+            diff = setting_difference(header.get("settings", {}), self._header["settings"])
+            if diff is not None:
+                raise ValueError(f"--resume: {self.path} {diff}")
             done.append(r)
         return done
 
@@ -146,7 +132,7 @@ class RunCheckpoints:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
 
-        _atomic(self.path / f"run_{r}.npz", write_npz)
+        evaluation.write_atomically(self.path / f"run_{r}.npz", write_npz)
         header = {**self._header, "run": dataclasses.asdict(run), "leaves": paths, "n_snapshots": len(params)}
         # The rows keep NaN as NaN (Python's JSON reads it back), so a restored row equals the measured one.
         payload = {"header": evaluation.json_safe(header), "rows": rows}
