@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ast_jax.export_codec import ExportConfig, compress_nm, decompress_nm
 from ast_jax.generate import generate
@@ -63,6 +65,41 @@ def test_kernel_interpret_equals_dequantised_reference(n, m, bits, k, o, b, gs, 
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4 * np.sqrt(k))
     y_fallback = np.asarray(nm_matmul(jnp.asarray(x), kw))  # CPU default: the plain-JAX fallback
     np.testing.assert_allclose(y_fallback, ref, rtol=1e-5, atol=1e-4 * np.sqrt(k))
+
+
+@st.composite
+def _kernel_case(draw):
+    n, m = draw(st.sampled_from([(2, 4), (4, 8)]))
+    bits = draw(st.sampled_from([None, 8, 4]))
+    gs = draw(st.sampled_from([32, 64, 128]))
+    # block_q·n must divide group_size (one scale per sub-block); any power of two up to that is allowed.
+    bq = draw(st.sampled_from([q for q in (1, 2, 4, 8) if gs % (q * n) == 0]))
+    k = m * draw(st.integers(1, 48))
+    o = draw(st.integers(1, 80))
+    b = draw(st.integers(1, 64))
+    bo = draw(st.sampled_from([16, 32]))
+    return n, m, bits, gs, bq, k, o, b, bo
+
+
+# Shapes, batch sizes, patterns, bit widths and tiles drawn together; derandomized so CI sees the same cases
+# each run. Each example compiles one interpreted kernel (~3 s on 2 cores), hence the small count.
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(_kernel_case(), st.integers(0, 2**31 - 1))
+def test_kernel_property_random_shapes(case, seed):
+    n, m, bits, gs, bq, k, o, b, bo = case
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((k // m, m, o)).astype(np.float32)
+    np.put_along_axis(g, np.argsort(rng.random(g.shape), axis=1)[:, n:, :], 0.0, axis=1)
+    c = compress_nm(g.reshape(k, o), ExportConfig(n=n, m=m, bits=bits, group_size=gs))
+    kw = to_kernel_layout(c, block_q=bq, block_out=bo)
+    dense = decompress_nm(c)
+    np.testing.assert_array_equal(np.asarray(nm_dense(kw)), dense)
+    x = rng.standard_normal((b, k)).astype(np.float32)
+    ref = _dot64(x, dense)
+    for impl in ("interpret", "reference"):
+        y = np.asarray(nm_matmul(jnp.asarray(x), kw, impl=impl))
+        assert y.shape == (b, o)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4 * np.sqrt(k), err_msg=impl)
 
 
 def test_kernel_bf16_values_and_awq_scale():

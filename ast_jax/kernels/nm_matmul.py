@@ -52,7 +52,10 @@ weight (above), loads of contiguous ``block_out``-wide rows of every plane (``bl
 int8 columns = 128-byte coalesced segments, 16-byte vector loads per thread), several input tiles in flight
 (``num_stages`` of the Triton pipeliner, ``num_warps``), and dequantisation fused into the load so only
 compressed bytes cross HBM. Triton wants power-of-two tile shapes and dot operands of at least 16 in every
-dimension, so the GPU path pads the batch to ``block_b >= 16`` and uses ``block_q = 16`` (the default).
+dimension, so the GPU path pads the batch to ``block_b >= 16`` and uses ``block_q = 16`` (the default); the
+compiled path refuses other tiles with an error naming the setting. CI lowers the compiled kernel for CUDA
+on a CPU machine (``jax.export``, ``tests/test_nm_kernel_lowering.py``): Pallas's Triton lowering accepts it
+and the program holds no dense ``(in, out)`` array; Triton's compile to PTX and the speed need a GPU.
 
 Where it runs
 -------------
@@ -405,6 +408,8 @@ def nm_matmul_pallas(
     bo = block_out or w.block_out
     if w.out_padded % bo:
         raise ValueError(f"block_out={bo} must divide the padded output dim {w.out_padded}")
+    if not interpret:
+        _check_triton_tiles(block_b=bb, block_out=bo, block_q=w.block_q)
     b_pad = -(-b // bb) * bb
     g_pad = w.groups_padded
     xf = x.astype(jnp.float32) / w.awq_scale if w.awq_scale is not None else x
@@ -428,6 +433,18 @@ def nm_matmul_pallas(
         name="nm_matmul",
     )(*operands)
     return y[:b, : w.out_features].astype(cd if out_dtype is None else out_dtype)
+
+
+def _check_triton_tiles(**tiles: int) -> None:
+    # Pallas's Triton lowering only takes power-of-two array shapes, and tl.dot operands need at least 16
+    # in every dimension; failing here names the setting instead of a Triton compile error on the device.
+    for name, v in tiles.items():
+        if v < 16 or v & (v - 1):
+            raise ValueError(
+                f"the compiled (Triton) N:M kernel needs {name} to be a power of two >= 16, got {v}: lay the "
+                "weight out with to_kernel_layout(block_q=16, block_out=64) (the defaults), or run it with "
+                "impl='interpret' or 'reference'"
+            )
 
 
 def _on_gpu() -> bool:
