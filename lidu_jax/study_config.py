@@ -23,6 +23,7 @@ __all__ = [
     "SOURCES",
     "SPLITS",
     "RealDataStudyConfig",
+    "config_defaults",
     "setting_difference",
 ]
 
@@ -173,6 +174,16 @@ class RealDataStudyConfig:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def config_defaults() -> dict[str, Any]:
+    """Every `RealDataStudyConfig` field's default, by field name (what an option added after an earlier run
+    is compared as: that run behaved as the option's default does)."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(RealDataStudyConfig)
+        if f.default is not dataclasses.MISSING
+    }
 
 
 def setting_difference(

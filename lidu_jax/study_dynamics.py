@@ -58,7 +58,7 @@ import numpy as np
 from lidu_jax import evaluation
 from lidu_jax.models.base import RecModel
 from lidu_jax.study_cells import build_source, load_data, score_stacked
-from lidu_jax.study_config import MODELS, RealDataStudyConfig, setting_difference
+from lidu_jax.study_config import MODELS, RealDataStudyConfig, config_defaults, setting_difference
 from lidu_jax.study_dynamics_report import _plot, markdown
 from lidu_jax.study_dynamics_scorers import _history_scores
 from lidu_jax.study_dynamics_users import (
@@ -294,9 +294,8 @@ def _earlier_families(path: Path, header: dict[str, Any], config: RealDataStudyC
                 f"--dynamics-merge: {path} was run with {key}={earlier.get(key)!r}, this run has {value!r}"
             )
     # An option added since the earlier run is absent from its config: it ran as the option's default does.
-    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
     now = evaluation.json_safe(_config_dict(config))
-    diff = setting_difference(old_config, now, _MERGE_IGNORED, evaluation.json_safe(defaults))
+    diff = setting_difference(old_config, now, _MERGE_IGNORED, evaluation.json_safe(config_defaults()))
     if diff is not None:
         raise ValueError(f"--dynamics-merge: {path} {diff}")
     return families

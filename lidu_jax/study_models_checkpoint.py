@@ -31,7 +31,7 @@ import numpy as np
 
 from lidu_jax import evaluation
 from lidu_jax.models.base import RecModel
-from lidu_jax.study_config import RealDataStudyConfig, setting_difference
+from lidu_jax.study_config import RealDataStudyConfig, config_defaults, setting_difference
 from lidu_jax.types import InteractionSplit
 
 __all__ = ["RunCheckpoints"]
@@ -103,7 +103,9 @@ class RunCheckpoints:
                 if header.get(key) != self._header[key]:
                     what = "data set" if key == "dataset" else "data or evaluation users"
                     raise ValueError(f"--resume: {self.path} was run on other {what} ({key} differs)")
-            diff = setting_difference(header.get("settings", {}), self._header["settings"])
+            # An option added after the checkpoint was written ran as its default does (as --dynamics-merge).
+            defaults = evaluation.json_safe(config_defaults())
+            diff = setting_difference(header.get("settings", {}), self._header["settings"], defaults=defaults)
             if diff is not None:
                 raise ValueError(f"--resume: {self.path} {diff}")
             done.append(r)

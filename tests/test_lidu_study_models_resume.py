@@ -116,3 +116,26 @@ def test_a_damaged_run_file_is_named(interrupted, lidu_tiny_file, monkeypatch, c
     monkeypatch.setattr(study_models, "_train", lambda *a, **k: pytest.fail("training started"))
     assert study.main(study_argv(lidu_tiny_file, interrupted, *FLAGS, "--resume")) == 2
     assert "run_1.json is damaged" in capsys.readouterr().err
+
+
+def _edit_settings(ckpt, edit) -> None:
+    for r in (0, 1):
+        path = ckpt / f"run_{r}.json"
+        payload = json.loads(path.read_text())
+        edit(payload["header"]["settings"])
+        path.write_text(json.dumps(payload))
+
+
+def test_an_option_added_after_the_checkpoint_counts_as_its_default(interrupted, lidu_tiny_file, capsys):
+    # A checkpoint written before --dynamics-every existed lacks it; that run behaved as its default (2).
+    ckpt = interrupted / "models_tiny.ckpt"
+    _edit_settings(ckpt, lambda s: s.pop("dynamics_every"))
+    assert study.main(study_argv(lidu_tiny_file, interrupted, *FLAGS, "--resume")) == 0
+    assert (interrupted / "models_tiny.json").is_file()
+
+
+def test_a_recorded_non_default_is_still_compared(interrupted, lidu_tiny_file, monkeypatch, capsys):
+    _edit_settings(interrupted / "models_tiny.ckpt", lambda s: s.update(dynamics_every=5))
+    monkeypatch.setattr(study_models, "_train", lambda *a, **k: pytest.fail("training started"))
+    assert study.main(study_argv(lidu_tiny_file, interrupted, *FLAGS, "--resume")) == 2
+    assert "was run with --dynamics-every=5, this run has 2" in capsys.readouterr().err
