@@ -354,6 +354,10 @@ def _sample_cells(src: Path) -> dict[tuple[str, str], tuple[dict[str, Any], dict
       ValueError: a sample run without its grid cell, or trained with any other setting than that cell
         (the sample must be the grid's model, only evaluated on fewer users).
     """
+    from lidu_jax import evaluation
+    from lidu_jax.study_config import config_defaults
+
+    defaults = evaluation.json_safe(config_defaults())
     found = {}
     for d, m in CELL_ORDER:
         smp = _load(src / "correlated_sample" / f"{d}_{m}_ensemble.json")
@@ -362,11 +366,9 @@ def _sample_cells(src: Path) -> dict[tuple[str, str], tuple[dict[str, Any], dict
         cell = _load(src / "grid" / f"{d}_{m}_ensemble.json")
         if cell is None:
             raise ValueError(f"correlated_sample/{d}_{m}_ensemble.json has no grid cell to compare with")
-        diff = sorted(
-            k
-            for k in set(smp["config"]) | set(cell["config"]) - SAMPLE_MAY_DIFFER
-            if k not in SAMPLE_MAY_DIFFER and smp["config"].get(k) != cell["config"].get(k)
-        )
+        # An option added after one of the two runs is absent from its config: it ran as the default.
+        a, b = ({**defaults, **r["config"]} for r in (smp, cell))
+        diff = sorted(k for k in set(a) | set(b) if k not in SAMPLE_MAY_DIFFER and a.get(k) != b.get(k))
         if diff:
             raise ValueError(
                 f"correlated_sample/{d}_{m}_ensemble.json differs from its grid cell in {', '.join(diff)}: "
@@ -396,8 +398,9 @@ def correlated_sample_section(src: Path) -> list[str]:
     out = [
         f"On {datasets} the correlated variant was too slow to run on every user{per_cell}, so it was run "
         f"on a seeded random sample of {smp0['n_users']:,} users (`--max-eval-users`) with every other "
-        "setting of the grid cell (the report refuses a run that differs): the same ensemble is retrained, "
-        "and exact and correlated LiDu are compared on the same users and bootstrap resamples.",
+        "setting of the grid cell (the report refuses a run that differs): the ensemble is retrained with "
+        "the cell's settings and seeds, and exact and correlated LiDu are compared on the same users and "
+        "bootstrap resamples.",
         "",
         "```bash",
         CORR_SAMPLE_CMD,
