@@ -440,10 +440,14 @@ def _check_triton_tiles(**tiles: int) -> None:
     # in every dimension; failing here names the setting instead of a Triton compile error on the device.
     for name, v in tiles.items():
         if v < 16 or v & (v - 1):
+            fix = (
+                "leave block_b=None (the batch rounded up to a power of two >= 16)"
+                if name == "block_b"
+                else "lay the weight out with to_kernel_layout(block_q=16, block_out=64) (the defaults)"
+            )
             raise ValueError(
-                f"the compiled (Triton) N:M kernel needs {name} to be a power of two >= 16, got {v}: lay the "
-                "weight out with to_kernel_layout(block_q=16, block_out=64) (the defaults), or run it with "
-                "impl='interpret' or 'reference'"
+                f"the compiled (Triton) N:M kernel needs {name} to be a power of two >= 16, got {v}: "
+                f"{fix}, or run it with impl='interpret' or 'reference'"
             )
 
 
