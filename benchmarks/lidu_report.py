@@ -74,6 +74,14 @@ def _verdict(row: dict[str, Any]) -> str:
     return "L" if lo > 0 else ("W" if hi < 0 else "T")
 
 
+def _better_worse(diff_cis: list[list[float]]) -> tuple[int, int, int]:
+    """``(better, worse, tied)``: paired intervals of ``tau(variant) - tau(LiDu)`` above 0 / below 0 /
+    containing 0."""
+    better = sum(lo > 0 for lo, _ in diff_cis)
+    worse = sum(hi < 0 for _, hi in diff_cis)
+    return better, worse, len(diff_cis) - better - worse
+
+
 def _demote(body: list[str]) -> list[str]:
     """Headings two levels down, so an embedded page's ``#`` sits under this page's ``##`` sections."""
     return [("##" + ln) if ln.startswith("#") else ln for ln in body]
@@ -174,12 +182,11 @@ def grid_section(src: Path) -> tuple[list[str], dict[str, Any]]:
     for v in OURS:
         rs = [(k, c["estimators"][v]) for k, c in cells.items() if v in c["estimators"]]
         if rs:
-            better = sum(r["tau_diff_ci"][0] > 0 for _, r in rs)
-            worse = sum(r["tau_diff_ci"][1] < 0 for _, r in rs)
+            better, worse, tied = _better_worse([r["tau_diff_ci"] for _, r in rs])
             mean_diff = sum(r["tau_diff"] for _, r in rs) / len(rs)
             ours_words.append(
                 f"- `{v}` against exact LiDu over {len(rs)} cells: significantly better in {better}, "
-                f"significantly worse in {worse}, tied in {len(rs) - better - worse}; mean difference in tau "
+                f"significantly worse in {worse}, tied in {tied}; mean difference in tau "
                 f"{mean_diff:+.3f}."
             )
     no_corr = [(d, m, c["seconds"]) for (d, m), c in cells.items() if OURS[0] not in c["estimators"]]
@@ -358,7 +365,7 @@ def _sample_cells(src: Path) -> dict[tuple[str, str], tuple[dict[str, Any], dict
         (the sample must be the grid's model, only evaluated on fewer users).
     """
     from lidu_jax import evaluation
-    from lidu_jax.study_config import config_defaults
+    from lidu_jax.study_config import config_defaults, setting_difference
 
     defaults = evaluation.json_safe(config_defaults())
     found = {}
@@ -370,21 +377,22 @@ def _sample_cells(src: Path) -> dict[tuple[str, str], tuple[dict[str, Any], dict
         if cell is None:
             raise ValueError(f"correlated_sample/{d}_{m}_ensemble.json has no grid cell to compare with")
         # An option added after one of the two runs is absent from its config: it ran as the default.
-        a, b = ({**defaults, **r["config"]} for r in (smp, cell))
-        diff = sorted(k for k in set(a) | set(b) if k not in SAMPLE_MAY_DIFFER and a.get(k) != b.get(k))
-        if diff:
+        diff = setting_difference(cell["config"], {**defaults, **smp["config"]}, SAMPLE_MAY_DIFFER, defaults)
+        if diff is not None:
             raise ValueError(
-                f"correlated_sample/{d}_{m}_ensemble.json differs from its grid cell in {', '.join(diff)}: "
-                "only the users and the estimators may change"
+                f"correlated_sample/{d}_{m}_ensemble.json differs from its grid cell, which {diff}: only the "
+                "users and the estimators may change"
             )
         found[(d, m)] = (smp, cell)
     return found
 
 
-def correlated_sample_section(src: Path) -> list[str]:
-    """The correlated variant where it was run on a seeded user sample: exact and correlated LiDu on the
-    same users (paired interval), next to exact LiDu on every user from section 1."""
-    found = _sample_cells(src)
+def correlated_sample_section(
+    src: Path, found: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]]
+) -> list[str]:
+    """The correlated variant where it was run on a seeded user sample (``found``, from `_sample_cells`):
+    exact and correlated LiDu on the same users (paired interval), next to exact LiDu on every user from
+    section 1."""
     if not found:
         return []
     smp0, cell0 = next(iter(found.values()))
@@ -413,22 +421,21 @@ def correlated_sample_section(src: Path) -> list[str]:
         "[paired CI] | exact LiDu tau, every user (section 1) |",
         "|---|---|---|---|---|---|---|",
     ]
-    verdicts = []
     for (d, m), (smp, cell) in found.items():
         ex, co = smp["estimators"]["LiDu"], smp["estimators"][OURS[0]]
-        verdicts.append(co["tau_diff_ci"])
         out.append(
             f"| {DATA_NAMES[d]} | {MODEL_NAMES[m]} | {smp['n_users']:,} of {cell['n_users']:,} "
             f"| {ex['kendall_tau']:+.3f}{_ci(ex['ci'])} | {co['kendall_tau']:+.3f}{_ci(co['ci'])} "
             f"| {co['tau_diff']:+.3f}{_ci(co['tau_diff_ci'])} "
             f"| {cell['estimators']['LiDu']['kendall_tau']:+.3f}{_ci(cell['estimators']['LiDu']['ci'])} |"
         )
-    better = sum(lo > 0 for lo, _ in verdicts)
-    worse = sum(hi < 0 for _, hi in verdicts)
+    better, worse, tied = _better_worse(
+        [smp["estimators"][OURS[0]]["tau_diff_ci"] for smp, _ in found.values()]
+    )
     out += [
         "",
         f"- `{OURS[0]}` against exact LiDu on these samples, over {len(found)} cells: significantly better "
-        f"in {better}, significantly worse in {worse}, tied in {len(found) - better - worse}.",
+        f"in {better}, significantly worse in {worse}, tied in {tied}.",
     ]
     for (d, m), (smp, cell) in found.items():
         whole = cell["estimators"].get(OURS[0])
@@ -504,6 +511,7 @@ def build(src: Path) -> str:
     from lidu_jax import study_dynamics, study_models
 
     grid, summary = grid_section(src)
+    sampled = _sample_cells(src)
     lines = [
         "# LiDu on real data: measured results",
         "",
@@ -547,7 +555,7 @@ def build(src: Path) -> str:
         "",
         *summary["ours_words"],
         "",
-        *correlated_sample_section(src),
+        *correlated_sample_section(src, sampled),
         "## 3. Where the per-user signal sits: the terms of -log P (issue 16: why it weakens on sparse data)",
         "",
         "```bash",
@@ -621,9 +629,7 @@ def build(src: Path) -> str:
             if summary["missing"]
             else "- Grid cells without JSON: none."
         ),
-        _no_correlated_line(
-            summary["no_correlated"], _load(src / "correlated_cost.json"), set(_sample_cells(src))
-        ),
+        _no_correlated_line(summary["no_correlated"], _load(src / "correlated_cost.json"), set(sampled)),
         f"- Model-level protocol not run on: {', '.join(no_models) or 'none'}.{_models_cost(src, no_models)}",
         f"- Dynamics not run on: {', '.join(no_dyn) or 'none'} (`--dynamics-families` picks the families; "
         "`--dynamics-merge` adds them to an earlier run's JSON in the same `--out-dir`, refusing one whose "

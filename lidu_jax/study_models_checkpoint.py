@@ -94,6 +94,8 @@ class RunCheckpoints:
             return []
         if not self.path.is_dir():
             raise ValueError(f"--resume: no checkpoint of an interrupted run at {self.path}")
+        # An option added after the checkpoint was written ran as its default does (as --dynamics-merge).
+        defaults = evaluation.json_safe(config_defaults())
         done = []
         for r in range(n_runs):
             header = self._read_header(r)
@@ -103,8 +105,6 @@ class RunCheckpoints:
                 if header.get(key) != self._header[key]:
                     what = "data set" if key == "dataset" else "data or evaluation users"
                     raise ValueError(f"--resume: {self.path} was run on other {what} ({key} differs)")
-            # An option added after the checkpoint was written ran as its default does (as --dynamics-merge).
-            defaults = evaluation.json_safe(config_defaults())
             diff = setting_difference(header.get("settings", {}), self._header["settings"], defaults=defaults)
             if diff is not None:
                 raise ValueError(f"--resume: {self.path} {diff}")

@@ -55,5 +55,7 @@ def test_a_sample_run_must_be_its_grid_cell_on_fewer_users(tmp_path):
     # A different ensemble (here: more epochs) is not the grid's model: refused, naming the setting.
     sample["config"]["epochs"] += 1
     (tmp_path / "correlated_sample" / src.name).write_text(json.dumps(sample))
-    with pytest.raises(ValueError, match="differs from its grid cell in epochs"):
+    with pytest.raises(
+        ValueError, match="differs from its grid cell, which was run with --epochs=15, this run has 16"
+    ):
         lidu_report._sample_cells(tmp_path)

@@ -26,10 +26,12 @@ from ast_jax.sparse_inference import (
 RNG = np.random.default_rng(17)
 
 
-def _nm_sparse(k: int, o: int, n: int, m: int, dtype=np.float32) -> np.ndarray:
-    w = RNG.standard_normal((k, o)).astype(np.float32)
+def _nm_sparse(
+    k: int, o: int, n: int, m: int, dtype=np.float32, rng: np.random.Generator = RNG
+) -> np.ndarray:
+    w = rng.standard_normal((k, o)).astype(np.float32)
     g = w.reshape(k // m, m, o)
-    drop = np.argsort(RNG.random(g.shape), axis=1)[:, n:, :]  # random kept positions, not only magnitude
+    drop = np.argsort(rng.random(g.shape), axis=1)[:, n:, :]  # random kept positions, not only magnitude
     np.put_along_axis(g, drop, 0.0, axis=1)
     return g.reshape(k, o).astype(dtype)
 
@@ -88,9 +90,7 @@ def _kernel_case(draw):
 def test_kernel_property_random_shapes(case, seed):
     n, m, bits, gs, bq, k, o, b, bo = case
     rng = np.random.default_rng(seed)
-    g = rng.standard_normal((k // m, m, o)).astype(np.float32)
-    np.put_along_axis(g, np.argsort(rng.random(g.shape), axis=1)[:, n:, :], 0.0, axis=1)
-    c = compress_nm(g.reshape(k, o), ExportConfig(n=n, m=m, bits=bits, group_size=gs))
+    c = compress_nm(_nm_sparse(k, o, n, m, rng=rng), ExportConfig(n=n, m=m, bits=bits, group_size=gs))
     kw = to_kernel_layout(c, block_q=bq, block_out=bo)
     dense = decompress_nm(c)
     np.testing.assert_array_equal(np.asarray(nm_dense(kw)), dense)

@@ -16,6 +16,7 @@ from jax import export
 
 from ast_jax.export_codec import ExportConfig, compress_nm
 from ast_jax.kernels import nm_matmul_pallas, nm_matmul_reference, to_kernel_layout
+from ast_jax.masks import nm_mask
 from ast_jax.models.llama import Llama, LlamaConfig
 from ast_jax.sparse_inference import compress_for_inference, sparse_apply
 
@@ -25,10 +26,8 @@ CHECKS = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
 
 
 def _nm_weight(k: int, o: int, n: int, m: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    g = rng.standard_normal((k // m, m, o)).astype(np.float32)
-    np.put_along_axis(g, np.argsort(np.abs(g), axis=1)[:, : m - n, :], 0.0, axis=1)
-    return g.reshape(k, o)
+    w = np.random.default_rng(seed).standard_normal((k, o)).astype(np.float32)
+    return np.where(np.asarray(nm_mask(jnp.asarray(w), n, m)), w, 0.0)
 
 
 def _lower_for_cuda(fn, batch: int, k: int, weight) -> str:
