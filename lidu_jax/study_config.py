@@ -141,7 +141,8 @@ class RealDataStudyConfig:
     resume: bool = option(
         False,
         "with --protocol models: continue the interrupted run saved in <out-dir>/models_<data>.ckpt (its "
-        "finished training runs are restored after checking that their settings equal these)",
+        "finished training runs are restored and an unfinished one continues from its last saved epoch, "
+        "after checking that their settings equal these)",
     )
     dynamics_merge: bool = option(
         False,

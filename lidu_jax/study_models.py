@@ -24,7 +24,8 @@ For one data set the protocol
 5. writes ``<out_dir>/models_<data>.json``, ``models_<data>.md`` and ``models_<data>.png`` (skipped, with the
    reason in the JSON, when matplotlib is missing). While it runs, each finished training run is saved in
    ``<out_dir>/models_<data>.ckpt/`` (`lidu_jax.study_models_checkpoint`): after an interruption the same
-   command with ``--resume`` restores the finished runs and trains only the rest.
+   command with ``--resume`` restores the finished runs and trains only the rest; a run still training is
+   saved every ten minutes and continued from its last saved epoch.
 
 The scale-free LiDu ("LiDu at common spread ratio"), chosen before any result was seen. A quick check on
 nine ML-100K configurations found mean LiDu anti-correlated with mean NDCG across families. LiDu is
@@ -252,9 +253,22 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
             f"--protocol models run {run.family} dim {run.dim} {run.regularisation} regularisation, "
             f"--seed {config.seed}"
         )
+        partial = ckpt.load_partial(r, run, _make(split, run), config.n_models) if config.resume else None
+        before = 0.0 if partial is None else partial[2]  # training seconds of the earlier sittings
+
+        def save_partial(model, state, losses, r=r, run=run, t_run=t_run, before=before) -> None:
+            ckpt.save_partial(r, run, model, state, losses, before + time.perf_counter() - t_run)
+
         with failure_context(context):
-            model, params, losses = _train(split, run, config, jax.random.fold_in(key, r))
-        t_train = time.perf_counter() - t_run
+            model, params, losses = _train(
+                split,
+                run,
+                config,
+                jax.random.fold_in(key, r),
+                resume_from=None if partial is None else partial[:2],
+                checkpoint=save_partial,
+            )
+        t_train = before + time.perf_counter() - t_run
         for (epoch, _), p, loss in zip(run.snapshots, params, losses, strict=True):
             (pm,) = [m for m in pop if m.run == r and m.epochs == epoch]
             t_eval = time.perf_counter()

@@ -9,6 +9,12 @@ After each run the protocol saves, in ``<out_dir>/models_<data>.ckpt/``:
 * ``run_<r>.json``: the run's measured rows and a header (data fingerprint, evaluation users, the settings
   that change a number, the run's table entry, and the parameter leaves' paths and shapes).
 
+While a run trains, every ``CHECKPOINT_SECONDS`` of training (`lidu_jax.study_models_population`) its
+training state is saved as ``run_<r>.partial.npz`` (parameters, optimiser state, the snapshots already
+passed, the losses recorded and a header, in one file); ``--resume`` continues that run from the saved epoch,
+and `lidu_jax.training.fit` makes the continued run end as the uninterrupted one. So a run longer than one
+sitting (an SASRec population on a large data set) is not lost with the process.
+
 The JSON is written last and marks the run as done, and both files are written beside their final name and
 renamed over it, so a kill at any moment leaves only whole runs behind. ``--resume`` restores every done run
 (rows, parameters) after checking each header against the present settings -- a differing one is named and
@@ -23,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,7 @@ import numpy as np
 from lidu_jax import evaluation
 from lidu_jax.models.base import RecModel
 from lidu_jax.study_config import RealDataStudyConfig, config_defaults, setting_difference
+from lidu_jax.training import FitState, fit_state_template
 from lidu_jax.types import InteractionSplit
 
 __all__ = ["RunCheckpoints"]
@@ -50,6 +58,10 @@ def _fingerprint(split: InteractionSplit, users: np.ndarray) -> str:
         h.update(np.ascontiguousarray(seq, np.int64).tobytes())
         h.update(b",")
     return h.hexdigest()
+
+
+def _paths(tree: Any) -> list[str]:
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _template(model: RecModel) -> tuple[list[str], list[tuple[int, ...]], Any]:
@@ -94,22 +106,26 @@ class RunCheckpoints:
             return []
         if not self.path.is_dir():
             raise ValueError(f"--resume: no checkpoint of an interrupted run at {self.path}")
-        # An option added after the checkpoint was written ran as its default does (as --dynamics-merge).
-        defaults = evaluation.json_safe(config_defaults())
         done = []
         for r in range(n_runs):
             header = self._read_header(r)
-            if header is None:
-                continue
-            for key in ("dataset", "data"):
-                if header.get(key) != self._header[key]:
-                    what = "data set" if key == "dataset" else "data or evaluation users"
-                    raise ValueError(f"--resume: {self.path} was run on other {what} ({key} differs)")
-            diff = setting_difference(header.get("settings", {}), self._header["settings"], defaults=defaults)
-            if diff is not None:
-                raise ValueError(f"--resume: {self.path} {diff}")
-            done.append(r)
+            if header is not None:
+                self._check_header(header)
+                done.append(r)
+            elif (self.path / f"run_{r}.partial.npz").is_file():
+                self._check_header(self._read_partial(r)[0])  # an unfinished run: checked before any training
         return done
+
+    def _check_header(self, header: dict[str, Any]) -> None:
+        for key in ("dataset", "data"):
+            if header.get(key) != self._header[key]:
+                what = "data set" if key == "dataset" else "data or evaluation users"
+                raise ValueError(f"--resume: {self.path} was run on other {what} ({key} differs)")
+        # An option added after the checkpoint was written ran as its default does (as --dynamics-merge).
+        defaults = evaluation.json_safe(config_defaults())
+        diff = setting_difference(header.get("settings", {}), self._header["settings"], defaults=defaults)
+        if diff is not None:
+            raise ValueError(f"--resume: {self.path} {diff}")
 
     def _read_header(self, r: int) -> dict[str, Any] | None:
         path = self.path / f"run_{r}.json"
@@ -139,6 +155,83 @@ class RunCheckpoints:
         # The rows keep NaN as NaN (Python's JSON reads it back), so a restored row equals the measured one.
         payload = {"header": evaluation.json_safe(header), "rows": rows}
         evaluation.write_json(payload, self.path / f"run_{r}.json")
+        (self.path / f"run_{r}.partial.npz").unlink(missing_ok=True)  # the run is whole now
+
+    def save_partial(
+        self, r: int, run: Any, model: RecModel, state: FitState, losses: dict[int, float], seconds: float
+    ) -> None:
+        """Save the training state of unfinished run ``r`` after ``state.epoch`` epochs, with the ``losses``
+        recorded at the snapshot epochs passed and the ``seconds`` of training so far, in one file replaced
+        atomically (a kill while writing leaves the previous one)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        header = {
+            **self._header,
+            "run": dataclasses.asdict(run),
+            "epoch": state.epoch,
+            "losses": {str(e): v for e, v in losses.items()},
+            "seconds": seconds,
+            "state_leaves": _paths(state.state),
+            "snapshot_epochs": sorted(state.snapshots),
+        }
+        arrays = {f"state_l{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.state))}
+        for e, p in state.snapshots.items():
+            arrays.update({f"snap{e}_l{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(p))})
+        arrays["first_bad_loss"] = np.asarray(state.first_bad_loss, np.int32)
+        arrays["header"] = np.array(json.dumps(evaluation.json_safe(header)))
+
+        def write_npz(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        evaluation.write_atomically(self.path / f"run_{r}.partial.npz", write_npz)
+
+    def _read_partial(self, r: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        path = self.path / f"run_{r}.partial.npz"
+        try:
+            with np.load(path) as z:
+                arrays = {name: z[name] for name in z.files}
+            return json.loads(str(arrays.pop("header"))), arrays
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(
+                f"--resume: {path} is damaged ({e}); delete it to train run {r} from the start"
+            ) from None
+
+    def load_partial(
+        self, r: int, run: Any, model: RecModel, n_models: int
+    ) -> tuple[FitState, dict[int, float], float] | None:
+        """``(state, losses, seconds)`` of run ``r``'s saved training state, or None when it has none.
+
+        Raises:
+          ValueError: the file is damaged, was saved with other settings or data, for another table entry, or
+            holds a state that does not fit ``model`` x ``n_models`` (each named).
+        """
+        path = self.path / f"run_{r}.partial.npz"
+        if not path.is_file():
+            return None
+        header, arrays = self._read_partial(r)
+        self._check_header(header)
+        if header["run"] != evaluation.json_safe(dataclasses.asdict(run)):
+            raise ValueError(f"--resume: {path} is of run {header['run']}, the table has {run}")
+        template = fit_state_template(model, n_models)
+        paths = _paths(template)
+        if header["state_leaves"] != paths:
+            raise ValueError(f"--resume: {path} holds the training state of another model than {model.name}")
+        treedef = jax.tree.structure(template)
+        state = jax.tree.unflatten(treedef, [arrays[f"state_l{i}"] for i in range(len(paths))])
+        p_paths, p_shapes, p_tree = _template(model)
+        snaps = {}
+        for e in header["snapshot_epochs"]:
+            leaves = [arrays[f"snap{e}_l{i}"] for i in range(len(p_paths))]
+            for leaf_path, shape, leaf in zip(p_paths, p_shapes, leaves, strict=True):
+                if leaf.shape != (n_models, *shape):
+                    raise ValueError(
+                        f"--resume: {path}: the epoch-{e} snapshot's {leaf_path} has shape {leaf.shape}, "
+                        f"expected {(n_models, *shape)}"
+                    )
+            snaps[int(e)] = jax.tree.unflatten(p_tree, leaves)
+        fit_state = FitState(int(header["epoch"]), state, snaps, arrays["first_bad_loss"])
+        losses = {int(e): float(v) for e, v in header["losses"].items()}
+        return fit_state, losses, float(header["seconds"])
 
     def load(self, r: int, run: Any, model: RecModel, n_models: int) -> tuple[list[dict], list[Any]]:
         """The rows and stacked snapshot params of done run ``r``, rebuilt into ``model``'s parameter tree.

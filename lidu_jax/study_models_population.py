@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,10 +27,11 @@ from lidu_jax.models.sasrec import SASRecConfig, make_sasrec
 from lidu_jax.samples import sample_moments
 from lidu_jax.study_cells import estimate_all, score_stacked
 from lidu_jax.study_config import MODELS, RealDataStudyConfig
-from lidu_jax.training import fit
+from lidu_jax.training import FitState, fit
 from lidu_jax.types import InteractionSplit
 
 __all__ = [
+    "CHECKPOINT_SECONDS",
     "DIAGNOSTICS",
     "FAMILY_BASE",
     "POPULATIONS",
@@ -163,13 +164,28 @@ def _make(split: InteractionSplit, run: TrainingRun) -> RecModel:
     return _MAKERS[run.family](split, cfg)
 
 
+# Seconds of training between two saves of an unfinished run's state (`RunCheckpoints.save_partial`): an
+# interruption loses at most this much training.
+CHECKPOINT_SECONDS = 600.0
+
+
 def _train(
-    split: InteractionSplit, run: TrainingRun, config: RealDataStudyConfig, key: jax.Array
+    split: InteractionSplit,
+    run: TrainingRun,
+    config: RealDataStudyConfig,
+    key: jax.Array,
+    *,
+    resume_from: tuple[FitState, dict[int, float]] | None = None,
+    checkpoint: Callable[[RecModel, FitState, dict[int, float]], None] | None = None,
 ) -> tuple[RecModel, list[Any], list[float]]:
-    """``(model, stacked params per snapshot, mean training loss at each snapshot epoch)``."""
+    """``(model, stacked params per snapshot, mean training loss at each snapshot epoch)``.
+
+    ``resume_from`` = ``(state, losses so far)`` of a saved unfinished run continues it (`fit`'s
+    ``resume_from``); ``checkpoint(model, state, losses so far)`` is called every `CHECKPOINT_SECONDS`.
+    """
     model = _make(split, run)
     epochs = [e for e, _ in run.snapshots]
-    losses: dict[int, float] = {}
+    losses: dict[int, float] = dict(resume_from[1]) if resume_from is not None else {}
 
     def record(epoch: int, params, loss: jax.Array) -> None:
         if epoch in epochs:  # syncing only at snapshot epochs keeps the device queue full in between
@@ -185,6 +201,9 @@ def _train(
         snapshot_epochs=epochs,
         progress=config.progress,
         callback=record,
+        resume_from=None if resume_from is None else resume_from[0],
+        checkpoint=None if checkpoint is None else (lambda st: checkpoint(model, st, dict(losses))),
+        checkpoint_seconds=CHECKPOINT_SECONDS,
     )
     params = [jax.tree.map(lambda x, s=s: x[s], snaps) for s in range(len(epochs))]
     return model, params, [losses[e] for e in epochs]

@@ -10,7 +10,9 @@ A run that diverges (NaN/inf parameters or scores, e.g. a learning rate far too 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -24,11 +26,13 @@ from lidu_jax.models.base import RecModel
 PyTree = Any
 
 __all__ = [
+    "FitState",
     "TrainingFailedError",
     "bootstrap_weights",
     "check_finite_scores",
     "failure_context",
     "fit",
+    "fit_state_template",
     "flatten_snapshots",
     "score_users",
 ]
@@ -128,6 +132,61 @@ def check_finite_scores(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class FitState:
+    """Where a `fit` stands after ``epoch`` epochs: everything needed to continue it exactly.
+
+    Epoch e's randomness is ``fold_in(key, e)`` (see `fit`), so a run continued from a `FitState` takes the
+    steps an uninterrupted run takes and ends with the same parameters.
+
+    Attributes:
+      epoch: epochs done (>= 1).
+      state: the stacked training state of the M copies (parameters and optimiser), as ``model.init`` makes
+        it, with a leading ``M`` axis (its shapes: `fit_state_template`).
+      snapshots: snapshot epoch -> stacked parameters, for the snapshot epochs already passed.
+      first_bad_loss: ``(M,)`` int32, the first epoch whose loss was NaN/inf per copy (0 = none yet).
+    """
+
+    epoch: int
+    state: PyTree
+    snapshots: dict[int, PyTree]
+    first_bad_loss: np.ndarray
+
+
+def fit_state_template(model: RecModel, m: int) -> PyTree:
+    """The shapes and dtypes (``jax.ShapeDtypeStruct`` leaves) of `fit`'s stacked training state for ``m``
+    copies of ``model``; computed abstractly, nothing is initialised."""
+    init, _, _ = _compiled(model)
+    return jax.eval_shape(init, jax.random.split(jax.random.key(0), m))
+
+
+def _check_resume(model: RecModel, start: FitState, m: int, epochs: int, snaps: list[int]) -> None:
+    """ValueError naming what in ``start`` cannot continue this `fit` (before any training step)."""
+    if not 1 <= start.epoch <= epochs:
+        raise ValueError(f"resume_from.epoch must lie in [1, epochs={epochs}], got {start.epoch}")
+    want = fit_state_template(model, m)
+    got_paths = jax.tree_util.tree_flatten_with_path(start.state)[0]
+    want_paths = jax.tree_util.tree_flatten_with_path(want)[0]
+    if [jax.tree_util.keystr(p) for p, _ in got_paths] != [jax.tree_util.keystr(p) for p, _ in want_paths]:
+        raise ValueError(f"resume_from.state is not a training state of {model.name} (its leaves differ)")
+    for (path, got), (_, ref) in zip(got_paths, want_paths, strict=True):
+        if tuple(np.shape(got)) != tuple(ref.shape):
+            raise ValueError(
+                f"resume_from.state{jax.tree_util.keystr(path)} has shape {tuple(np.shape(got))}, "
+                f"{model.name} x{m} needs {tuple(ref.shape)}"
+            )
+    passed = sorted(e for e in snaps if e <= start.epoch)
+    if sorted(start.snapshots) != passed:
+        raise ValueError(
+            f"resume_from after epoch {start.epoch} must hold the snapshots of epochs {passed}, "
+            f"got {sorted(start.snapshots)}"
+        )
+    if np.shape(start.first_bad_loss) != (m,):
+        raise ValueError(
+            f"resume_from.first_bad_loss must have shape ({m},), got {np.shape(start.first_bad_loss)}"
+        )
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(model: RecModel):
     """Jitted, vmapped init / train_epoch / params of a model, cached so repeated fits reuse compilations."""
@@ -152,6 +211,9 @@ def fit(
     snapshot_epochs: Sequence[int] = (),
     progress: bool = True,
     callback: Callable[[int, PyTree, jax.Array], None] | None = None,
+    resume_from: FitState | None = None,
+    checkpoint: Callable[[FitState], None] | None = None,
+    checkpoint_seconds: float = 600.0,
 ) -> tuple[PyTree, PyTree | None]:
     """Train M independent copies of ``model`` with one jitted ``vmap(model.train_epoch)`` per epoch.
 
@@ -167,7 +229,12 @@ def fit(
       snapshot_epochs: 1-based epochs after which the parameters are stored (snapshot ensemble).
       progress: show a tqdm bar over epochs with the mean loss.
       callback: ``callback(epoch, params, losses)`` after each epoch with stacked params and ``(M,)`` losses
-        (e.g. to track LiDu over training).
+        (e.g. to track LiDu over training). With ``resume_from`` it is called for the remaining epochs only.
+      resume_from: a `FitState` saved by ``checkpoint`` of an interrupted run with the same model, keys,
+        weights and snapshot epochs: training continues after its epoch and ends as the uninterrupted run.
+      checkpoint: ``checkpoint(FitState)`` after an epoch once ``checkpoint_seconds`` have passed since the
+        start or the last call (never after the last epoch, whose result is returned), so a long run can be
+        saved and continued by a later process. ``checkpoint_seconds=0`` calls it after every epoch.
 
     Returns:
       ``(params, snapshots)``: the final parameters stacked with a leading ``M`` axis, and the snapshots
@@ -190,14 +257,22 @@ def fit(
         raise ValueError(f"snapshot_epochs must lie in [1, {epochs}], got {snaps_wanted}")
     if not bool(jnp.all(jnp.isfinite(weights))) or bool(jnp.any(weights < 0)):
         raise ValueError("weights must be finite and non-negative")
+    if checkpoint_seconds < 0:
+        raise ValueError(f"checkpoint_seconds must be >= 0, got {checkpoint_seconds}")
 
     init_keys, run_keys = jax.vmap(jax.random.split)(keys).swapaxes(0, 1)
     init, step, get_params = _compiled(model)
-    state = init(init_keys)
-
-    snapshots: dict[int, PyTree] = {}
-    first_bad_loss = jnp.zeros((m,), jnp.int32)  # on device, so tracking it costs no sync per epoch
-    bar = tqdm(range(1, epochs + 1), desc=f"train {model.name} x{m}", disable=not progress, leave=False)
+    if resume_from is None:
+        state, first = init(init_keys), 1
+        snapshots: dict[int, PyTree] = {}
+        first_bad_loss = jnp.zeros((m,), jnp.int32)  # on device, so tracking it costs no sync per epoch
+    else:
+        _check_resume(model, resume_from, m, epochs, snaps_wanted)
+        state, first = jax.tree.map(jnp.asarray, resume_from.state), resume_from.epoch + 1
+        snapshots = {int(e): jax.tree.map(jnp.asarray, p) for e, p in resume_from.snapshots.items()}
+        first_bad_loss = jnp.asarray(resume_from.first_bad_loss, jnp.int32)
+    last_save = time.monotonic()
+    bar = tqdm(range(first, epochs + 1), desc=f"train {model.name} x{m}", disable=not progress, leave=False)
     for epoch in bar:
         state, losses = step(state, _fold_all(run_keys, jnp.asarray(epoch, jnp.uint32)), weights)
         first_bad_loss = _note_nonfinite(first_bad_loss, losses, jnp.asarray(epoch, jnp.int32))
@@ -209,6 +284,9 @@ def fit(
                 snapshots[epoch] = params
             if callback is not None:
                 callback(epoch, params, losses)
+        if checkpoint is not None and epoch < epochs and time.monotonic() - last_save >= checkpoint_seconds:
+            checkpoint(FitState(epoch, state, dict(snapshots), np.asarray(first_bad_loss)))
+            last_save = time.monotonic()
     bar.close()
     final = get_params(state)
     _check_trained(model, final, first_bad_loss, "parameters after the last epoch")

@@ -4,15 +4,18 @@ and a checkpoint of other settings (or a forgotten ``--resume``) refused before 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from _lidu_tiny import study_argv
 
-from lidu_jax import study, study_models
+from lidu_jax import study, study_models, study_models_checkpoint, study_models_population, training
 
 FLAGS = ("--protocol", "models", "--population", "small", "--population-families", "bpr", "--chunk", "64")
 
@@ -139,3 +142,127 @@ def test_a_recorded_non_default_is_still_compared(interrupted, lidu_tiny_file, m
     monkeypatch.setattr(study_models, "_train", lambda *a, **k: pytest.fail("training started"))
     assert study.main(study_argv(lidu_tiny_file, interrupted, *FLAGS, "--resume")) == 2
     assert "was run with --dynamics-every=5, this run has 2" in capsys.readouterr().err
+
+
+# ------------------------------------------------- an unfinished training run, continued from its state
+
+
+@pytest.fixture
+def killed_mid_run(lidu_tiny_file, tmp_path, monkeypatch):
+    """An out dir whose process died inside the third training run, after its state was saved at epoch 1
+    (of 2): runs 0 and 1 are whole, run 2 has only ``run_2.partial.npz``."""
+    monkeypatch.setattr(study_models_population, "CHECKPOINT_SECONDS", 0.0)  # save after every epoch
+    real = study_models_checkpoint.RunCheckpoints.save_partial
+
+    def save_then_die(self, r, *args, **kwargs):
+        real(self, r, *args, **kwargs)
+        if r == 2:
+            raise _Killed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study_models_checkpoint.RunCheckpoints, "save_partial", save_then_die)
+        with pytest.raises(_Killed):
+            study.main(study_argv(lidu_tiny_file, tmp_path, *FLAGS))
+    names = sorted(p.name for p in (tmp_path / "models_tiny.ckpt").iterdir())
+    assert names == ["run_0.json", "run_0.npz", "run_1.json", "run_1.npz", "run_2.partial.npz"]
+    return tmp_path
+
+
+def test_an_unfinished_run_continues_from_its_saved_epoch_and_ends_as_the_uninterrupted_one(
+    killed_mid_run, uninterrupted, lidu_tiny_file, monkeypatch
+):
+    real_fit, starts = study_models_population.fit, []
+
+    def fit(*args, **kwargs):
+        start = kwargs.get("resume_from")
+        starts.append(None if start is None else start.epoch)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(study_models_population, "fit", fit)
+    assert study.main(study_argv(lidu_tiny_file, killed_mid_run, *FLAGS, "--resume")) == 0
+    assert starts == [1]  # only run 2 trained, from after epoch 1, not from scratch
+    resumed = json.loads((killed_mid_run / "models_tiny.json").read_text())
+    assert not (killed_mid_run / "models_tiny.ckpt").exists()
+    for new, old in zip(resumed["models"], uninterrupted["models"], strict=True):
+        assert new["name"] == old["name"]
+        assert new["mean_ndcg"] == pytest.approx(old["mean_ndcg"], abs=1e-6), new["name"]
+        assert new["diagnostics"]["train_loss"] == pytest.approx(
+            old["diagnostics"]["train_loss"], rel=1e-5, abs=1e-6
+        ), new["name"]
+        for name in old["means"]:
+            assert new["means"][name] == pytest.approx(old["means"][name], rel=1e-5, abs=1e-5), name
+
+
+def test_a_whole_run_removes_its_partial_state(killed_mid_run, lidu_tiny_file, monkeypatch):
+    seen = []
+    real = study_models_checkpoint.RunCheckpoints.save
+
+    def save(self, r, *args, **kwargs):
+        real(self, r, *args, **kwargs)
+        seen.append(sorted(p.name for p in self.path.iterdir()))
+
+    monkeypatch.setattr(study_models_checkpoint.RunCheckpoints, "save", save)
+    assert study.main(study_argv(lidu_tiny_file, killed_mid_run, *FLAGS, "--resume")) == 0
+    assert seen[-1] == [f"run_{r}.{ext}" for r in range(3) for ext in ("json", "npz")]
+
+
+def test_a_damaged_partial_state_is_named(killed_mid_run, lidu_tiny_file, monkeypatch, capsys):
+    (killed_mid_run / "models_tiny.ckpt" / "run_2.partial.npz").write_bytes(b"PK\x03\x04 cut off")
+    monkeypatch.setattr(study_models, "_train", lambda *a, **k: pytest.fail("training started"))
+    assert study.main(study_argv(lidu_tiny_file, killed_mid_run, *FLAGS, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "run_2.partial.npz is damaged" in err and "delete it to train run 2 from the start" in err
+
+
+def test_a_partial_state_of_other_settings_is_refused(killed_mid_run, lidu_tiny_file, monkeypatch, capsys):
+    ckpt = killed_mid_run / "models_tiny.ckpt"
+    for r in (0, 1):  # only the unfinished run is left, so its own header is what is checked
+        for ext in ("json", "npz"):
+            (ckpt / f"run_{r}.{ext}").unlink()
+    monkeypatch.setattr(study_models, "_train", lambda *a, **k: pytest.fail("training started"))
+    argv = study_argv(lidu_tiny_file, killed_mid_run, *FLAGS, "--grid-size", "64", "--resume")
+    assert study.main(argv) == 2  # run 2's saved state was taken with --grid-size 32
+    assert "was run with --grid-size=32, this run has 64" in capsys.readouterr().err
+
+
+def _tiny_bpr():
+    from lidu_jax.models.mf import MFConfig, make_bpr_mf
+    from lidu_jax.synthetic import SyntheticConfig, generate
+
+    cfg = SyntheticConfig(n_users=30, n_items=40, min_activity=4, max_activity=20, activity_median=8.0)
+    split = generate(cfg).split
+    return make_bpr_mf(split, MFConfig(dim=4, batch_size=64)), int(split.train_users.shape[0])
+
+
+def test_fit_continued_from_a_saved_state_equals_one_uninterrupted_fit():
+    model, n_train = _tiny_bpr()
+    keys, weights = jax.random.split(jax.random.key(3), 2), jnp.ones((2, n_train))
+    whole, whole_snaps = training.fit(model, keys, weights, 4, snapshot_epochs=(2, 4), progress=False)
+    saved = []
+    training.fit(
+        model, keys, weights, 4, snapshot_epochs=(2, 4), progress=False,
+        checkpoint=saved.append, checkpoint_seconds=0.0,
+    )  # fmt: skip
+    assert [s.epoch for s in saved] == [1, 2, 3]  # never after the last epoch
+    state = saved[1]  # after epoch 2, with the epoch-2 snapshot in it
+    assert sorted(state.snapshots) == [2]
+    final, snaps = training.fit(
+        model, keys, weights, 4, snapshot_epochs=(2, 4), progress=False, resume_from=state
+    )
+    for a, b in zip(jax.tree.leaves((whole, whole_snaps)), jax.tree.leaves((final, snaps)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_fit_refuses_a_state_that_does_not_fit_before_training():
+    model, n_train = _tiny_bpr()
+    keys, weights = jax.random.split(jax.random.key(3), 2), jnp.ones((2, n_train))
+    saved = []
+    training.fit(model, keys, weights, 2, progress=False, checkpoint=saved.append, checkpoint_seconds=0.0)
+    (state,) = saved
+    three = jax.random.split(jax.random.key(3), 3)
+    with pytest.raises(ValueError, match=r"resume_from.state\S* has shape \(2,.*x3 needs \(3,"):
+        training.fit(model, three, jnp.ones((3, n_train)), 2, progress=False, resume_from=state)
+    with pytest.raises(ValueError, match=r"must hold the snapshots of epochs \[1\], got \[\]"):
+        training.fit(model, keys, weights, 2, snapshot_epochs=(1,), progress=False, resume_from=state)
+    with pytest.raises(ValueError, match=r"resume_from.epoch must lie in \[1, epochs=2\], got 0"):
+        training.fit(model, keys, weights, 2, progress=False, resume_from=dataclasses.replace(state, epoch=0))
