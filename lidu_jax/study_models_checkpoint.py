@@ -19,8 +19,10 @@ The JSON is written last and marks the run as done, and both files are written b
 renamed over it, so a kill at any moment leaves only whole runs behind. ``--resume`` restores every done run
 (rows, parameters) after checking each header against the present settings -- a differing one is named and
 nothing is trained -- and trains the rest. The random keys of a run depend only on its index and on the
-number of rows before it, so a resumed population gives the numbers of an uninterrupted one. The directory is
-removed once the result JSON is written.
+number of rows before it, so a resumed population gives the numbers of an uninterrupted one. For the same
+reason ``--population-families`` may grow at the end on resume (the families saved, in order, then more:
+``bpr,lightgcn,mlp`` -> ``bpr,lightgcn,mlp,sasrec``): the saved runs are the first runs of the larger
+population, computed identically. The directory is removed once the result JSON is written.
 """
 
 from __future__ import annotations
@@ -58,6 +60,17 @@ def _fingerprint(split: InteractionSplit, users: np.ndarray) -> str:
         h.update(np.ascontiguousarray(seq, np.int64).tobytes())
         h.update(b",")
     return h.hexdigest()
+
+
+def _extends(recorded: Any, now: str) -> bool:
+    """Whether ``now`` lists the families of ``recorded`` first, in the same order, and then more: run r of
+    the shorter population is then run r of the longer one (same table entry, same keys, same rows before it),
+    so its checkpoint is valid for the longer one."""
+    if not isinstance(recorded, str):
+        return False
+    old = [f.strip() for f in recorded.split(",") if f.strip()]
+    new = [f.strip() for f in now.split(",") if f.strip()]
+    return len(new) > len(old) and new[: len(old)] == old
 
 
 def _paths(tree: Any) -> list[str]:
@@ -123,7 +136,10 @@ class RunCheckpoints:
                 raise ValueError(f"--resume: {self.path} was run on other {what} ({key} differs)")
         # An option added after the checkpoint was written ran as its default does (as --dynamics-merge).
         defaults = evaluation.json_safe(config_defaults())
-        diff = setting_difference(header.get("settings", {}), self._header["settings"], defaults=defaults)
+        recorded = dict(header.get("settings", {}))
+        if _extends(recorded.get("population_families"), self._header["settings"]["population_families"]):
+            recorded["population_families"] = self._header["settings"]["population_families"]
+        diff = setting_difference(recorded, self._header["settings"], defaults=defaults)
         if diff is not None:
             raise ValueError(f"--resume: {self.path} {diff}")
 
