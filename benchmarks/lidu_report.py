@@ -48,6 +48,10 @@ python benchmarks/lidu_signal.py --data beauty --max-eval-users 4000 \\
 MODELS_CMD = """for d in ml-100k lastfm; do
   python -m lidu_jax.study --protocol models --data $d --out-dir runs/models --n-boot 1000
 done
+# Beauty: three of the four families, a seeded 5,000-user sample (ML-100K and Last.fm have fewer users, so
+# --max-eval-users 5000 would leave their runs unchanged); later sittings can add sasrec, see section 7
+python -m lidu_jax.study --protocol models --data beauty --population-families bpr,lightgcn,mlp \\
+    --max-eval-users 5000 --out-dir runs/models --n-boot 1000
 cp runs/models/models_*.json docs/measured/lidu16/; cp runs/models/models_*.png docs/figures/"""
 
 DYN_CMD = """for d in ml-100k lastfm; do
@@ -474,6 +478,30 @@ def _no_correlated_line(
     )
 
 
+def _missing_families(res: dict[str, Any]) -> list[str]:
+    """The families of `lidu_jax.study_config.MODELS` neither in a models run's population nor skipped."""
+    from lidu_jax.study_config import MODELS
+
+    have = set(res["population"]["table"]) | set(res.get("skipped_families", {}))
+    return [f for f in MODELS if f not in have]
+
+
+def _models_scope(res: dict[str, Any]) -> str:
+    """A sentence on how a models run differs from the full protocol (fewer families, sampled users)."""
+    parts = []
+    missing = _missing_families(res)
+    if missing:
+        have = ", ".join(MODEL_NAMES[f] for f in res["population"]["table"])
+        names = ", ".join(MODEL_NAMES[f] for f in missing)
+        parts.append(
+            f"only {len(res['models'])} models, the families {have} (without {names}: too slow on 2 CPU "
+            "cores, section 7)"
+        )
+    if res["config"].get("max_eval_users"):
+        parts.append(f"every model measured on the same seeded random {res['n_users']:,} users")
+    return f"**Scope ({DATA_NAMES[res['dataset']]}).** {'; '.join(parts)}." if parts else ""
+
+
 def _models_cost(src: Path, missing: list[str]) -> str:
     """Why a large data set lacks the models protocol: its slowest ML-100K run, scaled by users per epoch."""
     ref = _load(src / "models_ml-100k.json")
@@ -579,7 +607,8 @@ def build(src: Path) -> str:
         if models is None:
             lines += [f"{name}: not measured (no JSON).", ""]
             continue
-        lines += [*models_words(models, study_models.SCALE_FREE), ""]
+        scope = _models_scope(models)
+        lines += [*([scope, ""] if scope else []), *models_words(models, study_models.SCALE_FREE), ""]
         body = study_models.markdown(models).splitlines()
         lines += [*_demote(body), "", f"![models on {name}](figures/models_{d}.png)", ""]
     dyn = [(d, _load(src / f"dynamics_{d}.json")) for d in DATA_NAMES]
@@ -615,6 +644,12 @@ def build(src: Path) -> str:
         "",
     ]
     no_models = [DATA_NAMES[d] for d in DATA_NAMES if not (src / f"models_{d}.json").is_file()]
+    partial_models = [
+        f"{DATA_NAMES[d]} x {MODEL_NAMES[f]}"
+        for d in DATA_NAMES
+        if (res := _load(src / f"models_{d}.json")) is not None
+        for f in _missing_families(res)
+    ]
     no_dyn = [
         DATA_NAMES[d] if res is None else f"{DATA_NAMES[d]} x {MODEL_NAMES[f]}"
         for d, res in dyn
@@ -630,7 +665,8 @@ def build(src: Path) -> str:
             else "- Grid cells without JSON: none."
         ),
         _no_correlated_line(summary["no_correlated"], _load(src / "correlated_cost.json"), set(sampled)),
-        f"- Model-level protocol not run on: {', '.join(no_models) or 'none'}.{_models_cost(src, no_models)}",
+        f"- Model-level protocol not run on: {', '.join(no_models + partial_models) or 'none'}."
+        f"{_models_cost(src, no_models + [p.split(' x ')[0] for p in partial_models])}",
         f"- Dynamics not run on: {', '.join(no_dyn) or 'none'} (`--dynamics-families` picks the families; "
         "`--dynamics-merge` adds them to an earlier run's JSON in the same `--out-dir`, refusing one whose "
         "settings differ).",

@@ -174,11 +174,11 @@ def test_resume_refuses_families_that_do_not_extend_the_saved_ones(
 # ------------------------------------------------- an unfinished training run, continued from its state
 
 
-@pytest.fixture
-def killed_mid_run(lidu_tiny_file, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def killed_mid_run_once(lidu_tiny_file, tmp_path_factory):
     """An out dir whose process died inside the third training run, after its state was saved at epoch 1
     (of 2): runs 0 and 1 are whole, run 2 has only ``run_2.partial.npz``."""
-    monkeypatch.setattr(study_models_population, "CHECKPOINT_SECONDS", 0.0)  # save after every epoch
+    out = tmp_path_factory.mktemp("killed_mid_run")
     real = study_models_checkpoint.RunCheckpoints.save_partial
 
     def save_then_die(self, r, *args, **kwargs):
@@ -187,11 +187,18 @@ def killed_mid_run(lidu_tiny_file, tmp_path, monkeypatch):
             raise _Killed
 
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study_models_population, "CHECKPOINT_SECONDS", 0.0)  # save after every epoch
         mp.setattr(study_models_checkpoint.RunCheckpoints, "save_partial", save_then_die)
         with pytest.raises(_Killed):
-            study.main(study_argv(lidu_tiny_file, tmp_path, *FLAGS))
-    names = sorted(p.name for p in (tmp_path / "models_tiny.ckpt").iterdir())
+            study.main(study_argv(lidu_tiny_file, out, *FLAGS))
+    names = sorted(p.name for p in (out / "models_tiny.ckpt").iterdir())
     assert names == ["run_0.json", "run_0.npz", "run_1.json", "run_1.npz", "run_2.partial.npz"]
+    return out
+
+
+@pytest.fixture
+def killed_mid_run(killed_mid_run_once, tmp_path):
+    shutil.copytree(killed_mid_run_once, tmp_path, dirs_exist_ok=True)
     return tmp_path
 
 
@@ -205,9 +212,18 @@ def test_an_unfinished_run_continues_from_its_saved_epoch_and_ends_as_the_uninte
         starts.append(None if start is None else start.epoch)
         return real_fit(*args, **kwargs)
 
+    real_save, listings = study_models_checkpoint.RunCheckpoints.save, []
+
+    def save(self, r, *args, **kwargs):
+        real_save(self, r, *args, **kwargs)
+        listings.append(sorted(p.name for p in self.path.iterdir()))
+
     monkeypatch.setattr(study_models_population, "fit", fit)
+    monkeypatch.setattr(study_models_checkpoint.RunCheckpoints, "save", save)
     assert study.main(study_argv(lidu_tiny_file, killed_mid_run, *FLAGS, "--resume")) == 0
     assert starts == [1]  # only run 2 trained, from after epoch 1, not from scratch
+    # once run 2 is whole its partial state is gone; the directory goes with the result JSON
+    assert listings == [[f"run_{r}.{ext}" for r in range(3) for ext in ("json", "npz")]]
     resumed = json.loads((killed_mid_run / "models_tiny.json").read_text())
     assert not (killed_mid_run / "models_tiny.ckpt").exists()
     for new, old in zip(resumed["models"], uninterrupted["models"], strict=True):
@@ -218,19 +234,6 @@ def test_an_unfinished_run_continues_from_its_saved_epoch_and_ends_as_the_uninte
         ), new["name"]
         for name in old["means"]:
             assert new["means"][name] == pytest.approx(old["means"][name], rel=1e-5, abs=1e-5), name
-
-
-def test_a_whole_run_removes_its_partial_state(killed_mid_run, lidu_tiny_file, monkeypatch):
-    seen = []
-    real = study_models_checkpoint.RunCheckpoints.save
-
-    def save(self, r, *args, **kwargs):
-        real(self, r, *args, **kwargs)
-        seen.append(sorted(p.name for p in self.path.iterdir()))
-
-    monkeypatch.setattr(study_models_checkpoint.RunCheckpoints, "save", save)
-    assert study.main(study_argv(lidu_tiny_file, killed_mid_run, *FLAGS, "--resume")) == 0
-    assert seen[-1] == [f"run_{r}.{ext}" for r in range(3) for ext in ("json", "npz")]
 
 
 def test_a_damaged_partial_state_is_named(killed_mid_run, lidu_tiny_file, monkeypatch, capsys):
