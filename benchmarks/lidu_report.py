@@ -51,7 +51,7 @@ done
 # Beauty: three of the four families, a seeded 5,000-user sample (ML-100K and Last.fm have fewer users, so
 # --max-eval-users 5000 would leave their runs unchanged); later sittings can add sasrec, see section 7
 python -m lidu_jax.study --protocol models --data beauty --population-families bpr,lightgcn,mlp \\
-    --max-eval-users 5000 --out-dir runs/models --n-boot 1000
+    --max-eval-users 5000 --out-dir runs/models --n-boot 1000 --keep-checkpoint
 cp runs/models/models_*.json docs/measured/lidu16/; cp runs/models/models_*.png docs/figures/"""
 
 DYN_CMD = """for d in ml-100k lastfm; do
@@ -531,7 +531,10 @@ def _models_cost(src: Path, missing: list[str]) -> str:
         f"training run, {slow['name'].rsplit('-e', 1)[0]}, took {minutes:.0f} minutes, and an SASRec epoch "
         f"is one pass over the users, so that run alone would take, extrapolated (not measured): "
         f"{', '.join(big)}. "
-        "`--resume` continues an interrupted population from its finished training runs."
+        "`--resume` continues an interrupted population: its finished training runs are restored, a run "
+        "still training continues from its state saved every 10 minutes, and `--population-families` may "
+        "grow at the end (`bpr,lightgcn,mlp` -> `bpr,lightgcn,mlp,sasrec`), so the missing family can be "
+        "trained over several sittings."
     )
 
 

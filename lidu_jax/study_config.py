@@ -144,6 +144,12 @@ class RealDataStudyConfig:
         "finished training runs are restored and an unfinished one continues from its last saved epoch, "
         "after checking that their settings equal these)",
     )
+    keep_checkpoint: bool = option(
+        False,
+        "with --protocol models: keep <out-dir>/models_<data>.ckpt after the result is written, so that a "
+        "later --resume can add families at the end of --population-families without training the others "
+        "again",
+    )
     dynamics_merge: bool = option(
         False,
         "with --protocol dynamics: keep the other families of the earlier <out-dir>/dynamics_<data>.json "

@@ -113,6 +113,7 @@ _MERGE_IGNORED = frozenset(
         "model",
         "source",
         "resume",
+        "keep_checkpoint",
     }
 )
 

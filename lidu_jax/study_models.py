@@ -361,7 +361,8 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
     evaluation.write_json(
         evaluation.json_safe(result), out / f"{stem}.json", config=dataclasses.asdict(config)
     )
-    ckpt.remove()  # the result holds everything the runs gave
+    if not config.keep_checkpoint:
+        ckpt.remove()  # the result holds everything the runs gave
     if config.progress:
         print(markdown(result), flush=True)
     return result

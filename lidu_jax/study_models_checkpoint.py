@@ -22,7 +22,8 @@ nothing is trained -- and trains the rest. The random keys of a run depend only 
 number of rows before it, so a resumed population gives the numbers of an uninterrupted one. For the same
 reason ``--population-families`` may grow at the end on resume (the families saved, in order, then more:
 ``bpr,lightgcn,mlp`` -> ``bpr,lightgcn,mlp,sasrec``): the saved runs are the first runs of the larger
-population, computed identically. The directory is removed once the result JSON is written.
+population, computed identically. The directory is removed once the result JSON is written, unless
+``--keep-checkpoint`` keeps it for such a later resume.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ __all__ = ["RunCheckpoints"]
 
 # Settings that change no number of a run: where files go and how they are shown or chunked, the number of
 # bootstrap resamples (used only across models, after every run), and the resume switch itself.
-_IGNORED = frozenset({"out_dir", "json", "progress", "chunk", "n_boot", "resume"})
+_IGNORED = frozenset({"out_dir", "json", "progress", "chunk", "n_boot", "resume", "keep_checkpoint"})
 
 
 def _fingerprint(split: InteractionSplit, users: np.ndarray) -> str:

@@ -162,6 +162,14 @@ def test_resume_may_add_families_after_the_saved_ones(
         assert new["means"]["LiDu"] == pytest.approx(old["means"]["LiDu"], rel=1e-5, abs=1e-5), new["name"]
 
 
+def test_keep_checkpoint_keeps_every_run_for_a_later_resume(interrupted, lidu_tiny_file):
+    argv = study_argv(lidu_tiny_file, interrupted, *FLAGS, "--resume", "--keep-checkpoint")
+    assert study.main(argv) == 0
+    assert (interrupted / "models_tiny.json").is_file()
+    names = sorted(p.name for p in (interrupted / "models_tiny.ckpt").iterdir())
+    assert names == [f"run_{r}.{ext}" for r in range(3) for ext in ("json", "npz")]
+
+
 def test_resume_refuses_families_that_do_not_extend_the_saved_ones(
     interrupted, lidu_tiny_file, monkeypatch, capsys
 ):
