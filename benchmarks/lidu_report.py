@@ -499,7 +499,10 @@ def _models_scope(res: dict[str, Any]) -> str:
         )
     if res["config"].get("max_eval_users"):
         parts.append(f"every model measured on the same seeded random {res['n_users']:,} users")
-    return f"**Scope ({DATA_NAMES[res['dataset']]}).** {'; '.join(parts)}." if parts else ""
+    if not parts:
+        return ""
+    text = "; ".join(parts)
+    return f"**Scope ({DATA_NAMES[res['dataset']]}).** {text[0].upper()}{text[1:]}."
 
 
 def _models_cost(src: Path, missing: list[str]) -> str:
