@@ -284,6 +284,11 @@ def fit(
                 snapshots[epoch] = params
             if callback is not None:
                 callback(epoch, params, losses)
+        if checkpoint is not None:
+            # Dispatch is asynchronous: without this wait the loop queues every epoch up to the next sync in
+            # a moment, the clock below measures queuing instead of training, and no state is saved between
+            # snapshot epochs. One wait per epoch (a whole pass over the data) costs little.
+            losses.block_until_ready()
         if checkpoint is not None and epoch < epochs and time.monotonic() - last_save >= checkpoint_seconds:
             checkpoint(FitState(epoch, state, dict(snapshots), np.asarray(first_bad_loss)))
             last_save = time.monotonic()
