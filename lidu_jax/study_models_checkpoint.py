@@ -78,6 +78,18 @@ def _paths(tree: Any) -> list[str]:
     return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def _stacked_params(model: RecModel, leaves: list[np.ndarray], n_models: int, where: str) -> Any:
+    """``leaves`` (one saved ``(n_models, ...)`` array per parameter leaf) rebuilt into ``model``'s parameter
+    tree, after checking every shape; a misfit is a ValueError starting ``--resume: <where> <leaf path>``."""
+    paths, shapes, treedef = _template(model)
+    for path, shape, leaf in zip(paths, shapes, leaves, strict=True):
+        if leaf.shape != (n_models, *shape):
+            raise ValueError(
+                f"--resume: {where} {path} has shape {leaf.shape}, expected {(n_models, *shape)}"
+            )
+    return jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in leaves])
+
+
 def _template(model: RecModel) -> tuple[list[str], list[tuple[int, ...]], Any]:
     """Paths and shapes of one member's parameter leaves, and the tree to rebuild them into."""
     shapes = jax.eval_shape(lambda k: model.params(model.init(k)), jax.random.key(0))
@@ -235,17 +247,14 @@ class RunCheckpoints:
             raise ValueError(f"--resume: {path} holds the training state of another model than {model.name}")
         treedef = jax.tree.structure(template)
         state = jax.tree.unflatten(treedef, [arrays[f"state_l{i}"] for i in range(len(paths))])
-        p_paths, p_shapes, p_tree = _template(model)
-        snaps = {}
-        for e in header["snapshot_epochs"]:
-            leaves = [arrays[f"snap{e}_l{i}"] for i in range(len(p_paths))]
-            for leaf_path, shape, leaf in zip(p_paths, p_shapes, leaves, strict=True):
-                if leaf.shape != (n_models, *shape):
-                    raise ValueError(
-                        f"--resume: {path}: the epoch-{e} snapshot's {leaf_path} has shape {leaf.shape}, "
-                        f"expected {(n_models, *shape)}"
-                    )
-            snaps[int(e)] = jax.tree.unflatten(p_tree, leaves)
+        n_leaves = len(_template(model)[0])
+        snaps = {
+            int(e): _stacked_params(
+                model, [arrays[f"snap{e}_l{i}"] for i in range(n_leaves)], n_models,
+                f"{path}: the epoch-{e} snapshot's",
+            )
+            for e in header["snapshot_epochs"]
+        }  # fmt: skip
         fit_state = FitState(int(header["epoch"]), state, snaps, arrays["first_bad_loss"])
         losses = {int(e): float(v) for e, v in header["losses"].items()}
         return fit_state, losses, float(header["seconds"])
@@ -260,20 +269,16 @@ class RunCheckpoints:
         header = saved["header"]
         if header["run"] != evaluation.json_safe(dataclasses.asdict(run)):
             raise ValueError(f"--resume: run {r} in {self.path} is {header['run']}, the table has {run}")
-        paths, shapes, treedef = _template(model)
+        paths, _, _ = _template(model)
         if header["leaves"] != paths:
             raise ValueError(f"--resume: run {r} in {self.path} holds other parameters than {model.name}")
-        params = []
         with np.load(self.path / f"run_{r}.npz") as z:
-            for s in range(header["n_snapshots"]):
-                leaves = [z[f"s{s}_l{i}"] for i in range(len(paths))]
-                for path, shape, leaf in zip(paths, shapes, leaves, strict=True):
-                    if leaf.shape != (n_models, *shape):
-                        raise ValueError(
-                            f"--resume: run {r} in {self.path}: {path} has shape {leaf.shape}, expected "
-                            f"{(n_models, *shape)}"
-                        )
-                params.append(jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in leaves]))
+            params = [
+                _stacked_params(
+                    model, [z[f"s{s}_l{i}"] for i in range(len(paths))], n_models, f"run {r} in {self.path}:"
+                )
+                for s in range(header["n_snapshots"])
+            ]
         return saved["rows"], params
 
     def remove(self) -> None:
