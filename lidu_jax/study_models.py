@@ -253,14 +253,16 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
             f"--protocol models run {run.family} dim {run.dim} {run.regularisation} regularisation, "
             f"--seed {config.seed}"
         )
-        partial = ckpt.load_partial(r, run, _make(split, run), config.n_models) if config.resume else None
+        model = _make(split, run)
+        partial = ckpt.load_partial(r, run, model, config.n_models) if config.resume else None
         before = 0.0 if partial is None else partial[2]  # training seconds of the earlier sittings
 
         def save_partial(model, state, losses, r=r, run=run, t_run=t_run, before=before) -> None:
             ckpt.save_partial(r, run, model, state, losses, before + time.perf_counter() - t_run)
 
         with failure_context(context):
-            model, params, losses = _train(
+            params, losses = _train(
+                model,
                 split,
                 run,
                 config,

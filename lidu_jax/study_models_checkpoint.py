@@ -42,7 +42,7 @@ import numpy as np
 from lidu_jax import evaluation
 from lidu_jax.models.base import RecModel
 from lidu_jax.study_config import RealDataStudyConfig, config_defaults, setting_difference
-from lidu_jax.training import FitState, fit_state_template
+from lidu_jax.training import FitState, fit_state_template, leaf_paths
 from lidu_jax.types import InteractionSplit
 
 __all__ = ["RunCheckpoints"]
@@ -74,10 +74,6 @@ def _extends(recorded: Any, now: str) -> bool:
     return len(new) > len(old) and new[: len(old)] == old
 
 
-def _paths(tree: Any) -> list[str]:
-    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def _stacked_params(model: RecModel, leaves: list[np.ndarray], n_models: int, where: str) -> Any:
     """``leaves`` (one saved ``(n_models, ...)`` array per parameter leaf) rebuilt into ``model``'s parameter
     tree, after checking every shape; a misfit is a ValueError starting ``--resume: <where> <leaf path>``."""
@@ -93,8 +89,8 @@ def _stacked_params(model: RecModel, leaves: list[np.ndarray], n_models: int, wh
 def _template(model: RecModel) -> tuple[list[str], list[tuple[int, ...]], Any]:
     """Paths and shapes of one member's parameter leaves, and the tree to rebuild them into."""
     shapes = jax.eval_shape(lambda k: model.params(model.init(k)), jax.random.key(0))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    return [jax.tree_util.keystr(p) for p, _ in leaves], [tuple(x.shape) for _, x in leaves], treedef
+    leaves, treedef = jax.tree.flatten(shapes)
+    return leaf_paths(shapes), [tuple(x.shape) for x in leaves], treedef
 
 
 class RunCheckpoints:
@@ -199,7 +195,7 @@ class RunCheckpoints:
             "epoch": state.epoch,
             "losses": {str(e): v for e, v in losses.items()},
             "seconds": seconds,
-            "state_leaves": _paths(state.state),
+            "state_leaves": leaf_paths(state.state),
             "snapshot_epochs": sorted(state.snapshots),
         }
         arrays = {f"state_l{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.state))}
@@ -242,7 +238,7 @@ class RunCheckpoints:
         if header["run"] != evaluation.json_safe(dataclasses.asdict(run)):
             raise ValueError(f"--resume: {path} is of run {header['run']}, the table has {run}")
         template = fit_state_template(model, n_models)
-        paths = _paths(template)
+        paths = leaf_paths(template)
         if header["state_leaves"] != paths:
             raise ValueError(f"--resume: {path} holds the training state of another model than {model.name}")
         treedef = jax.tree.structure(template)

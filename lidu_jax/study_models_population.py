@@ -170,6 +170,7 @@ CHECKPOINT_SECONDS = 600.0
 
 
 def _train(
+    model: RecModel,
     split: InteractionSplit,
     run: TrainingRun,
     config: RealDataStudyConfig,
@@ -177,13 +178,13 @@ def _train(
     *,
     resume_from: tuple[FitState, dict[int, float]] | None = None,
     checkpoint: Callable[[RecModel, FitState, dict[int, float]], None] | None = None,
-) -> tuple[RecModel, list[Any], list[float]]:
-    """``(model, stacked params per snapshot, mean training loss at each snapshot epoch)``.
+) -> tuple[list[Any], list[float]]:
+    """``(stacked params per snapshot, mean training loss at each snapshot epoch)`` of ``model`` (`_make` of
+    ``run``) trained as ``run`` says.
 
     ``resume_from`` = ``(state, losses so far)`` of a saved unfinished run continues it (`fit`'s
     ``resume_from``); ``checkpoint(model, state, losses so far)`` is called every `CHECKPOINT_SECONDS`.
     """
-    model = _make(split, run)
     epochs = [e for e, _ in run.snapshots]
     losses: dict[int, float] = dict(resume_from[1]) if resume_from is not None else {}
 
@@ -206,7 +207,7 @@ def _train(
         checkpoint_seconds=CHECKPOINT_SECONDS,
     )
     params = [jax.tree.map(lambda x, s=s: x[s], snaps) for s in range(len(epochs))]
-    return model, params, [losses[e] for e in epochs]
+    return params, [losses[e] for e in epochs]
 
 
 # --------------------------------------------------------------------------------------- evaluation

@@ -160,19 +160,24 @@ def fit_state_template(model: RecModel, m: int) -> PyTree:
     return jax.eval_shape(init, jax.random.split(jax.random.key(0), m))
 
 
+def leaf_paths(tree: PyTree) -> list[str]:
+    """The key path of every leaf of ``tree`` (``jax.tree_util.keystr``), in flattening order: the names a
+    saved state is checked and reported by."""
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def _check_resume(model: RecModel, start: FitState, m: int, epochs: int, snaps: list[int]) -> None:
     """ValueError naming what in ``start`` cannot continue this `fit` (before any training step)."""
     if not 1 <= start.epoch <= epochs:
         raise ValueError(f"resume_from.epoch must lie in [1, epochs={epochs}], got {start.epoch}")
     want = fit_state_template(model, m)
-    got_paths = jax.tree_util.tree_flatten_with_path(start.state)[0]
-    want_paths = jax.tree_util.tree_flatten_with_path(want)[0]
-    if [jax.tree_util.keystr(p) for p, _ in got_paths] != [jax.tree_util.keystr(p) for p, _ in want_paths]:
+    paths = leaf_paths(want)
+    if leaf_paths(start.state) != paths:
         raise ValueError(f"resume_from.state is not a training state of {model.name} (its leaves differ)")
-    for (path, got), (_, ref) in zip(got_paths, want_paths, strict=True):
+    for path, got, ref in zip(paths, jax.tree.leaves(start.state), jax.tree.leaves(want), strict=True):
         if tuple(np.shape(got)) != tuple(ref.shape):
             raise ValueError(
-                f"resume_from.state{jax.tree_util.keystr(path)} has shape {tuple(np.shape(got))}, "
+                f"resume_from.state{path} has shape {tuple(np.shape(got))}, "
                 f"{model.name} x{m} needs {tuple(ref.shape)}"
             )
     passed = sorted(e for e in snaps if e <= start.epoch)

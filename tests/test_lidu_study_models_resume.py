@@ -38,7 +38,7 @@ def interrupted_once(lidu_tiny_file, tmp_path_factory):
     real, calls = study_models._train, []
 
     def train(*args, **kwargs):
-        calls.append(args[1])
+        calls.append(args[2])
         if len(calls) == 3:
             raise _Killed
         return real(*args, **kwargs)
@@ -64,7 +64,7 @@ def test_resume_trains_only_the_missing_run_and_gives_the_uninterrupted_numbers(
     interrupted, uninterrupted, lidu_tiny_file, monkeypatch
 ):
     real, trained = study_models._train, []
-    monkeypatch.setattr(study_models, "_train", lambda *a, **k: trained.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(study_models, "_train", lambda *a, **k: trained.append(a[2]) or real(*a, **k))
     assert study.main(study_argv(lidu_tiny_file, interrupted, *FLAGS, "--resume")) == 0
     assert [(r.dim, r.regularisation) for r in trained] == [(8, "strong")]  # the third run of the table
     resumed = json.loads((interrupted / "models_tiny.json").read_text())
@@ -151,7 +151,7 @@ def test_resume_may_add_families_after_the_saved_ones(interrupted, lidu_tiny_fil
     trained = []
 
     def train(*args, **kwargs):
-        trained.append(args[1])
+        trained.append(args[2])
         raise _Killed
 
     monkeypatch.setattr(study_models, "_train", train)
