@@ -34,9 +34,12 @@ for d in ml-100k lastfm beauty; do for m in bpr lightgcn mlp sasrec; do
   [ $d = beauty ] && v=exact,unordered,pairwise,agreement   # correlated: ~11x exact, too slow here
   python -m lidu_jax.study $COMMON --lidu-variants $v --data $d --model $m
 done; done
-# Beauty x BPR-MF again with the correlated variant (its other estimators reproduced to the last digit):
-python -m lidu_jax.study $COMMON --lidu-variants exact,unordered,pairwise,correlated,agreement \\
-    --data beauty --model bpr
+# Beauty cells again with the correlated variant, on every user (their other estimators reproduced to the
+# last digit; one sitting each, 30 to 50 minutes on 2 CPU cores):
+for m in bpr lightgcn; do
+  python -m lidu_jax.study $COMMON --lidu-variants exact,unordered,pairwise,correlated,agreement \\
+      --data beauty --model $m
+done
 cp runs/grid3/*_ensemble.json docs/measured/lidu16/grid/"""
 
 SIGNAL_CMD = """python benchmarks/lidu_signal.py --data ml-100k \\
