@@ -36,7 +36,7 @@ for d in ml-100k lastfm beauty; do for m in bpr lightgcn mlp sasrec; do
 done; done
 # Beauty cells again with the correlated variant, on every user (their other estimators reproduced to the
 # last digit; one sitting each, 30 to 50 minutes on 2 CPU cores):
-for m in bpr lightgcn; do
+for m in bpr lightgcn mlp; do
   python -m lidu_jax.study $COMMON --lidu-variants exact,unordered,pairwise,correlated,agreement \\
       --data beauty --model $m
 done
@@ -475,9 +475,14 @@ def _no_correlated_line(
     sample = (
         f" It was run on a seeded user sample of {', '.join(on_sample)} (section 2)." if on_sample else ""
     )
+    took = (
+        f"this cell took {hi:.0f} minutes"
+        if len(rows) == 1
+        else f"these cells took {lo:.0f} to {hi:.0f} minutes each"
+    )
     return (
-        f"- The correlated variant on every user of {names}: it costs {ratio}, and these cells took {lo:.0f} "
-        f"to {hi:.0f} minutes each on 2 CPU cores without it.{sample}"
+        f"- The correlated variant on every user of {names}: it costs {ratio}, and {took} on 2 CPU cores "
+        f"without it.{sample}"
     )
 
 
