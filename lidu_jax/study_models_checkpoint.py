@@ -74,10 +74,16 @@ def _extends(recorded: Any, now: str) -> bool:
     return len(new) > len(old) and new[: len(old)] == old
 
 
-def _stacked_params(model: RecModel, leaves: list[np.ndarray], n_models: int, where: str) -> Any:
-    """``leaves`` (one saved ``(n_models, ...)`` array per parameter leaf) rebuilt into ``model``'s parameter
-    tree, after checking every shape; a misfit is a ValueError starting ``--resume: <where> <leaf path>``."""
-    paths, shapes, treedef = _template(model)
+def _stacked_params(
+    template: tuple[list[str], list[tuple[int, ...]], Any],
+    leaves: list[np.ndarray],
+    n_models: int,
+    where: str,
+) -> Any:
+    """``leaves`` (one saved ``(n_models, ...)`` array per parameter leaf) rebuilt into the parameter tree of
+    ``template`` (`_template` of the model, traced once per load), after checking every shape; a misfit is a
+    ValueError starting ``--resume: <where> <leaf path>``."""
+    paths, shapes, treedef = template
     for path, shape, leaf in zip(paths, shapes, leaves, strict=True):
         if leaf.shape != (n_models, *shape):
             raise ValueError(
@@ -243,10 +249,11 @@ class RunCheckpoints:
             raise ValueError(f"--resume: {path} holds the training state of another model than {model.name}")
         treedef = jax.tree.structure(template)
         state = jax.tree.unflatten(treedef, [arrays[f"state_l{i}"] for i in range(len(paths))])
-        n_leaves = len(_template(model)[0])
+        params_template = _template(model)
         snaps = {
             int(e): _stacked_params(
-                model, [arrays[f"snap{e}_l{i}"] for i in range(n_leaves)], n_models,
+                params_template,
+                [arrays[f"snap{e}_l{i}"] for i in range(len(params_template[0]))], n_models,
                 f"{path}: the epoch-{e} snapshot's",
             )
             for e in header["snapshot_epochs"]
@@ -265,13 +272,17 @@ class RunCheckpoints:
         header = saved["header"]
         if header["run"] != evaluation.json_safe(dataclasses.asdict(run)):
             raise ValueError(f"--resume: run {r} in {self.path} is {header['run']}, the table has {run}")
-        paths, _, _ = _template(model)
+        template = _template(model)
+        paths = template[0]
         if header["leaves"] != paths:
             raise ValueError(f"--resume: run {r} in {self.path} holds other parameters than {model.name}")
         with np.load(self.path / f"run_{r}.npz") as z:
             params = [
                 _stacked_params(
-                    model, [z[f"s{s}_l{i}"] for i in range(len(paths))], n_models, f"run {r} in {self.path}:"
+                    template,
+                    [z[f"s{s}_l{i}"] for i in range(len(paths))],
+                    n_models,
+                    f"run {r} in {self.path}:",
                 )
                 for s in range(header["n_snapshots"])
             ]
