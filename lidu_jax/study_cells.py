@@ -86,7 +86,8 @@ def make_model(split: InteractionSplit, config: RealDataStudyConfig, *, dropout:
         return make_mlp(split, _override(MLPConfig(lr=3e-3), config, dropout=dropout or 0.1))
     if split.train_sequences is None:
         raise ValueError(f"model 'sasrec' needs time-ordered data; {split.name!r} has no order")
-    return make_sasrec(split, _override(SASRecConfig(), config, dropout=dropout or 0.2))
+    cfg = _override(SASRecConfig(), config, dropout=dropout or 0.2, pack=config.sasrec_pack)
+    return make_sasrec(split, cfg)
 
 
 # ----------------------------------------------------------------------------------------- score sources

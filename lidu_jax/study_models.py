@@ -240,7 +240,7 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
     trained: list[tuple[RecModel, Any]] = []
     for r, run in enumerate(runs):
         if r in done:
-            model = _make(split, run)
+            model = _make(split, run, config)
             run_rows, run_params = ckpt.load(r, run, model, config.n_models)
             rows.extend(run_rows)
             trained.extend((model, p) for p in run_params)
@@ -253,7 +253,7 @@ def run_models_protocol(config: RealDataStudyConfig, *, split: InteractionSplit 
             f"--protocol models run {run.family} dim {run.dim} {run.regularisation} regularisation, "
             f"--seed {config.seed}"
         )
-        model = _make(split, run)
+        model = _make(split, run, config)
         partial = ckpt.load_partial(r, run, model, config.n_models) if config.resume else None
         before = 0.0 if partial is None else partial[2]  # training seconds of the earlier sittings
 

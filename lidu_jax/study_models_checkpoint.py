@@ -50,6 +50,10 @@ __all__ = ["RunCheckpoints"]
 # Settings that change no number of a run: where files go and how they are shown or chunked, the number of
 # bootstrap resamples (used only across models, after every run), and the resume switch itself.
 _IGNORED = frozenset({"out_dir", "json", "progress", "chunk", "n_boot", "resume", "keep_checkpoint"})
+# Settings that change the training of one family only: a saved run of another family was computed
+# identically under either value, so they are compared for that family's runs alone (a population saved
+# without sasrec may add it with --sasrec-pack).
+_FAMILY_SETTINGS = {"sasrec_pack": "sasrec"}
 
 
 def _fingerprint(split: InteractionSplit, users: np.ndarray) -> str:
@@ -105,7 +109,8 @@ class RunCheckpoints:
     Args:
       out_dir: the protocol's ``--out-dir``; the directory is ``<out_dir>/models_<data>.ckpt``.
       split: the loaded data. users: ``(U,)`` the evaluation users.
-      config: the study settings; every field outside ``_IGNORED`` must match on resume.
+      config: the study settings; every field outside ``_IGNORED`` must match on resume (those of
+        ``_FAMILY_SETTINGS`` only for their family's runs).
     """
 
     def __init__(
@@ -154,7 +159,9 @@ class RunCheckpoints:
         recorded = dict(header.get("settings", {}))
         if _extends(recorded.get("population_families"), self._header["settings"]["population_families"]):
             recorded["population_families"] = self._header["settings"]["population_families"]
-        diff = setting_difference(recorded, self._header["settings"], defaults=defaults)
+        family = header.get("run", {}).get("family")
+        ignored = [name for name, fam in _FAMILY_SETTINGS.items() if fam != family]
+        diff = setting_difference(recorded, self._header["settings"], ignored=ignored, defaults=defaults)
         if diff is not None:
             raise ValueError(f"--resume: {self.path} {diff}")
 

@@ -159,8 +159,10 @@ def population(name: str, families: Sequence[str]) -> tuple[list[TrainingRun], l
 # ---------------------------------------------------------------------------------------- training
 
 
-def _make(split: InteractionSplit, run: TrainingRun) -> RecModel:
+def _make(split: InteractionSplit, run: TrainingRun, config: RealDataStudyConfig) -> RecModel:
     cfg = dataclasses.replace(FAMILY_BASE[run.family], dim=run.dim, **dict(run.overrides))
+    if run.family == "sasrec":
+        cfg = dataclasses.replace(cfg, pack=config.sasrec_pack)
     return _MAKERS[run.family](split, cfg)
 
 

@@ -16,7 +16,7 @@ from lidu_jax import metrics
 from lidu_jax.models.lightgcn import LightGCN, LightGCNConfig, edge_norm, make_lightgcn
 from lidu_jax.models.mlp import MLPConfig, NeuMF, make_mlp
 from lidu_jax.models.popularity import make_popularity
-from lidu_jax.models.sasrec import SASRec, SASRecConfig, _sequence_arrays, make_sasrec
+from lidu_jax.models.sasrec import SASRec, SASRecConfig, _pack, _sequence_arrays, make_sasrec
 from lidu_jax.training import fit, score_users
 from lidu_jax.types import InteractionSplit
 
@@ -107,6 +107,55 @@ def test_sasrec_inputs_and_causality():
         make_sasrec(split, SASRecConfig(dim=8, n_heads=2, lr=-1e-3))
 
 
+def _random_sequence_split(n_users: int, n_items: int, max_n: int, seed: int) -> InteractionSplit:
+    rng = np.random.default_rng(seed)
+    seqs = tuple(rng.permutation(n_items)[: rng.integers(0, max_n + 1)] for _ in range(n_users))
+    users = np.concatenate([np.full(len(s), u) for u, s in enumerate(seqs)]).astype(np.int32)
+    items = np.concatenate(seqs).astype(np.int32)
+    return InteractionSplit(
+        n_users, n_items, users, items, np.array([0], np.int32), np.array([1], np.int32), seqs
+    )
+
+
+def test_sasrec_packing_places_each_user_once_and_keeps_every_hidden_state():
+    length = 8
+    split = _random_sequence_split(n_users=13, n_items=15, max_n=length + 3, seed=0)
+    inputs, targets, _, _ = _sequence_arrays(split, length)
+    counts = (targets > 0).sum(1)
+    user, column, segment = _pack(targets, 3, seed=1)
+    assert user.shape == column.shape == segment.shape and user.shape[2] == length
+    for p in range(3):
+        seen = []
+        for r in range(user.shape[1]):
+            row_users = [u for u in dict.fromkeys(user[p, r]) if u >= 0]
+            seen += row_users
+            for seg, u in enumerate(row_users, start=1):
+                at = np.flatnonzero(user[p, r] == u)
+                # Contiguous, in the order of the user's own row, in one segment of its own.
+                np.testing.assert_array_equal(at, np.arange(at[0], at[0] + counts[u]))
+                np.testing.assert_array_equal(column[p, r, at], np.arange(length - counts[u], length))
+                np.testing.assert_array_equal(segment[p, r, at], seg)
+            np.testing.assert_array_equal(segment[p, r, user[p, r] < 0], 0)
+        assert sorted(seen) == sorted(np.flatnonzero(counts > 0))  # every user with a target, once
+    assert user.shape[1] < int((counts > 0).sum())  # it did pack: fewer rows than users
+    # The state of each real token is the one it has in its user's own left-padded row.
+    module = SASRec(15, length, dim=8, n_blocks=2, n_heads=2, dropout=0.0)
+    params = jax.jit(module.init)(jax.random.key(0), jnp.asarray(inputs))
+    apply = jax.jit(module.apply)
+    padded = np.asarray(apply(params, jnp.asarray(inputs)))
+    real = user[0] >= 0
+    seq = np.where(real, inputs[np.maximum(user[0], 0), column[0]], 0)
+    packed = np.asarray(
+        apply(params, jnp.asarray(seq), True, jnp.asarray(column[0]), jnp.asarray(segment[0]))
+    )
+    np.testing.assert_allclose(packed[real], padded[user[0][real], column[0][real]], rtol=1e-5, atol=1e-5)
+    # Without the segment mask a token would see its row neighbours: the test above can fail.
+    mixed = np.asarray(
+        apply(params, jnp.asarray(seq), True, jnp.asarray(column[0]), jnp.asarray(real.astype(np.int32)))
+    )
+    assert not np.allclose(mixed[real], padded[user[0][real], column[0][real]], atol=1e-3)
+
+
 def test_popularity_scores_are_weighted_counts():
     split = _toy_split()
     model = make_popularity(split)
@@ -166,7 +215,7 @@ def _train(model, split, epochs):
 @needs_ml100k
 @pytest.mark.parametrize(
     "kind, epochs",
-    [("lightgcn", 8), ("mlp", 6), ("sasrec", 10)],
+    [("lightgcn", 8), ("mlp", 6), ("sasrec", 10), ("sasrec-packed", 10)],
 )
 def test_trained_models_beat_most_popular(kind, epochs, ml_random, ml_loo):
     if kind == "lightgcn":
@@ -180,7 +229,10 @@ def test_trained_models_beat_most_popular(kind, epochs, ml_random, ml_loo):
     else:
         # Sequential model on the time-ordered leave-last-out split it is made for.
         split = ml_loo
-        model = make_sasrec(split, SASRecConfig(dim=32, n_blocks=1, max_len=30, batch_size=32, lr=3e-3))
+        cfg = SASRecConfig(
+            dim=32, n_blocks=1, max_len=30, batch_size=32, lr=3e-3, pack=kind == "sasrec-packed"
+        )
+        model = make_sasrec(split, cfg)
     pop_ndcg = _most_popular_ndcg(split)
     params = _train(model, split, epochs)
     # vmap over seeds gives distinct models.

@@ -144,6 +144,30 @@ def test_a_recorded_non_default_is_still_compared(interrupted, lidu_tiny_file, m
     assert "was run with --dynamics-every=5, this run has 2" in capsys.readouterr().err
 
 
+def test_a_family_setting_is_compared_for_that_family_runs_only(
+    interrupted, lidu_tiny_file, monkeypatch, capsys
+):
+    # --sasrec-pack changes SASRec training alone: saved bpr runs were computed identically under it.
+    ckpt = interrupted / "models_tiny.ckpt"
+    assert (
+        study.main(
+            study_argv(lidu_tiny_file, interrupted, *FLAGS, "--resume", "--sasrec-pack", "--keep-checkpoint")
+        )
+        == 0
+    )
+    assert (interrupted / "models_tiny.json").is_file()
+    # Had the saved runs been SASRec runs, the same flag would differ from how they were trained.
+    for r in (0, 1):
+        path = ckpt / f"run_{r}.json"
+        payload = json.loads(path.read_text())
+        payload["header"]["run"]["family"] = "sasrec"
+        path.write_text(json.dumps(payload))
+    monkeypatch.setattr(study_models, "_train", lambda *a, **k: pytest.fail("training started"))
+    (interrupted / "models_tiny.json").unlink()
+    assert study.main(study_argv(lidu_tiny_file, interrupted, *FLAGS, "--resume", "--sasrec-pack")) == 2
+    assert "was run with --sasrec-pack=False, this run has True" in capsys.readouterr().err
+
+
 def test_resume_may_add_families_after_the_saved_ones(interrupted, lidu_tiny_file, monkeypatch):
     # The saved bpr runs 0 and 1 are runs 0 and 1 of the bpr,mlp population too (same table entries, keys
     # and rows before them), so they are restored and training starts at run 2; stopped there, since the

@@ -11,6 +11,13 @@ binary cross-entropy on the true next item ``i_{t+1}`` against one uniformly sam
 where ``w_t`` is the weight of the training interaction ``(u, i_{t+1})`` (bootstrap multiplicity). Scoring:
 ``score(u, j) = <h_n, E[j]> + b_j`` from the user's full training history; with a key, dropout stays on
 (MC dropout).
+
+Packed training (``SASRecConfig.pack``): on sparse data most of a left-padded row is padding (Amazon
+Beauty: 7 of 50 positions are real on average), and every position costs the same. Packing puts several
+users' sequences side by side in one row of ``max_len``; attention stays within a user (the segment mask
+``seg_s == seg_t``) and each token keeps the position index it has in its own left-padded row, so the
+hidden state of every real token is the unpacked one (up to float summation order) and so is the loss.
+What changes is which users share a batch: the users of a row are always in the same batch.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ class SASRecConfig:
       dim: model width. n_blocks: transformer blocks. n_heads: attention heads (must divide ``dim``).
       dropout: rate on embeddings, attention weights, residual branches (training and MC dropout).
       lr: Adam learning rate. l2: weight decay (AdamW-style, decoupled). batch_size: users per step.
+      pack: train on packed rows (module docstring): an epoch has the same number of steps, each a batch
+        of whole rows holding ``batch_size`` users on average. It pays when histories are much shorter than
+        ``max_len``; it changes the training batches (hence the random draws), not the model or the loss.
     """
 
     max_len: int = 50
@@ -50,6 +60,7 @@ class SASRecConfig:
     lr: float = 1e-3
     l2: float = 0.0
     batch_size: int = 128
+    pack: bool = False
 
 
 class SASRec(nn.Module):
@@ -81,12 +92,29 @@ class SASRec(nn.Module):
         self.item_bias = self.param("item_bias", nn.initializers.zeros, (self.n_items,))
         self.drop = nn.Dropout(self.dropout)
 
-    def __call__(self, seq: jax.Array, deterministic: bool = True) -> jax.Array:
-        real = (seq > 0)[..., None].astype(jnp.float32)
-        x = self.item_emb(seq) * math.sqrt(self.dim) + self.pos_emb(jnp.arange(seq.shape[-1]))
+    def __call__(
+        self,
+        seq: jax.Array,
+        deterministic: bool = True,
+        positions: jax.Array | None = None,
+        segments: jax.Array | None = None,
+    ) -> jax.Array:
+        """``(B, L)`` item ids (+1, 0 = padding) -> ``(B, L, dim)``. A packed row also passes ``positions``
+        ``(B, L)`` (each token's index in its own left-padded row) and ``segments`` ``(B, L)`` (which
+        sequence of the row a token belongs to, 1-based; 0 = padding); by default one sequence per row."""
+        if segments is None:
+            segments = (seq > 0).astype(jnp.int32)
+        if positions is None:
+            positions = jnp.arange(seq.shape[-1])
+        real = (segments > 0)[..., None].astype(jnp.float32)
+        x = self.item_emb(seq) * math.sqrt(self.dim) + self.pos_emb(positions)
         x = self.drop(x, deterministic=deterministic) * real
-        # Query t may attend to key s <= t that is not padding.
-        mask = nn.make_causal_mask(seq) * nn.make_attention_mask(jnp.ones_like(seq), seq > 0)
+        # Query t may attend to key s <= t of its own sequence that is not padding.
+        mask = (
+            nn.make_causal_mask(seq)
+            * nn.make_attention_mask(segments, segments, pairwise_fn=jnp.equal)
+            * nn.make_attention_mask(jnp.ones_like(seq), segments > 0)
+        )
         for b in range(self.n_blocks):
             h = self.ln_attn[b](x)
             x = x + self.drop(
@@ -139,6 +167,55 @@ def _sequence_arrays(split: InteractionSplit, max_len: int) -> tuple[np.ndarray,
     return inputs, targets, rows, score_in
 
 
+# Packings drawn once per model; each epoch trains on one of them, so the users sharing a row (hence a
+# batch) change from epoch to epoch without packing on every epoch.
+_N_PACKINGS = 4
+
+
+def _pack(targets: np.ndarray, n_packings: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Next-fit packings of the users' training sequences into rows of ``L = targets.shape[1]``.
+
+    Args:
+      targets: ``(U, L)`` left-padded next-item targets of `_sequence_arrays`; user u has
+        ``n_u = #(targets[u] > 0)`` training positions (users with none are left out).
+      n_packings: P, each packing from its own random user order (``numpy`` generator of ``seed``).
+
+    Returns:
+      ``(user, column, segment)``, each ``(P, R, L)`` int32 with R the most rows any packing needs: the
+      user and column of ``targets`` whose token sits at each place (user -1 = padding) and its 1-based
+      segment in the row (0 = padding). A user's tokens fill the last n_u columns of its own row, so the
+      column ``L - n_u + j`` is also the token's position index.
+    """
+    n_users, length = targets.shape
+    counts = np.count_nonzero(targets > 0, axis=1)
+    rng = np.random.default_rng(seed)
+    packings = []
+    for _ in range(n_packings):
+        placed = []  # (user, row, offset, segment)
+        row, used, seg = 0, 0, 0
+        for u in rng.permutation(n_users):
+            n = int(counts[u])
+            if n == 0:
+                continue
+            if used + n > length:
+                row, used, seg = row + 1, 0, 0
+            seg += 1
+            placed.append((u, row, used, seg))
+            used += n
+        packings.append((placed, row + 1 if placed else 0))
+    n_rows = max(1, max(r for _, r in packings))
+    user = np.full((n_packings, n_rows, length), -1, np.int32)
+    column = np.zeros_like(user)
+    segment = np.zeros_like(user)
+    for p, (placed, _) in enumerate(packings):
+        for u, row, offset, seg in placed:
+            n = int(counts[u])
+            user[p, row, offset : offset + n] = u
+            column[p, row, offset : offset + n] = np.arange(length - n, length)
+            segment[p, row, offset : offset + n] = seg
+    return user, column, segment
+
+
 def make_sasrec(split: InteractionSplit, config: SASRecConfig = SASRecConfig()) -> RecModel:
     """SASRec on ``split`` (needs ``split.train_sequences``); see the module docstring for the equations."""
     if config.n_heads < 1 or config.dim % config.n_heads:
@@ -167,15 +244,26 @@ def make_sasrec(split: InteractionSplit, config: SASRecConfig = SASRecConfig()) 
         params = module.init(key, jnp.zeros((1, config.max_len), jnp.int32))
         return TrainState(params, optimizer.init(params))
 
-    def batch_loss(params, seq, tgt, neg, w, key):
-        h = module.apply(params, seq, deterministic=False, rngs={"dropout": key})
+    def batch_loss(params, seq, tgt, neg, w, key, positions=None, segments=None):
+        h = module.apply(params, seq, False, positions, segments, rngs={"dropout": key})
         table, bias = module.apply(params, method=SASRec.item_table)
         s_pos = jnp.sum(h * table[tgt - 1], -1) + bias[tgt - 1]
         s_neg = jnp.sum(h * table[neg], -1) + bias[neg]
         nll = -(jax.nn.log_sigmoid(s_pos) + jax.nn.log_sigmoid(-s_neg))
         return jnp.sum(w * nll) / jnp.maximum(jnp.sum(tgt > 0), 1)
 
-    def train_epoch(state: TrainState, key: jax.Array, weights: jax.Array) -> tuple[TrainState, jax.Array]:
+    def update(state: TrainState, batches, key: jax.Array) -> tuple[TrainState, jax.Array]:
+        def step(st: TrainState, batch):
+            args, k = batch
+            loss, grads = jax.value_and_grad(batch_loss)(st.params, *args[:4], k, *args[4:])
+            updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
+            return TrainState(optax.apply_updates(st.params, updates), opt_state), loss
+
+        n = batches[0].shape[0]
+        state, losses = jax.lax.scan(step, state, (batches, jax.random.split(key, n)))
+        return state, jnp.mean(losses)
+
+    def train_epoch_padded(state: TrainState, key: jax.Array, weights: jax.Array):
         k_perm, k_neg, k_step = jax.random.split(key, 3)
         users = jnp.take(jax.random.permutation(k_perm, n_users), jnp.arange(total) % n_users)
         valid = (jnp.arange(total) < n_users).astype(jnp.float32)[:, None]
@@ -188,15 +276,35 @@ def make_sasrec(split: InteractionSplit, config: SASRecConfig = SASRecConfig()) 
             neg.reshape(shape),
             w.reshape(shape),
         )
+        return update(state, batches, k_step)
 
-        def step(st: TrainState, batch):
-            (seq, tgt, ng, wb), k = batch
-            loss, grads = jax.value_and_grad(batch_loss)(st.params, seq, tgt, ng, wb, k)
-            updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
-            return TrainState(optax.apply_updates(st.params, updates), opt_state), loss
+    train_epoch = train_epoch_padded
+    if config.pack:
+        p_user, p_col, p_seg = (jnp.asarray(a) for a in _pack(targets, _N_PACKINGS))
+        n_rows = p_user.shape[1]
+        # As many steps as unpacked, each on ``batch_size`` users on average.
+        rows_per_batch = -(-n_rows // n_batches)
+        total_rows = n_batches * rows_per_batch
+        u_safe = jnp.maximum(p_user, 0)
 
-        state, losses = jax.lax.scan(step, state, (batches, jax.random.split(k_step, n_batches)))
-        return state, jnp.mean(losses)
+        def train_epoch_packed(state: TrainState, key: jax.Array, weights: jax.Array):
+            k_pick, k_perm, k_neg, k_step = jax.random.split(key, 4)
+            pick = jax.random.randint(k_pick, (), 0, _N_PACKINGS)
+            order = jnp.take(jax.random.permutation(k_perm, n_rows), jnp.arange(total_rows) % n_rows)
+            valid = (jnp.arange(total_rows) < n_rows).astype(jnp.float32)[:, None]
+            users, cols = u_safe[pick][order], p_col[pick][order]
+            real = (p_user[pick][order] >= 0).astype(jnp.float32)
+            seq, tgt = inputs_j[users, cols], targets_j[users, cols] * real.astype(jnp.int32)
+            w = jnp.asarray(weights, jnp.float32)[rows_j[users, cols]] * has_row[users, cols] * real * valid
+            neg = sample_neg(k_neg, users)
+            shape = (n_batches, rows_per_batch, config.max_len)
+            batches = tuple(
+                a.reshape(shape)
+                for a in (seq * real.astype(jnp.int32), tgt, neg, w, cols, p_seg[pick][order])
+            )
+            return update(state, batches, k_step)
+
+        train_epoch = train_epoch_packed
 
     def params(state: TrainState):
         return state.params
