@@ -294,9 +294,9 @@ def fit(
             # a moment, the clock below measures queuing instead of training, and no state is saved between
             # snapshot epochs. One wait per epoch (a whole pass over the data) costs little.
             losses.block_until_ready()
-        if checkpoint is not None and epoch < epochs and time.monotonic() - last_save >= checkpoint_seconds:
-            checkpoint(FitState(epoch, state, dict(snapshots), np.asarray(first_bad_loss)))
-            last_save = time.monotonic()
+            if epoch < epochs and time.monotonic() - last_save >= checkpoint_seconds:
+                checkpoint(FitState(epoch, state, dict(snapshots), np.asarray(first_bad_loss)))
+                last_save = time.monotonic()
     bar.close()
     final = get_params(state)
     _check_trained(model, final, first_bad_loss, "parameters after the last epoch")

@@ -82,6 +82,25 @@ def test_population_tables():
     assert len(study_models.population("small", ["bpr"])[1]) == 6
 
 
+def test_sasrec_pack_reaches_every_sasrec_and_nothing_else():
+    from lidu_jax.study_cells import make_model
+    from lidu_jax.study_models_population import _make
+    from lidu_jax.types import InteractionSplit
+
+    seqs = (np.array([0, 1, 2]), np.array([2, 1]), np.array([1, 0, 2]))
+    users = np.concatenate([np.full(len(q), u) for u, q in enumerate(seqs)]).astype(np.int32)
+    split = InteractionSplit(3, 3, users, np.concatenate(seqs).astype(np.int32), users[:1], users[:1], seqs)
+    runs, _ = study_models.population("small", ["bpr", "sasrec"])
+    for pack in (False, True):
+        config = RealDataStudyConfig(protocol="models", population="small", sasrec_pack=pack)
+        epochs = {run.family: _make(split, run, config).train_epoch.__name__ for run in runs}
+        assert epochs["sasrec"] == ("train_epoch_packed" if pack else "train_epoch_padded")
+        assert epochs["bpr"] != "train_epoch_packed"
+        # The users and dynamics protocols build their SASRec through study_cells.make_model.
+        cell = make_model(split, RealDataStudyConfig(model="sasrec", sasrec_pack=pack))
+        assert cell.train_epoch.__name__ == epochs["sasrec"]
+
+
 @pytest.mark.parametrize(
     "settings, match",
     [
