@@ -51,10 +51,12 @@ python benchmarks/lidu_signal.py --data beauty --max-eval-users 4000 \\
 MODELS_CMD = """for d in ml-100k lastfm; do
   python -m lidu_jax.study --protocol models --data $d --out-dir runs/models --n-boot 1000
 done
-# Beauty: three of the four families, a seeded 5,000-user sample (ML-100K and Last.fm have fewer users, so
-# --max-eval-users 5000 would leave their runs unchanged); later sittings can add sasrec, see section 7
-python -m lidu_jax.study --protocol models --data beauty --population-families bpr,lightgcn,mlp \\
-    --max-eval-users 5000 --out-dir runs/models --n-boot 1000 --keep-checkpoint
+# Beauty: a seeded 5,000-user sample (ML-100K and Last.fm have fewer users, so --max-eval-users 5000 would
+# leave their runs unchanged) and SASRec on packed rows (--sasrec-pack; padded, its 500 epochs take ~4 hours
+# on 2 cores). Interrupted, the same command with --resume continues from the last saved run and epoch.
+python -m lidu_jax.study --protocol models --data beauty --max-eval-users 5000 --sasrec-pack \\
+    --out-dir runs/models --n-boot 1000
+python benchmarks/bench_sasrec_pack.py --json docs/measured/lidu16/sasrec_pack_beauty.json
 cp runs/models/models_*.json docs/measured/lidu16/; cp runs/models/models_*.png docs/figures/"""
 
 DYN_CMD = """for d in ml-100k lastfm; do
@@ -507,7 +509,7 @@ def _missing_families(res: dict[str, Any]) -> list[str]:
     return [f for f in MODELS if f not in have]
 
 
-def _models_scope(res: dict[str, Any]) -> str:
+def _models_scope(res: dict[str, Any], src: Path) -> str:
     """A sentence on how a models run differs from the full protocol (fewer families, sampled users)."""
     parts = []
     missing = _missing_families(res)
@@ -520,10 +522,32 @@ def _models_scope(res: dict[str, Any]) -> str:
         )
     if res["config"].get("max_eval_users"):
         parts.append(f"every model measured on the same seeded random {res['n_users']:,} users")
+    if res["config"].get("sasrec_pack") and "sasrec" in res["population"]["table"]:
+        parts.append(
+            "SASRec trained on packed rows (`--sasrec-pack`: several users' sequences share a row, attention "
+            "stays within each user, so the model and the loss are those of padded rows and only the users "
+            "sharing a batch differ; the other data sets' SASRec trained on padded rows)"
+            + _pack_speed(res, src)
+        )
     if not parts:
         return ""
     text = "; ".join(parts)
     return f"**Scope ({DATA_NAMES[res['dataset']]}).** {text[0].upper()}{text[1:]}."
+
+
+def _pack_speed(res: dict[str, Any], src: Path) -> str:
+    """`benchmarks/bench_sasrec_pack.py`'s measured speed-up on the data set of ``res``, if it was run."""
+    bench = _load(src / f"sasrec_pack_{res['dataset']}.json")
+    if bench is None:
+        return ""
+    return (
+        f": {bench['real_fraction_padded']:.0%} of padded positions hold an item against "
+        f"{bench['real_fraction_packed']:.0%} packed, and a training epoch (d{bench['dim']}, "
+        f"{bench['seeds']} seeds) took {bench['padded']['epoch_s']:.1f} s padded against "
+        f"{bench['packed']['epoch_s']:.1f} s packed, {bench['speedup']:.1f}x, side by side, with NDCG@10 "
+        f"{bench['padded']['ndcg10']:.4f} padded and {bench['packed']['ndcg10']:.4f} packed after "
+        f"{bench['epochs']} epochs on {bench['eval_users']:,} users (`benchmarks/bench_sasrec_pack.py`)"
+    )
 
 
 def _models_cost(src: Path, missing: list[str]) -> str:
@@ -634,7 +658,7 @@ def build(src: Path) -> str:
         if models is None:
             lines += [f"{name}: not measured (no JSON).", ""]
             continue
-        scope = _models_scope(models)
+        scope = _models_scope(models, src)
         lines += [*([scope, ""] if scope else []), *models_words(models, study_models.SCALE_FREE), ""]
         body = study_models.markdown(models).splitlines()
         lines += [*_demote(body), "", f"![models on {name}](figures/models_{d}.png)", ""]
