@@ -285,23 +285,21 @@ def make_sasrec(split: InteractionSplit, config: SASRecConfig = SASRecConfig()) 
         # As many steps as unpacked, each on ``batch_size`` users on average.
         rows_per_batch = -(-n_rows // n_batches)
         total_rows = n_batches * rows_per_batch
-        u_safe = jnp.maximum(p_user, 0)
 
         def train_epoch_packed(state: TrainState, key: jax.Array, weights: jax.Array):
             k_pick, k_perm, k_neg, k_step = jax.random.split(key, 4)
             pick = jax.random.randint(k_pick, (), 0, _N_PACKINGS)
             order = jnp.take(jax.random.permutation(k_perm, n_rows), jnp.arange(total_rows) % n_rows)
             valid = (jnp.arange(total_rows) < n_rows).astype(jnp.float32)[:, None]
-            users, cols = u_safe[pick][order], p_col[pick][order]
-            real = (p_user[pick][order] >= 0).astype(jnp.float32)
-            seq, tgt = inputs_j[users, cols], targets_j[users, cols] * real.astype(jnp.int32)
+            placed, cols, segs = p_user[pick][order], p_col[pick][order], p_seg[pick][order]
+            real = placed >= 0
+            users = jnp.maximum(placed, 0)  # padding reads user 0's arrays, then is zeroed or weighted 0
+            seq = jnp.where(real, inputs_j[users, cols], 0)
+            tgt = jnp.where(real, targets_j[users, cols], 0)
             w = jnp.asarray(weights, jnp.float32)[rows_j[users, cols]] * has_row[users, cols] * real * valid
             neg = sample_neg(k_neg, users)
             shape = (n_batches, rows_per_batch, config.max_len)
-            batches = tuple(
-                a.reshape(shape)
-                for a in (seq * real.astype(jnp.int32), tgt, neg, w, cols, p_seg[pick][order])
-            )
+            batches = tuple(a.reshape(shape) for a in (seq, tgt, neg, w, cols, segs))
             return update(state, batches, k_step)
 
         train_epoch = train_epoch_packed
