@@ -31,17 +31,8 @@ LOADERS = {"beauty": datasets.beauty, "lastfm": datasets.lastfm, "ml-100k": data
 
 def _ndcg(model, params, split, users: np.ndarray) -> float:
     """Mean over seeds and ``users`` of NDCG@10 among each user's non-training items."""
-    train = np.zeros((users.size, split.n_items), bool)
-    test = np.zeros_like(train)
-    row = {int(u): r for r, u in enumerate(users)}
-    for us, its, m in (
-        (split.train_users, split.train_items, train),
-        (split.test_users, split.test_items, test),
-    ):
-        keep = np.isin(us, users)
-        m[[row[int(u)] for u in us[keep]], its[keep]] = True
+    cand, held = jnp.asarray(~split.train_matrix()[users]), jnp.asarray(split.test_matrix()[users])
     scores = score_users(model, params, users, chunk=512)
-    cand, held = jnp.asarray(~train), jnp.asarray(test)
     return float(np.mean([float(metrics.ndcg_at_k(s, held, 10, candidates=cand).mean()) for s in scores]))
 
 
